@@ -22,16 +22,18 @@ WORKER_STATE_DRAINING: WorkerState
 WORKER_STATE_UNHEALTHY: WorkerState
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "params", "policy")
+    __slots__ = ("request_id", "prompt", "params", "policy", "model_sha256")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     params: _common_pb2.GenerationParams
     policy: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., policy: _Optional[str] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., policy: _Optional[str] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("chunk", "result")

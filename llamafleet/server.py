@@ -1,0 +1,191 @@
+"""One bootstrap for every gRPC service: health, reflection, metrics, tracing, error
+mapping and a graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram
+
+from llamafleet.config import ServiceSettings
+from llamafleet.errors import FleetError, ResourceExhausted
+from llamafleet.telemetry import (
+    configure_logging,
+    extract_context,
+    setup_tracing,
+    shutdown_tracing,
+    start_metrics_endpoint,
+)
+
+log = logging.getLogger(__name__)
+
+# Large enough for a storage chunk or a batch of logprobs, small enough to bound memory.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+# Buckets from sub-millisecond unary calls up to multi-minute generations and uploads.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+Setup = Callable[[grpc.aio.Server, contextlib.AsyncExitStack], Awaitable[Sequence[str]]]
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler: a server span from the caller's trace context, request metrics,
+    and the mapping of failures to statuses a client can act on."""
+
+    def __init__(self, service: str) -> None:
+        self._tracer = trace.get_tracer(f"llamafleet.{service}")
+        self._requests = Counter(
+            f"llamafleet_{service}_grpc_requests",
+            f"gRPC requests handled by the {service}, by method and status code.",
+            ["method", "code"],
+        )
+        self._latency = Histogram(
+            f"llamafleet_{service}_grpc_request_duration_seconds",
+            f"Time the {service} spent on a gRPC request, streams included, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _observe(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        with self._tracer.start_as_current_span(
+            method,
+            context=extract_context(metadata),
+            kind=trace.SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.method": method},
+        ) as span:
+            try:
+                yield
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except FleetError as exc:
+                code = exc.code
+                if isinstance(exc, ResourceExhausted) and exc.retry_after is not None:
+                    context.set_trailing_metadata((("retry-after", f"{exc.retry_after:.3f}"),))
+                await context.abort(code, exc.message)
+            except grpc.aio.AioRpcError as exc:
+                # A downstream service's status is the caller's status too.
+                code = exc.code()
+                await context.abort(code, exc.details() or code.name)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                error_id = uuid.uuid4().hex[:12]
+                log.exception("unexpected error in %s (error id %s)", method, error_id)
+                await context.abort(code, f"internal error (error id {error_id}; details in the server log)")
+            finally:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code is not grpc.StatusCode.OK:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+                self._requests.labels(method, code.name).inc()
+                self._latency.labels(method).observe(time.perf_counter() - start)
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._observe(method, context):
+                return await behavior(request, context)
+
+        return wrapper
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with self._observe(method, context):
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+
+        return wrapper
+
+
+async def serve(service: str, settings: ServiceSettings, setup: Setup) -> None:
+    """Run one service until SIGTERM/SIGINT.
+
+    `setup` registers the servicers on the server, pushes its own cleanups onto the exit
+    stack (they run after the server stopped), and returns the full names of the services
+    it registered, for health and reflection.
+    """
+    configure_logging(settings.log_level)
+    setup_tracing(service)
+    start_metrics_endpoint(settings.metrics_host, settings.metrics_port)
+    server = grpc.aio.server(interceptors=[ServerInterceptor(service)], options=GRPC_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    async with contextlib.AsyncExitStack() as stack:
+        names = list(await setup(server, stack))
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        try:
+            server.add_insecure_port(settings.address)
+        except RuntimeError as exc:
+            raise SystemExit(f"{service}: cannot listen on {settings.address} (is the port taken?)") from exc
+        await server.start()
+        for name in ("", *names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s serving on %s", service, settings.address)
+
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        log.info("%s stopping (grace %.1fs)", service, settings.grace_seconds)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(settings.grace_seconds)
+    shutdown_tracing()

@@ -1,0 +1,119 @@
+"""The scheduler's Prometheus metrics: rank 0's own, and the workers' as gathered over MPI."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from services.scheduler.dispatch import WorkerView
+
+# Time-to-first-token buckets that fit a 1 ms/token toy model and a 100 ms/token large one.
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A histogram travels in the gathered row as cumulative bucket counts, the +Inf count and the sum.
+HISTOGRAM_WIDTH = len(TTFT_BUCKETS) + 2
+
+
+class MergeableHistogram:
+    """A latency histogram a worker keeps as plain numbers, so rank 0 can gather it over MPI."""
+
+    def __init__(self, bounds: tuple[float, ...] = TTFT_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0.0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def row(self) -> list[float]:
+        return [*itertools.accumulate(self.counts), self.total]
+
+
+class SchedulerMetrics:
+    """Rank 0's metrics about its queue and dispatch decisions."""
+
+    def __init__(self) -> None:
+        self.queue_depth = Gauge("llamafleet_scheduler_queue_depth", "Requests waiting for a free worker slot.")
+        self.queue_wait = Histogram(
+            "llamafleet_scheduler_queue_wait_seconds",
+            "Time from arrival to dispatch on a worker.",
+            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30),
+        )
+        self.dispatched = Counter(
+            "llamafleet_scheduler_dispatched_requests", "Requests sent to a worker.", ["worker", "policy"]
+        )
+        self.retries = Counter(
+            "llamafleet_scheduler_retries", "Requests retried on another worker after a failure before any token."
+        )
+        self.rejected = Counter("llamafleet_scheduler_rejected_requests", "Requests refused, by reason.", ["reason"])
+
+
+class WorkerCollector(Collector):
+    """Per-worker metrics from rank 0's views (state, load) and the last MPI gather (counters)."""
+
+    def __init__(self, views: Callable[[], Iterable[WorkerView]], ready_state: int) -> None:
+        self._views = views
+        self._ready_state = ready_state
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        up = GaugeMetricFamily(
+            "llamafleet_scheduler_worker_up", "1 when the worker's llama-server is ready.", labels=["worker"]
+        )
+        in_flight = GaugeMetricFamily(
+            "llamafleet_scheduler_worker_in_flight",
+            "Requests dispatched to the worker and not finished.",
+            labels=["worker"],
+        )
+        slots = GaugeMetricFamily(
+            "llamafleet_scheduler_worker_slots", "llama-server slots by state.", labels=["worker", "state"]
+        )
+        counters = {
+            "requests": ("Requests the worker finished or failed.", "requests_total"),
+            "failures": ("Requests that failed on the worker.", "failures_total"),
+            "prompt_tokens": ("Prompt tokens the worker's llama-server evaluated.", "prompt_tokens_total"),
+            "generated_tokens": ("Tokens the worker generated.", "generated_tokens_total"),
+            "cached_prompt_tokens": (
+                "Prompt tokens served from llama-server's prompt cache.",
+                "cached_prompt_tokens_total",
+            ),
+            "llama_server_restarts": ("Times the worker restarted its llama-server.", "restarts_total"),
+        }
+        families = {
+            key: CounterMetricFamily(f"llamafleet_scheduler_worker_{key}", doc, labels=["worker"])
+            for key, (doc, _attr) in counters.items()
+        }
+        ttft = HistogramMetricFamily(
+            "llamafleet_scheduler_worker_ttft_seconds",
+            "Time from a worker receiving a request to its first token, per worker.",
+            labels=["worker"],
+        )
+        for view in self._views():
+            worker = str(view.rank)
+            c = view.counters
+            up.add_metric([worker], 1.0 if view.state == self._ready_state else 0.0)
+            in_flight.add_metric([worker], view.in_flight)
+            slots.add_metric([worker, "busy"], c.slots_busy)
+            slots.add_metric([worker, "total"], view.slots_total)
+            for key, (_doc, attr) in counters.items():
+                families[key].add_metric([worker], getattr(c, attr))
+            if len(c.ttft_buckets) == HISTOGRAM_WIDTH:
+                n = len(TTFT_BUCKETS)
+                buckets = [(str(b), v) for b, v in zip(TTFT_BUCKETS, c.ttft_buckets[:n], strict=True)]
+                buckets.append(("+Inf", c.ttft_buckets[n]))
+                ttft.add_metric([worker], buckets, sum_value=c.ttft_buckets[n + 1])
+        yield up
+        yield in_flight
+        yield slots
+        yield from families.values()
+        yield ttft
+
+
+def register_worker_collector(views: Callable[[], Iterable[WorkerView]], ready_state: int) -> None:
+    REGISTRY.register(WorkerCollector(views, ready_state))

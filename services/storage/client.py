@@ -1,0 +1,131 @@
+"""The Storage service as other services and the CLI use it: upload a file, stream or
+download a blob (verified), resolve names."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+
+from llamafleet.channels import open_channel
+from llamafleet.errors import DataLoss
+from llamafleet.v1 import storage_pb2, storage_pb2_grpc
+
+CHUNK_BYTES = 1024 * 1024
+
+Progress = Callable[[int], None]
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    """The file's SHA-256, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return digest.hexdigest()
+
+
+class StorageClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = open_channel(address)
+        self.stub = storage_pb2_grpc.StorageStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> StorageClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def resolve(self, ref: str, timeout: float = 10.0) -> storage_pb2.BlobInfo:
+        """The manifest of `ref` ("name:tag", "name" or a digest); NOT_FOUND when unknown."""
+        response = await self.stub.Resolve(storage_pb2.ResolveRequest(ref=ref), timeout=timeout)
+        return response.info
+
+    async def stream(self, ref: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
+        """The blob's bytes; a whole-object stream ends with DATA_LOSS if they do not match the digest."""
+        call = self.stub.GetBlob(storage_pb2.GetBlobRequest(ref=ref, offset=offset, length=length))
+        try:
+            async for message in call:
+                if message.WhichOneof("part") == "data":
+                    yield message.data
+        finally:
+            call.cancel()
+
+    async def download(self, ref: str, dest: Path, progress: Progress | None = None) -> storage_pb2.BlobInfo:
+        """Write the blob to `dest`, renaming it into place only once its hash matched."""
+        info = await self.resolve(ref)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in self.stream(info.sha256):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+            if digest.hexdigest() != info.sha256:
+                raise DataLoss(f"downloaded bytes hash to {digest.hexdigest()}, not {info.sha256}; nothing was written")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return info
+
+    async def upload(
+        self,
+        path: Path,
+        *,
+        kind: storage_pb2.ArtifactKind.ValueType = storage_pb2.ARTIFACT_KIND_OTHER,
+        media_type: str = "application/octet-stream",
+        labels: dict[str, str] | None = None,
+        progress: Progress | None = None,
+        sha256: str | None = None,
+    ) -> storage_pb2.PutBlobResponse:
+        """Upload a file. Its digest is sent first, so content already stored is not transferred."""
+        size = path.stat().st_size
+        header = storage_pb2.PutBlobHeader(
+            expected_sha256=sha256 or await asyncio.to_thread(sha256_file, path),
+            kind=kind,
+            media_type=media_type,
+            filename=path.name,
+            labels=labels or {},
+            size_bytes=size,
+        )
+
+        async def requests() -> AsyncIterator[storage_pb2.PutBlobRequest]:
+            yield storage_pb2.PutBlobRequest(header=header)
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    yield storage_pb2.PutBlobRequest(data=chunk)
+                    if progress:
+                        progress(len(chunk))
+
+        return await self.stub.PutBlob(requests())
+
+    async def tag(self, name: str, tag: str, sha256: str) -> None:
+        await self.stub.Tag(storage_pb2.TagRequest(name=name, tag=tag, sha256=sha256), timeout=10.0)
+
+    async def list_tags(self) -> list[storage_pb2.TagEntry]:
+        return list((await self.stub.ListTags(storage_pb2.ListTagsRequest(), timeout=10.0)).tags)
+
+
+def split_name_tag(ref: str) -> tuple[str, str]:
+    """ "name:tag" -> (name, tag); a bare name gets the tag "latest"."""
+    name, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        return ref, "latest"
+    return name, tag
+
+
+def is_not_found(error: grpc.aio.AioRpcError) -> bool:
+    return error.code() == grpc.StatusCode.NOT_FOUND
