@@ -17,6 +17,7 @@ from mpi4py import MPI
 
 from llamafleet.generation import GenerationLimits
 from llamafleet.server import serve
+from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import configure_logging, setup_tracing, shutdown_tracing
 from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.config import SchedulerSettings
@@ -26,7 +27,6 @@ from services.scheduler.metrics import HISTOGRAM_WIDTH, SchedulerMetrics, regist
 from services.scheduler.mpi_bridge import MpiBridge
 from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.worker import Worker
-from services.storage.client import StorageClient
 
 log = logging.getLogger("llamafleet.scheduler")
 

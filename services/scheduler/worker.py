@@ -14,6 +14,7 @@ from typing import Any
 from opentelemetry import trace
 
 from llamafleet.generation import llama_completion_body
+from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import extract_context
 from llamafleet.v1 import common_pb2, scheduler_pb2
 from services.scheduler.config import SchedulerSettings
@@ -37,7 +38,6 @@ from services.scheduler.messages import (
     WorkerState,
 )
 from services.scheduler.metrics import MergeableHistogram
-from services.storage.client import StorageClient
 from services.storage.node_cache import NodeCache
 
 log = logging.getLogger(__name__)

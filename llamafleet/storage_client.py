@@ -10,8 +10,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import grpc
-
 from llamafleet.channels import open_channel
 from llamafleet.errors import DataLoss
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
@@ -125,7 +123,3 @@ def split_name_tag(ref: str) -> tuple[str, str]:
     if not sep or "/" in tag:
         return ref, "latest"
     return name, tag
-
-
-def is_not_found(error: grpc.aio.AioRpcError) -> bool:
-    return error.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,46 @@
+# llamafleet — `make up` starts the whole stack with the demo model, `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: up down status install protos lint test test-gpu bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start SeaweedFS, storage, the MPI scheduler with 2 llama-server workers, postproc and gateway (Ctrl-C stops).
+up: $(STAMP)
+	$(BIN)/llamafleet up $(UP_ARGS)
+
+down: $(STAMP)
+	$(BIN)/llamafleet down
+
+status: $(STAMP)
+	$(BIN)/llamafleet status
+
+## Regenerate the gRPC stubs in llamafleet/v1 from protos/.
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	cd protos && ../$(BIN)/buf lint
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	cd protos && ../$(BIN)/buf lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf .llamafleet .pytest_cache .ruff_cache .hypothesis

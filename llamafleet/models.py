@@ -1,0 +1,48 @@
+"""Getting the model a stack serves into storage: the built-in demo model, or a GGUF file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from llamafleet.demo_model import write_demo_model
+from llamafleet.storage_client import StorageClient, sha256_file, split_name_tag
+from llamafleet.v1 import storage_pb2
+
+GGUF_MEDIA_TYPE = "application/vnd.gguf"
+
+
+async def push_model(
+    storage: StorageClient, path: Path, ref: str, progress: Callable[[int], None] | None = None
+) -> str:
+    """Upload a GGUF (skipped when stored already) and point `ref` at it; returns its digest."""
+    response = await storage.upload(
+        path, kind=storage_pb2.ARTIFACT_KIND_MODEL, media_type=GGUF_MEDIA_TYPE, progress=progress
+    )
+    name, tag = split_name_tag(ref)
+    await storage.tag(name, tag, response.info.sha256)
+    return response.info.sha256
+
+
+async def ensure_model(
+    storage_address: str, ref: str, path: Path | None, models_dir: Path, report: Callable[[str], None]
+) -> str:
+    """Make `ref` name the given GGUF (or the demo model when `path` is None) in storage."""
+    if path is None:
+        path = models_dir / "demo.gguf"
+        if not path.exists():
+            report(f"generating the demo model at {path}")
+            models_dir.mkdir(parents=True, exist_ok=True)
+            write_demo_model(path)
+    async with StorageClient(storage_address) as storage:
+        digest = sha256_file(path)
+        try:
+            if (await storage.resolve(ref)).sha256 == digest:
+                return digest
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        report(f"pushing {path.name} to storage as {ref}")
+        return await push_model(storage, path, ref)

@@ -1,0 +1,266 @@
+"""The whole fabric on one machine: SeaweedFS, storage, the MPI scheduler with its
+llama-server workers, postproc and gateway — what `llamafleet up` (and `make up`) runs,
+and what the end-to-end tests start on free ports.
+
+`service_commands` is the single description of how each service is started (command and
+environment); docker-compose.yml runs the same commands with the same variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llamafleet import config as defaults
+from llamafleet.models import ensure_model
+from llamafleet.processes import ManagedProcess, free_port, port_is_free
+from llamafleet.seaweed import SeaweedServer
+from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class StackConfig:
+    """Where everything listens and lives. Defaults are the documented local ports."""
+
+    root: Path = Path(".llamafleet")
+    host: str = "127.0.0.1"
+    gateway_port: int = defaults.GATEWAY_PORT
+    scheduler_port: int = defaults.SCHEDULER_PORT
+    storage_port: int = defaults.STORAGE_PORT
+    postproc_port: int = defaults.POSTPROC_PORT
+    gateway_metrics_port: int = defaults.GATEWAY_METRICS_PORT
+    scheduler_metrics_port: int = defaults.SCHEDULER_METRICS_PORT
+    storage_metrics_port: int = defaults.STORAGE_METRICS_PORT
+    postproc_metrics_port: int = defaults.POSTPROC_METRICS_PORT
+    weed_master_port: int = 9333
+    weed_volume_port: int = 8080
+    weed_filer_port: int = 8888
+    workers: int = 2
+    slots: int = 2
+    # The GGUF served at start; None means the built-in demo model.
+    model_path: Path | None = None
+    model_name: str = defaults.DEFAULT_MODEL
+    llama_server: str = ""
+    postproc_backend: str = "auto"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def on_free_ports(cls, root: Path, **overrides: object) -> StackConfig:
+        """A config whose every port was free a moment ago (tests run beside a live stack)."""
+        ports = {name: free_port() for name in cls.port_fields()}
+        return cls(root=root, **ports, **overrides)  # type: ignore[arg-type]
+
+    @staticmethod
+    def port_fields() -> list[str]:
+        return [name for name in StackConfig.__dataclass_fields__ if name.endswith("_port")]
+
+    def address(self, port: int) -> str:
+        return f"{self.host}:{port}"
+
+    @property
+    def filer_url(self) -> str:
+        return f"http://{self.host}:{self.weed_filer_port}"
+
+    def metrics_urls(self) -> dict[str, str]:
+        return {
+            name: f"http://{self.host}:{getattr(self, f'{name}_metrics_port')}/metrics"
+            for name in ("gateway", "scheduler", "storage", "postproc")
+        }
+
+
+def mpiexec_argv(ranks: int) -> list[str]:
+    """mpiexec for `ranks` processes on this host, however many cores it has."""
+    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
+    argv = [mpiexec, "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        argv.append("--allow-run-as-root")
+    return argv
+
+
+def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Each service's command line and environment, in start order."""
+    python = sys.executable
+    a = cfg.address
+    common = {"PYTHONUNBUFFERED": "1", **cfg.extra_env}
+    return {
+        "storage": (
+            [python, "-m", "services.storage"],
+            common
+            | {
+                "LLAMAFLEET_STORAGE_HOST": cfg.host,
+                "LLAMAFLEET_STORAGE_PORT": str(cfg.storage_port),
+                "LLAMAFLEET_STORAGE_METRICS_PORT": str(cfg.storage_metrics_port),
+                "LLAMAFLEET_STORAGE_FILER_URL": cfg.filer_url,
+            },
+        ),
+        "scheduler": (
+            [*mpiexec_argv(1 + cfg.workers), python, "-m", "services.scheduler"],
+            common
+            | {
+                "LLAMAFLEET_SCHEDULER_HOST": cfg.host,
+                "LLAMAFLEET_SCHEDULER_PORT": str(cfg.scheduler_port),
+                "LLAMAFLEET_SCHEDULER_METRICS_PORT": str(cfg.scheduler_metrics_port),
+                "LLAMAFLEET_SCHEDULER_STORAGE_ADDRESS": a(cfg.storage_port),
+                "LLAMAFLEET_SCHEDULER_MODEL": cfg.model_name,
+                "LLAMAFLEET_SCHEDULER_SLOTS": str(cfg.slots),
+                "LLAMAFLEET_SCHEDULER_CACHE_DIR": str(cfg.root / "cache"),
+                "LLAMAFLEET_SCHEDULER_LOG_DIR": str(cfg.root / "logs"),
+                "LLAMAFLEET_SCHEDULER_LLAMA_SERVER": cfg.llama_server,
+            },
+        ),
+        "postproc": (
+            [python, "-m", "services.postproc"],
+            common
+            | {
+                "LLAMAFLEET_POSTPROC_HOST": cfg.host,
+                "LLAMAFLEET_POSTPROC_PORT": str(cfg.postproc_port),
+                "LLAMAFLEET_POSTPROC_METRICS_PORT": str(cfg.postproc_metrics_port),
+                "LLAMAFLEET_POSTPROC_BACKEND": cfg.postproc_backend,
+            },
+        ),
+        "gateway": (
+            [python, "-m", "services.gateway"],
+            common
+            | {
+                "LLAMAFLEET_GATEWAY_HOST": cfg.host,
+                "LLAMAFLEET_GATEWAY_PORT": str(cfg.gateway_port),
+                "LLAMAFLEET_GATEWAY_METRICS_PORT": str(cfg.gateway_metrics_port),
+                "LLAMAFLEET_GATEWAY_SCHEDULER_ADDRESS": a(cfg.scheduler_port),
+                "LLAMAFLEET_GATEWAY_STORAGE_ADDRESS": a(cfg.storage_port),
+                "LLAMAFLEET_GATEWAY_POSTPROC_ADDRESS": a(cfg.postproc_port),
+                "LLAMAFLEET_GATEWAY_DEFAULT_MODEL": cfg.model_name,
+            },
+        ),
+    }
+
+
+async def wait_serving(address: str, timeout: float, process: ManagedProcess | None = None) -> None:
+    """Poll grpc.health.v1 until the server says SERVING; fail fast if its process died."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None:
+                process.check_running()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if loop.time() > give_up:
+                raise TimeoutError(f"{address} did not report SERVING within {timeout:.0f}s")
+            await asyncio.sleep(0.2)
+
+
+class Stack:
+    """Start with `await stack.start()`, stop with `await stack.stop()` (always safe to call)."""
+
+    def __init__(self, cfg: StackConfig, report: Report = lambda _msg: None) -> None:
+        self.cfg = cfg
+        self.report = report
+        self.seaweed = SeaweedServer(
+            data_dir=cfg.root / "seaweedfs",
+            ip=cfg.host,
+            master_port=cfg.weed_master_port,
+            volume_port=cfg.weed_volume_port,
+            filer_port=cfg.weed_filer_port,
+        )
+        self.processes: dict[str, ManagedProcess] = {}
+
+    def check_ports(self) -> None:
+        """Refuse to start when a port is taken, naming it, before anything runs."""
+        taken = [
+            f"{name.removesuffix('_port').replace('_', ' ')} port {getattr(self.cfg, name)}"
+            for name in StackConfig.port_fields()
+            if not port_is_free(self.cfg.host, getattr(self.cfg, name))
+        ]
+        if taken:
+            raise RuntimeError(
+                f"cannot start: {', '.join(taken)} on {self.cfg.host} already in use "
+                "(is a stack already up? try `llamafleet down`)"
+            )
+
+    async def start(self, timeout: float = 180.0) -> None:
+        self.check_ports()
+        try:
+            self.report("starting SeaweedFS")
+            await self.seaweed.start()
+            await self.seaweed.wait_ready(60.0)
+            commands = service_commands(self.cfg)
+            for name, (argv, env) in commands.items():
+                self.report(f"starting {name}")
+                process = ManagedProcess(
+                    name, argv, log_path=self.cfg.root / "logs" / f"{name}.log", env=os.environ | env
+                )
+                self.processes[name] = process
+                await process.start()
+                await wait_serving(self.cfg.address(getattr(self.cfg, f"{name}_port")), timeout, process)
+                if name == "storage":
+                    await self._ensure_model()
+            self.report("waiting for the workers' llama-servers")
+            await self.wait_workers_ready(timeout)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _ensure_model(self) -> None:
+        await ensure_model(
+            self.cfg.address(self.cfg.storage_port),
+            self.cfg.model_name,
+            self.cfg.model_path,
+            self.cfg.root / "models",
+            self.report,
+        )
+
+    async def wait_workers_ready(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        async with grpc.aio.insecure_channel(self.cfg.address(self.cfg.scheduler_port)) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            while True:
+                self.processes["scheduler"].check_running()
+                status = await stub.ClusterStatus(scheduler_pb2.ClusterStatusRequest(), timeout=5.0)
+                ready = [w for w in status.workers if w.state == scheduler_pb2.WORKER_STATE_READY]
+                if len(ready) == self.cfg.workers:
+                    return
+                if loop.time() > give_up:
+                    raise TimeoutError(
+                        f"only {len(ready)} of {self.cfg.workers} workers ready after {timeout:.0f}s; "
+                        f"see {self.cfg.root / 'logs'}"
+                    )
+                await asyncio.sleep(0.3)
+
+    async def stop(self) -> None:
+        """Stop every service in reverse order, then SeaweedFS; nothing is left running."""
+        for name in reversed(list(self.processes)):
+            # The scheduler stops its workers and their llama-servers before it exits.
+            grace = 45.0 if name == "scheduler" else 10.0
+            await self.processes[name].stop(grace)
+        self.processes.clear()
+        await self.seaweed.stop()
+
+    def endpoints(self) -> dict[str, str]:
+        c = self.cfg
+        return {
+            "gateway (gRPC)": c.address(c.gateway_port),
+            "scheduler (gRPC)": c.address(c.scheduler_port),
+            "storage (gRPC)": c.address(c.storage_port),
+            "postproc (gRPC)": c.address(c.postproc_port),
+            **{f"{name} metrics": url for name, url in c.metrics_urls().items()},
+            "SeaweedFS filer": c.filer_url,
+            "SeaweedFS master": f"http://{c.host}:{c.weed_master_port}",
+        }

@@ -1,0 +1,1 @@
+"""The public ingress: streams generations from the scheduler to any gRPC client."""

@@ -1,0 +1,33 @@
+"""The gateway's request metrics, named after the OpenTelemetry GenAI conventions where they apply."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# From 1 ms (a toy model's first token) to a minute (a long prompt on a large model).
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# From well under a millisecond per token (tiny models) to 0.5 s per token (large ones on CPU).
+TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.ttft = Histogram(
+            "llamafleet_gateway_time_to_first_token_seconds",
+            "Time from a Generate call's arrival to its first token leaving the gateway.",
+            buckets=TTFT_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "llamafleet_gateway_time_per_output_token_seconds",
+            "Mean time between output tokens of a generation, after the first.",
+            buckets=TPOT_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "llamafleet_gateway_request_duration_seconds",
+            "Time from a Generate call's arrival to its final message, by finish.",
+            ["outcome"],
+            buckets=E2E_BUCKETS,
+        )
+        self.tokens = Counter("llamafleet_gateway_tokens", "Tokens served, by type (input or output).", ["type"])
+        self.in_flight = Gauge("llamafleet_gateway_streams_in_flight", "Generate streams open now.")
