@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +22,15 @@ def die_with_parent() -> None:
     """In a child before exec: get SIGTERM when the parent dies, so nothing outlives a crash."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def mpiexec_argv(ranks: int) -> list[str]:
+    """mpiexec for `ranks` processes on this host, however many cores it has."""
+    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
+    argv = [mpiexec, "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        argv.append("--allow-run-as-root")
+    return argv
 
 
 def port_is_free(host: str, port: int) -> bool:

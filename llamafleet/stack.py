@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llamafleet import config as defaults
 from llamafleet.models import ensure_model
-from llamafleet.processes import ManagedProcess, free_port, port_is_free
+from llamafleet.processes import ManagedProcess, free_port, mpiexec_argv, port_is_free
 from llamafleet.seaweed import SeaweedServer
 from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -80,15 +79,6 @@ class StackConfig:
             name: f"http://{self.host}:{getattr(self, f'{name}_metrics_port')}/metrics"
             for name in ("gateway", "scheduler", "storage", "postproc")
         }
-
-
-def mpiexec_argv(ranks: int) -> list[str]:
-    """mpiexec for `ranks` processes on this host, however many cores it has."""
-    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
-    argv = [mpiexec, "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
-    if os.geteuid() == 0:
-        argv.append("--allow-run-as-root")
-    return argv
 
 
 def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, str]]]:
