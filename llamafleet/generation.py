@@ -111,7 +111,6 @@ def llama_completion_body(prompt: str, params: common_pb2.GenerationParams) -> d
         "stream": True,
         "n_predict": params.max_tokens,
         "cache_prompt": True,
-        "return_tokens": False,
     }
     if params.stop:
         body["stop"] = list(params.stop)

@@ -1,0 +1,298 @@
+"""A tiny llama-architecture GGUF with random weights, generated deterministically.
+
+It exists so that the whole fabric can run real llama.cpp servers on any machine without
+downloading weights. Its vocabulary holds only valid UTF-8 pieces (SentencePiece style,
+"▁" for a leading space) and no byte tokens, because llama-server refuses to stream text
+that is not valid UTF-8. The same arguments always give byte-identical files.
+
+    python -m llamafleet.demo_model OUT.gguf [--size tiny|bench] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "been",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "would",
+    "when",
+    "if",
+    "so",
+    "no",
+    "will",
+    "more",
+    "about",
+    "up",
+    "out",
+    "who",
+    "them",
+    "what",
+    "some",
+    "could",
+    "into",
+    "than",
+    "then",
+    "its",
+    "time",
+    "only",
+    "new",
+    "other",
+    "these",
+    "two",
+    "may",
+    "first",
+    "any",
+    "like",
+    "now",
+    "my",
+    "over",
+    "such",
+    "our",
+    "man",
+    "me",
+    "even",
+    "most",
+    "made",
+    "after",
+    "also",
+    "did",
+    "many",
+    "before",
+    "must",
+    "through",
+    "back",
+    "years",
+    "where",
+    "much",
+    "your",
+    "way",
+    "well",
+    "down",
+    "should",
+    "because",
+    "each",
+    "just",
+    "those",
+    "people",
+    "how",
+    "too",
+    "little",
+    "state",
+    "good",
+    "very",
+    "make",
+    "world",
+    "still",
+    "own",
+    "see",
+    "men",
+    "work",
+    "long",
+    "get",
+    "here",
+    "between",
+    "both",
+    "life",
+    "being",
+    "under",
+    "never",
+    "day",
+    "same",
+    "another",
+    "know",
+    "while",
+    "last",
+    "might",
+    "us",
+    "great",
+    "old",
+    "year",
+    "off",
+    "come",
+    "since",
+    "against",
+    "go",
+    "came",
+    "right",
+    "used",
+    "take",
+    "three",
+    "fleet",
+    "llama",
+    "model",
+    "token",
+    "stream",
+    "worker",
+    "gateway",
+    "server",
+    "cache",
+    "storage",
+    "scheduler",
+    "prompt",
+]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    context_length: int
+
+
+SIZES = {
+    # About 1 MB: fast enough for tests on two cores.
+    "tiny": ModelShape(n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, context_length=4096),
+    # About 60 MB: prompt processing dominates, for prefix-reuse and throughput benchmarks.
+    "bench": ModelShape(n_embd=768, n_layer=8, n_head=12, n_head_kv=4, n_ff=2048, context_length=4096),
+}
+
+
+def demo_vocab() -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and token types: 3 control tokens, then words, letters, digits, punctuation."""
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    pieces: list[str] = []
+    pieces += [f"▁{w}" for w in WORDS]
+    pieces += [f"▁{c}" for c in string.ascii_letters + string.digits]
+    pieces += list(string.ascii_letters + string.digits)
+    pieces += ["▁", *(c for c in string.punctuation), "▁-", "▁(", '▁"', "\n"]
+    seen = set(tokens)
+    for piece in pieces:
+        if piece not in seen:
+            seen.add(piece)
+            tokens.append(piece)
+            types.append(gguf.TokenType.NORMAL)
+    # Longer pieces score higher, so SentencePiece merges prefer whole words.
+    scores = [0.0, 0.0, 0.0] + [float(len(t)) - i * 1e-4 for i, t in enumerate(tokens[3:])]
+    return tokens, scores, [int(t) for t in types]
+
+
+def write_demo_model(path: Path, *, seed: int = 0, size: str = "tiny") -> Path:
+    """Write the demo GGUF to `path` (atomically) and return it."""
+    shape = SIZES[size]
+    tokens, scores, types = demo_vocab()
+    n_vocab = len(tokens)
+    head_dim = shape.n_embd // shape.n_head
+    n_embd_kv = head_dim * shape.n_head_kv
+    rng = np.random.default_rng(seed)
+
+    def weight(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float16)
+
+    def norm() -> np.ndarray:
+        return np.ones(shape.n_embd, dtype=np.float32)
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_name("llamafleet-demo")
+    writer.add_description(f"random weights, seed {seed}, size {size}; generated by llamafleet")
+    writer.add_context_length(shape.context_length)
+    writer.add_embedding_length(shape.n_embd)
+    writer.add_block_count(shape.n_layer)
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+    writer.add_tensor("token_embd.weight", weight(n_vocab, shape.n_embd))
+    for i in range(shape.n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(shape.n_embd, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(n_embd_kv, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(n_embd_kv, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(shape.n_embd, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(shape.n_ff, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(shape.n_ff, shape.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(shape.n_embd, shape.n_ff))
+    writer.add_tensor("output_norm.weight", norm())
+    writer.add_tensor("output.weight", weight(n_vocab, shape.n_embd))
+
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Generate llamafleet's demo GGUF (random weights, valid UTF-8 vocabulary)."
+    )
+    parser.add_argument("output", type=Path, help="where to write the .gguf")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="tiny", help="tiny (tests, demo) or bench (benchmarks)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    args = parser.parse_args(argv)
+    path = write_demo_model(args.output, seed=args.seed, size=args.size)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""SHA-256 content-addressed artifacts on SeaweedFS."""
