@@ -1,0 +1,1 @@
+"""Postproc service: token statistics on the GPU (CuPy) with a NumPy fallback."""

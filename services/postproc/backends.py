@@ -1,0 +1,478 @@
+"""Compute backends for token statistics: CuPy on a CUDA device, NumPy otherwise.
+
+The caller reads ``LLAMAFLEET_POSTPROC_BACKEND`` (``auto``/``cupy``/``numpy``) and passes
+it to :func:`select_backend`.  CuPy is imported lazily so this module loads without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from services.postproc.token_stats import (
+    DEFAULT_CONFIDENCE_THRESHOLD,
+    PackedBatch,
+    TokenStatsResult,
+    log_threshold,
+    pack_batch,
+    token_stats_numpy,
+)
+
+__all__ = [
+    "BACKEND_CHOICES",
+    "Backend",
+    "BackendUnavailableError",
+    "CupyBackend",
+    "NumpyBackend",
+    "select_backend",
+]
+
+log = logging.getLogger(__name__)
+
+BACKEND_CHOICES = ("auto", "cupy", "numpy")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (no CuPy, no device, or its self-check failed)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the postproc service needs from a backend."""
+
+    name: str
+    device_description: str
+    # Why this backend serves, for DeviceStatus (e.g. "no CUDA device found").
+    reason: str
+
+    def token_stats(
+        self, packed: PackedBatch, *, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
+    ) -> TokenStatsResult:
+        """Statistics for every response in ``packed``."""
+        ...
+
+    def device_memory(self) -> tuple[int, int]:
+        """(used, total) device memory in bytes; (0, 0) on the CPU."""
+        ...
+
+
+class NumpyBackend:
+    """Vectorised CPU backend (also the reference the CuPy backend is checked against)."""
+
+    name = "numpy"
+
+    def __init__(self, reason: str = "numpy requested") -> None:
+        self.reason = reason
+        self.device_description = f"CPU (numpy {np.__version__})"
+
+    def token_stats(
+        self, packed: PackedBatch, *, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
+    ) -> TokenStatsResult:
+        """Statistics for every response in ``packed``, computed with NumPy."""
+        return token_stats_numpy(packed, confidence_threshold=confidence_threshold)
+
+    def device_memory(self) -> tuple[int, int]:
+        """Always (0, 0): host memory is not reported."""
+        return (0, 0)
+
+
+# Two kernels per batch: a warp per token row (entropy needs a max and two sums over the
+# row, which a warp does with shuffles while reading the row coalesced), then a block per
+# response for the segmented means.  A second launch keeps the means deterministic
+# (no atomics) and costs a few microseconds.  expf/logf (not the fast intrinsics) keep
+# the results within a few ulp of NumPy's.
+_KERNEL_SOURCE = r"""
+#define FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ void llf_finish_row(
+    const long long row, const int lane, const float m, float z, float wd, const float* __restrict__ chosen,
+    const float log_threshold, float* __restrict__ entropy, float* __restrict__ surprise,
+    unsigned char* __restrict__ confident)
+{
+    for (int s = 16; s > 0; s >>= 1) {
+        z += __shfl_xor_sync(FULL_MASK, z, s);
+        wd += __shfl_xor_sync(FULL_MASK, wd, s);
+    }
+    if (lane == 0) {
+        // H = log Z - sum(w d) / Z with d = l - max, w = exp(d): no overflow, no cancellation.
+        entropy[row] = m > __int_as_float(0xff800000) ? logf(z) - wd / z : __int_as_float(0x7fc00000);
+        const float c = chosen[row];
+        surprise[row] = 0.0f - c;  // +0 rather than -0 for a logprob of 0, as in NumPy
+        confident[row] = c >= log_threshold ? 1 : 0;
+    }
+}
+
+__device__ __forceinline__ float llf_warp_max(float m)
+{
+    for (int s = 16; s > 0; s >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL_MASK, m, s));
+    return m;
+}
+
+extern "C" __global__ void llf_token_rows(
+    const float* __restrict__ top, const float* __restrict__ chosen,
+    const long long n_tokens, const int width, const float log_threshold,
+    float* __restrict__ entropy, float* __restrict__ surprise, unsigned char* __restrict__ confident)
+{
+    const float neg_inf = __int_as_float(0xff800000);
+    const int lane = threadIdx.x & 31;
+    const long long n_warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (width <= 32) {
+        // One entry per lane; the next row's load is issued before this row's shuffles so
+        // two loads per warp are in flight (the kernel is latency-bound otherwise).
+        const bool active = lane < width;
+        float x = (row < n_tokens && active) ? top[row * width + lane] : neg_inf;
+        while (row < n_tokens) {
+            const long long next = row + n_warps;
+            const float x_next = (next < n_tokens && active) ? top[next * width + lane] : neg_inf;
+            const float m = llf_warp_max(x);
+            float z = 0.0f, wd = 0.0f;
+            if (x > neg_inf) {
+                const float d = x - m;
+                z = expf(d);
+                wd = z * d;
+            }
+            llf_finish_row(row, lane, m, z, wd, chosen, log_threshold, entropy, surprise, confident);
+            row = next;
+            x = x_next;
+        }
+        return;
+    }
+    for (; row < n_tokens; row += n_warps) {
+        const float* r = top + row * width;
+        float m = neg_inf;
+        for (int j = lane; j < width; j += 32) m = fmaxf(m, r[j]);
+        m = llf_warp_max(m);
+        float z = 0.0f, wd = 0.0f;
+        if (m > neg_inf) {
+            for (int j = lane; j < width; j += 32) {
+                const float x = r[j];
+                if (x > neg_inf) {
+                    const float d = x - m;
+                    const float w = expf(d);
+                    z += w;
+                    wd += w * d;
+                }
+            }
+        }
+        llf_finish_row(row, lane, m, z, wd, chosen, log_threshold, entropy, surprise, confident);
+    }
+}
+
+extern "C" __global__ void llf_segment_means(
+    const float* __restrict__ chosen, const float* __restrict__ entropy,
+    const unsigned char* __restrict__ confident, const long long* __restrict__ offsets,
+    const long long n_responses, double* __restrict__ out)
+{
+    // out[4 r + k]: mean_logprob, perplexity, mean_entropy, confident_fraction.
+    __shared__ double s_lp[32], s_h[32];
+    __shared__ long long s_nh[32], s_nc[32];
+    const double nan = __longlong_as_double(0x7ff8000000000000LL);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    for (long long r = blockIdx.x; r < n_responses; r += gridDim.x) {
+        const long long lo = offsets[r], hi = offsets[r + 1];
+        double lp = 0.0, h = 0.0;
+        long long nh = 0, nc = 0;
+        for (long long t = lo + threadIdx.x; t < hi; t += blockDim.x) {
+            lp += (double)chosen[t];
+            const float e = entropy[t];
+            if (e == e) { h += (double)e; nh += 1; }  // NaN: token without top entries
+            nc += confident[t];
+        }
+        for (int s = 16; s > 0; s >>= 1) {
+            lp += __shfl_down_sync(FULL_MASK, lp, s);
+            h += __shfl_down_sync(FULL_MASK, h, s);
+            nh += __shfl_down_sync(FULL_MASK, nh, s);
+            nc += __shfl_down_sync(FULL_MASK, nc, s);
+        }
+        if (lane == 0) { s_lp[warp] = lp; s_h[warp] = h; s_nh[warp] = nh; s_nc[warp] = nc; }
+        __syncthreads();
+        if (warp == 0) {
+            lp = lane < n_warps ? s_lp[lane] : 0.0;
+            h = lane < n_warps ? s_h[lane] : 0.0;
+            nh = lane < n_warps ? s_nh[lane] : 0;
+            nc = lane < n_warps ? s_nc[lane] : 0;
+            for (int s = 16; s > 0; s >>= 1) {
+                lp += __shfl_down_sync(FULL_MASK, lp, s);
+                h += __shfl_down_sync(FULL_MASK, h, s);
+                nh += __shfl_down_sync(FULL_MASK, nh, s);
+                nc += __shfl_down_sync(FULL_MASK, nc, s);
+            }
+            if (lane == 0) {
+                const long long n = hi - lo;
+                double* o = out + 4 * r;
+                if (n > 0) {
+                    const double mean = lp / (double)n;
+                    o[0] = mean;
+                    o[1] = exp(-mean);
+                    o[2] = nh > 0 ? h / (double)nh : nan;
+                    o[3] = (double)nc / (double)n;
+                } else {
+                    o[0] = nan; o[1] = nan; o[2] = nan; o[3] = nan;
+                }
+            }
+        }
+        __syncthreads();  // the shared slots are reused by the next response
+    }
+}
+"""
+
+_ROW_BLOCK = 256  # 8 warps, 8 token rows per block
+_SEG_BLOCK = 256
+_ALIGN = 16
+_UPLOAD_CHUNK_FLOATS = 1 << 20  # 4 MiB: large enough for full-speed DMA, small enough to overlap
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class _PinnedBuffer:
+    """A page-locked host staging buffer, grown geometrically and reused across batches."""
+
+    def __init__(self, cupy: Any) -> None:
+        self._cupy = cupy
+        self._mem: Any = None
+        self._array = np.empty(0, dtype=np.uint8)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        if nbytes > self._array.size:
+            size = max(nbytes, 2 * self._array.size, 1 << 20)
+            self._mem = self._cupy.cuda.alloc_pinned_memory(size)
+            self._array = np.frombuffer(self._mem, dtype=np.uint8, count=size)
+        return self._array[:nbytes]
+
+
+def _self_check_batch() -> PackedBatch:
+    # Covers padding, an explicit -inf entry, a token without top entries and an empty response.
+    return pack_batch(
+        [
+            [(-0.1, [-0.1, -2.5, -3.0]), (-1.2, [-0.7, -1.2, -2.0, -4.0, -np.inf])],
+            [],
+            [(-0.05, []), (-3.0, [-1.0986123] * 3), (0.0, [0.0])],
+        ]
+    )
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _nvidia_driver_version(cupy: Any) -> str:
+    # The kernel module's version (e.g. 580.65.06) is what operators recognise; the CUDA
+    # driver API version is the fallback where /proc is not readable.
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    return f"CUDA {_cuda_version(cupy.cuda.runtime.driverGetVersion())}"
+
+
+class CupyBackend:
+    """CUDA backend: two RawKernels per batch, a pipelined pinned upload and one pinned download.
+
+    Construction compiles the kernels, warms them up and checks them against NumPy on a
+    small batch; it raises :class:`BackendUnavailableError` when any of that fails.
+    """
+
+    name = "cupy"
+
+    def __init__(self, device_id: int = 0, reason: str = "cupy requested") -> None:
+        try:
+            import cupy
+        except Exception as exc:  # ImportError, or a CUDA library that fails to load
+            raise BackendUnavailableError(f"cupy not importable: {exc}") from exc
+        self._cp = cupy
+        try:
+            n_devices = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:
+            raise BackendUnavailableError(f"no CUDA device found: {exc}") from exc
+        if n_devices <= device_id:
+            raise BackendUnavailableError(f"no CUDA device {device_id} ({n_devices} found)")
+        self.reason = reason
+        self._device = cupy.cuda.Device(device_id)
+        self._lock = threading.Lock()
+        try:
+            with self._device:
+                props = cupy.cuda.runtime.getDeviceProperties(device_id)
+                self._sm_count = int(props["multiProcessorCount"])
+                name = props["name"]
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                self.device_description = (
+                    f"{name}, driver {_nvidia_driver_version(cupy)}, "
+                    f"CUDA runtime {_cuda_version(cupy.cuda.runtime.runtimeGetVersion())}"
+                )
+                module = cupy.RawModule(code=_KERNEL_SOURCE)
+                self._row_kernel = module.get_function("llf_token_rows")
+                self._seg_kernel = module.get_function("llf_segment_means")
+                self._stream = cupy.cuda.Stream(non_blocking=True)
+                self._pinned_in = _PinnedBuffer(cupy)
+                self._pinned_out = _PinnedBuffer(cupy)
+            self._self_check()
+        except BackendUnavailableError:
+            raise
+        except Exception as exc:
+            raise BackendUnavailableError(f"CUDA kernels failed on device {device_id}: {exc}") from exc
+
+    def _self_check(self) -> None:
+        packed = _self_check_batch()
+        got = self.token_stats(packed)
+        want = token_stats_numpy(packed)
+        pairs = [
+            (got.entropy, want.entropy),
+            (got.surprise, want.surprise),
+            (got.mean_logprob, want.mean_logprob),
+            (got.perplexity, want.perplexity),
+            (got.mean_entropy, want.mean_entropy),
+            (got.confident_fraction, want.confident_fraction),
+        ]
+        ok = all(np.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True) for a, b in pairs)
+        if not ok or not np.array_equal(got.confident, want.confident):
+            raise BackendUnavailableError("CuPy self-check disagreed with NumPy")
+
+    def device_memory(self) -> tuple[int, int]:
+        """(used, total) bytes on the device, as the CUDA runtime reports them."""
+        with self._device:
+            free, total = self._cp.cuda.runtime.memGetInfo()
+        return (int(total - free), int(total))
+
+    def launch(
+        self,
+        d_top: Any,
+        d_chosen: Any,
+        d_offsets: Any,
+        n_tokens: int,
+        width: int,
+        n_responses: int,
+        log_thr: np.float32,
+        d_entropy: Any,
+        d_surprise: Any,
+        d_confident: Any,
+        d_means: Any,
+    ) -> None:
+        """Enqueue both kernels on the backend's stream for data already on the device."""
+        with self._stream:
+            if n_tokens:
+                blocks = min(-(-n_tokens // (_ROW_BLOCK // 32)), self._sm_count * 16)
+                self._row_kernel(
+                    (blocks,),
+                    (_ROW_BLOCK,),
+                    (
+                        d_top,
+                        d_chosen,
+                        np.int64(n_tokens),
+                        np.int32(width),
+                        np.float32(log_thr),
+                        d_entropy,
+                        d_surprise,
+                        d_confident,
+                    ),
+                )
+            if n_responses:
+                blocks = min(n_responses, self._sm_count * 32)
+                self._seg_kernel(
+                    (blocks,),
+                    (_SEG_BLOCK,),
+                    (d_chosen, d_entropy, d_confident, d_offsets, np.int64(n_responses), d_means),
+                )
+
+    def token_stats(
+        self, packed: PackedBatch, *, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
+    ) -> TokenStatsResult:
+        """Statistics for every response in ``packed``, computed on the GPU (see token_stats module docstring)."""
+        log_thr = log_threshold(confidence_threshold)
+        t, w, r = packed.total_tokens, packed.max_n, packed.n_responses
+        if r == 0:
+            # Nothing to launch; keep the label so callers see who served the batch.
+            return replace(token_stats_numpy(packed, confidence_threshold=confidence_threshold), backend=self.name)
+        cp = self._cp
+        # One staging layout per direction: the download is one DMA, the upload a few large ones.
+        in_chosen = _align(t * w * 4)
+        in_offsets = _align(in_chosen + t * 4)
+        in_size = in_offsets + (r + 1) * 8
+        out_surprise = _align(t * 4)
+        out_confident = _align(out_surprise + t * 4)
+        out_means = _align(out_confident + t)
+        out_size = out_means + r * 4 * 8
+
+        with self._lock, self._device:
+            pin_in = self._pinned_in.take(in_size)
+            d_in = cp.empty(in_size, dtype=cp.uint8)
+            d_out = cp.empty(out_size, dtype=cp.uint8)
+            # Upload the matrix in chunks so the host copy of chunk k+1 into pinned memory
+            # overlaps the DMA of chunk k; each chunk has its own region, so none is overwritten.
+            top_flat = packed.top_logprobs.reshape(-1)
+            pin_top = pin_in[: t * w * 4].view(np.float32)
+            for lo in range(0, top_flat.size, _UPLOAD_CHUNK_FLOATS):
+                hi = min(lo + _UPLOAD_CHUNK_FLOATS, top_flat.size)
+                pin_top[lo:hi] = top_flat[lo:hi]
+                d_in[lo * 4 : hi * 4].set(pin_in[lo * 4 : hi * 4], stream=self._stream)
+            pin_in[in_chosen : in_chosen + t * 4].view(np.float32)[:] = packed.chosen_logprob
+            pin_in[in_offsets:in_size].view(np.int64)[:] = packed.offsets
+            d_in[in_chosen:in_size].set(pin_in[in_chosen:in_size], stream=self._stream)
+            self.launch(
+                d_in[: t * w * 4].view(cp.float32),
+                d_in[in_chosen : in_chosen + t * 4].view(cp.float32),
+                d_in[in_offsets:in_size].view(cp.int64),
+                t,
+                w,
+                r,
+                log_thr,
+                d_out[: t * 4].view(cp.float32),
+                d_out[out_surprise : out_surprise + t * 4].view(cp.float32),
+                d_out[out_confident : out_confident + t],
+                d_out[out_means:out_size].view(cp.float64),
+            )
+            pin_out = self._pinned_out.take(out_size)
+            d_out.get(stream=self._stream, out=pin_out)
+            self._stream.synchronize()
+            # Copy out of the pinned buffer: it is reused by the next batch.
+            entropy = pin_out[: t * 4].view(np.float32).copy()
+            surprise = pin_out[out_surprise : out_surprise + t * 4].view(np.float32).copy()
+            confident = pin_out[out_confident : out_confident + t].view(np.bool_).copy()
+            means = pin_out[out_means:out_size].view(np.float64).reshape(r, 4).copy()
+
+        return TokenStatsResult(
+            offsets=packed.offsets,
+            entropy=entropy,
+            surprise=surprise,
+            confident=confident,
+            mean_logprob=means[:, 0],
+            perplexity=means[:, 1],
+            mean_entropy=means[:, 2],
+            confident_fraction=means[:, 3],
+            confidence_threshold=float(confidence_threshold),
+            backend=self.name,
+        )
+
+
+def select_backend(preferred: str = "auto") -> Backend:
+    """Return the backend for ``preferred`` (``auto``, ``cupy`` or ``numpy``; case-insensitive).
+
+    ``auto`` takes CuPy when it imports, sees a CUDA device and its kernels pass the
+    self-check, else NumPy (the returned backend's ``reason`` says why).  ``cupy``
+    raises :class:`BackendUnavailableError` instead of falling back.
+    """
+    choice = preferred.strip().lower()
+    if choice not in BACKEND_CHOICES:
+        raise ValueError(f"unknown postproc backend {preferred!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    if choice == "numpy":
+        return NumpyBackend(reason="numpy requested")
+    if choice == "cupy":
+        return CupyBackend(reason="cupy requested")
+    try:
+        backend = CupyBackend(reason="auto: CUDA device available")
+    except BackendUnavailableError as exc:
+        log.info("postproc: using NumPy (%s)", exc)
+        return NumpyBackend(reason=f"auto: {exc}")
+    log.info("postproc: using CuPy on %s", backend.device_description)
+    return backend
