@@ -42,13 +42,16 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 Setup = Callable[[grpc.aio.Server, contextlib.AsyncExitStack], Awaitable[Sequence[str]]]
+# Turns a service's domain exception into the FleetError it is reported as (None: not one of its own).
+ErrorTranslator = Callable[[Exception], FleetError | None]
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: a server span from the caller's trace context, request metrics,
     and the mapping of failures to statuses a client can act on."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, translate: ErrorTranslator | None = None) -> None:
+        self._translate = translate or (lambda _exc: None)
         self._tracer = trace.get_tracer(f"llamafleet.{service}")
         self._requests = Counter(
             f"llamafleet_{service}_grpc_requests",
@@ -113,9 +116,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except FleetError as exc:
                 code = exc.code
-                if isinstance(exc, ResourceExhausted) and exc.retry_after is not None:
-                    context.set_trailing_metadata((("retry-after", f"{exc.retry_after:.3f}"),))
-                await context.abort(code, exc.message)
+                await self._abort(context, exc)
             except grpc.aio.AioRpcError as exc:
                 # A downstream service's status is the caller's status too.
                 code = exc.code()
@@ -123,17 +124,26 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                error_id = uuid.uuid4().hex[:12]
-                log.exception("unexpected error in %s (error id %s)", method, error_id)
-                await context.abort(code, f"internal error (error id {error_id}; details in the server log)")
+            except Exception as exc:
+                error = self._translate(exc)
+                if error is None:
+                    error_id = uuid.uuid4().hex[:12]
+                    log.exception("unexpected error in %s (error id %s)", method, error_id)
+                    error = FleetError(f"internal error (error id {error_id}; details in the server log)")
+                code = error.code
+                await self._abort(context, error)
             finally:
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 if code is not grpc.StatusCode.OK:
                     span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
                 self._requests.labels(method, code.name).inc()
                 self._latency.labels(method).observe(time.perf_counter() - start)
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, error: FleetError) -> None:
+        if isinstance(error, ResourceExhausted) and error.retry_after is not None:
+            context.set_trailing_metadata((("retry-after", f"{error.retry_after:.3f}"),))
+        await context.abort(error.code, error.message)
 
     def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -155,17 +165,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
 
-async def serve(service: str, settings: ServiceSettings, setup: Setup) -> None:
+async def serve(
+    service: str, settings: ServiceSettings, setup: Setup, translate_error: ErrorTranslator | None = None
+) -> None:
     """Run one service until SIGTERM/SIGINT.
 
     `setup` registers the servicers on the server, pushes its own cleanups onto the exit
     stack (they run after the server stopped), and returns the full names of the services
-    it registered, for health and reflection.
+    it registered, for health and reflection. `translate_error` maps the service's own
+    domain exceptions to statuses; anything else unexpected is INTERNAL.
     """
     configure_logging(settings.log_level)
     setup_tracing(service)
     start_metrics_endpoint(settings.metrics_host, settings.metrics_port)
-    server = grpc.aio.server(interceptors=[ServerInterceptor(service)], options=GRPC_OPTIONS)
+    server = grpc.aio.server(interceptors=[ServerInterceptor(service, translate_error)], options=GRPC_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     async with contextlib.AsyncExitStack() as stack:

@@ -1,0 +1,31 @@
+"""`python -m services.storage`: content-addressed artifacts on a SeaweedFS filer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+
+from llamafleet.server import serve
+from llamafleet.v1 import storage_pb2, storage_pb2_grpc
+from services.storage.blobstore import BlobStore
+from services.storage.config import StorageSettings
+from services.storage.filer import FilerClient
+from services.storage.servicer import StorageServicer, translate_error
+
+
+def main() -> None:
+    settings = StorageSettings()
+
+    async def setup(server: grpc.aio.Server, stack: contextlib.AsyncExitStack) -> list[str]:
+        filer = await stack.enter_async_context(FilerClient(settings.filer_url, timeout=settings.filer_timeout_s))
+        store = BlobStore(filer, chunk_size=settings.chunk_bytes)
+        storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store), server)
+        return [storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name]
+
+    asyncio.run(serve("storage", settings, setup, translate_error))
+
+
+if __name__ == "__main__":
+    main()

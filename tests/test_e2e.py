@@ -1,0 +1,128 @@
+"""The whole fabric for real: SeaweedFS, storage, MPI scheduler with two llama-server workers,
+postproc and gateway on free loopback ports, driven through the public gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+import pytest_asyncio
+
+from llamafleet.stack import Stack, StackConfig
+from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    cfg = StackConfig.on_free_ports(tmp_path_factory.mktemp("stack"), workers=2, slots=2)
+    stack = Stack(cfg)
+    await stack.start(timeout=180)
+    try:
+        yield stack
+    finally:
+        await stack.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def gateway(stack: Stack) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+    async with grpc.aio.insecure_channel(stack.cfg.address(stack.cfg.gateway_port)) as channel:
+        yield gateway_pb2_grpc.GatewayStub(channel)
+
+
+async def generate(gateway: gateway_pb2_grpc.GatewayStub, **fields) -> tuple[str, list, common_pb2.GenerationResult]:
+    chunks, result = [], None
+    async for event in gateway.Generate(gateway_pb2.GenerateRequest(**fields), timeout=60):
+        if event.HasField("chunk"):
+            chunks.append(event.chunk)
+        else:
+            result = event.result
+    assert result is not None
+    return "".join(c.text for c in chunks), chunks, result
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_tokens_stream_through_every_service(gateway, stack: Stack) -> None:
+    text, chunks, result = await generate(gateway, prompt="hello", max_tokens=64, ignore_eos=True, include_stats=True)
+    assert len(chunks) >= 2  # streamed, not one blob at the end
+    assert text
+    assert result.usage.completion_tokens == 64
+    assert result.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert result.worker.startswith("rank-")
+    assert result.timings.ttft_ms > 0
+    assert result.stats.tokens == 64 and result.stats.perplexity >= 1.0
+    assert not any(c.logprobs for c in chunks)  # collected for stats, not sent unasked
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_both_workers_serve_requests(gateway, stack: Stack) -> None:
+    results = await asyncio.gather(*(generate(gateway, prompt=f"request {i}", max_tokens=8) for i in range(6)))
+    workers = {r.worker.split("@")[0] for _text, _chunks, r in results}
+    assert workers == {"rank-1", "rank-2"}
+    async with grpc.aio.insecure_channel(stack.cfg.address(stack.cfg.scheduler_port)) as channel:
+        status = await scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(scheduler_pb2.ClusterStatusRequest())
+    assert [w.state for w in status.workers] == [scheduler_pb2.WORKER_STATE_READY] * 2
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize(
+    ("fields", "code", "needle"),
+    [
+        ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ({"prompt": "hi", "temperature": -1}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        ({"prompt": "hi", "top_p": 2}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"prompt": "hi", "max_tokens": 10**6}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ({"prompt": "hi", "model": "nope:latest"}, grpc.StatusCode.NOT_FOUND, "nope:latest"),
+    ],
+)
+async def test_bad_requests_get_the_right_status(gateway, fields, code, needle) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate(gateway, **fields)
+    assert info.value.code() == code
+    assert needle in info.value.details()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_every_service_exports_llamafleet_metrics(gateway, stack: Stack) -> None:
+    await generate(gateway, prompt="metrics", max_tokens=4)
+    await asyncio.sleep(0.6)  # the workers' counters arrive with the next gather (every 0.5 s)
+    async with httpx.AsyncClient(timeout=5) as client:
+        for service, url in stack.cfg.metrics_urls().items():
+            text = (await client.get(url)).text
+            assert f"llamafleet_{service}_grpc_requests_total" in text, service
+    async with httpx.AsyncClient(timeout=5) as client:
+        gateway_text = (await client.get(stack.cfg.metrics_urls()["gateway"])).text
+        scheduler_text = (await client.get(stack.cfg.metrics_urls()["scheduler"])).text
+    assert "llamafleet_gateway_time_to_first_token_seconds_bucket" in gateway_text
+    assert 'llamafleet_scheduler_worker_up{worker="1"} 1.0' in scheduler_text
+    assert "llamafleet_scheduler_worker_generated_tokens_total" in scheduler_text
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_reflection_lets_a_foreign_client_call_generate(stack: Stack) -> None:
+    buf = Path(sys.executable).with_name("buf")
+    if not buf.exists():
+        pytest.skip("buf is not installed")
+    address = stack.cfg.address(stack.cfg.gateway_port)
+    proc = await asyncio.create_subprocess_exec(
+        str(buf),
+        "curl",
+        "--protocol",
+        "grpc",
+        "--http2-prior-knowledge",
+        "-d",
+        '{"prompt":"hello","max_tokens":24}',
+        f"http://{address}/llamafleet.v1.Gateway/Generate",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().count('"chunk"') >= 2
+    assert '"result"' in out.decode()
