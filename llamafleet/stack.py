@@ -57,6 +57,10 @@ class StackConfig:
     postproc_backend: str = "auto"
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Children run in other working directories (weed does): every path they get is absolute.
+        self.root = self.root.resolve()
+
     @classmethod
     def on_free_ports(cls, root: Path, **overrides: object) -> StackConfig:
         """A config whose every port was free a moment ago (tests run beside a live stack)."""
