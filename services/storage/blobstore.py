@@ -1,0 +1,553 @@
+"""SHA-256 content-addressed blobs, their manifests and their names, on a SeaweedFS filer.
+
+Layout on the filer:
+    /llamafleet/blobs/sha256/ab/cd/<hex>        the bytes (sharded by the first 2+2 hex digits)
+    /llamafleet/blobs/sha256/ab/cd/<hex>.json   the manifest (JSON sidecar)
+    /llamafleet/tmp/<uuid>                      uploads in flight
+    /llamafleet/tags/<name>/_tags/<tag>         {"name", "tag", "sha256", "updated"}
+
+A blob appears at its address only after its bytes were hashed on the way in and matched:
+an upload goes to a unique temporary path and is renamed (server-side, no copy) when done.
+Tags live in a `_tags` directory under the name's directory because names nest with `/`
+("a" with tag "b" and a name "a/b" would otherwise both want `/llamafleet/tags/a/b`); `_`
+cannot occur in a name, so that directory never collides with a namespace.
+
+No gRPC here: failures are the exceptions of `services.storage.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import uuid
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from services.storage.errors import (
+    BlobNotFound,
+    DataLoss,
+    FilerNotFound,
+    HashMismatch,
+    InvalidDigest,
+    InvalidName,
+    InvalidRange,
+    TagNotFound,
+)
+from services.storage.filer import FileInfo, FilerClient
+
+log = logging.getLogger(__name__)
+
+ROOT = "/llamafleet"
+BLOB_ROOT = f"{ROOT}/blobs/sha256"
+TMP_DIR = f"{ROOT}/tmp"
+TAG_ROOT = f"{ROOT}/tags"
+TAGS_DIR = "_tags"
+DEFAULT_TAG = "latest"
+MAX_NAME_LENGTH = 128
+MAX_TAG_LENGTH = 128
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_NAME_CHARS = re.compile(r"[a-z0-9./-]+")
+# Like OCI path components: letters/digits, separated by runs of '.', '-'.
+_NAME_PART = re.compile(r"[a-z0-9]+(?:[.-]+[a-z0-9]+)*")
+# Like OCI tags.
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Fields the store computes; a caller cannot set them.
+_COMPUTED_FIELDS = frozenset({"sha256", "size", "created"})
+_KNOWN_FIELDS = ("kind", "media_type", "filename", "uploader", "labels", "metadata")
+
+T = TypeVar("T")
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def validate_digest(value: str) -> str:
+    """The lowercase hex SHA-256 of `value` (64 hex characters, optionally `sha256:` first);
+    InvalidDigest otherwise."""
+    if not isinstance(value, str):
+        raise InvalidDigest(f"a SHA-256 digest must be a string, not {type(value).__name__}")
+    hexpart = value.removeprefix("sha256:")
+    if not _HEX64.fullmatch(hexpart):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise InvalidDigest(
+            f"{shown!r} is not a SHA-256 digest: expected 64 hexadecimal characters "
+            f"(optionally prefixed 'sha256:'), got {len(hexpart)} characters"
+        )
+    return hexpart.lower()
+
+
+def validate_name(name: str) -> str:
+    """`name` if it is a valid artifact name, else InvalidName saying what to change.
+
+    Names are lowercase, like OCI/Ollama repository names: parts of letters a-z and digits
+    joined by '.' or '-', with '/' between namespace parts (e.g. "library/llama-3.2-1b");
+    at most 128 characters, no empty parts, no '..', not absolute."""
+    if not isinstance(name, str) or not name:
+        raise InvalidName("the name is empty; give a name like 'llama-3.2-1b' or 'team/llama-3.2-1b'")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(f"the name is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise InvalidName(f"the name {name!r} contains a control character; use printable characters only")
+    if name.startswith("/"):
+        raise InvalidName(f"the name {name!r} starts with '/'; names are relative, like 'team/model'")
+    if ".." in name.split("/"):
+        raise InvalidName(f"the name {name!r} contains a '..' part; parent references are not allowed")
+    if not _NAME_CHARS.fullmatch(name):
+        bad = sorted({c for c in name if not _NAME_CHARS.fullmatch(c)})
+        hint = f" (names are lowercase: try {name.lower()!r})" if name.lower() != name else ""
+        raise InvalidName(
+            f"the name {name!r} contains {', '.join(repr(c) for c in bad)}; allowed are lowercase letters a-z, "
+            f"digits 0-9, '.', '-', and '/' between parts{hint}"
+        )
+    for part in name.split("/"):
+        if not part:
+            raise InvalidName(f"the name {name!r} has an empty part (a leading, trailing or doubled '/')")
+        if not _NAME_PART.fullmatch(part):
+            raise InvalidName(
+                f"the name part {part!r} of {name!r} must start and end with a letter or digit "
+                "(use '.' or '-' only between them)"
+            )
+    return name
+
+
+def validate_tag(tag: str) -> str:
+    """`tag` if valid (like OCI tags: letters, digits, '_', '.', '-'; not starting with '.'
+    or '-'; at most 128 characters), else InvalidName."""
+    if not isinstance(tag, str) or not tag:
+        raise InvalidName("the tag is empty; give a tag like 'latest' or 'q4_k_m'")
+    if len(tag) > MAX_TAG_LENGTH:
+        raise InvalidName(f"the tag is {len(tag)} characters long; at most {MAX_TAG_LENGTH} are allowed")
+    if not _TAG.fullmatch(tag):
+        raise InvalidName(
+            f"the tag {tag!r} is not valid: use letters, digits, '_', '.' and '-', starting with a letter, digit or '_'"
+        )
+    return tag
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference: a digest, or a name and tag."""
+
+    sha256: str | None = None
+    name: str | None = None
+    tag: str | None = None
+
+
+def parse_ref(ref: str) -> Ref:
+    """`sha256:<hex>` or 64 hex characters -> a digest; `name:tag` -> that tag; `name` ->
+    `name:latest`. A bare 64-hex string is always read as a digest (as Docker does)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise InvalidName("the reference is empty; give 'name', 'name:tag' or a sha256 digest")
+    ref = ref.strip()
+    if ref.startswith("sha256:") or _HEX64.fullmatch(ref):
+        return Ref(sha256=validate_digest(ref))
+    name, sep, tag = ref.partition(":")
+    return Ref(name=validate_name(name), tag=validate_tag(tag) if sep else DEFAULT_TAG)
+
+
+# -- paths -----------------------------------------------------------------------------------------
+
+
+def blob_path(sha256: str) -> str:
+    """Filer path of a blob's bytes: /llamafleet/blobs/sha256/ab/cd/<hex>."""
+    digest = validate_digest(sha256)
+    return f"{BLOB_ROOT}/{digest[:2]}/{digest[2:4]}/{digest}"
+
+
+def manifest_path(sha256: str) -> str:
+    """Filer path of a blob's manifest, next to the blob: <blob path>.json."""
+    return blob_path(sha256) + ".json"
+
+
+def tag_path(name: str, tag: str) -> str:
+    """Filer path of a tag file: /llamafleet/tags/<name>/_tags/<tag>."""
+    return f"{TAG_ROOT}/{validate_name(name)}/{TAGS_DIR}/{validate_tag(tag)}"
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _str_map(value: object, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{what} must map strings to strings")
+    return dict(value)
+
+
+@dataclass
+class Manifest:
+    """What is known about a blob, kept as JSON beside it. `extra` holds any further fields
+    given at upload."""
+
+    sha256: str
+    size: int
+    kind: str = "other"
+    media_type: str = "application/octet-stream"
+    filename: str = ""
+    # RFC 3339, UTC.
+    created: str = ""
+    uploader: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    # e.g. for GGUF models: architecture, parameter count, quantization, context length.
+    metadata: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat JSON object stored on the filer."""
+        known = {
+            "sha256": self.sha256,
+            "size": self.size,
+            "kind": self.kind,
+            "media_type": self.media_type,
+            "filename": self.filename,
+            "created": self.created,
+            "uploader": self.uploader,
+            "labels": self.labels,
+            "metadata": self.metadata,
+        }
+        return {**self.extra, **known}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        known = {"sha256", "size", "created", *_KNOWN_FIELDS}
+        return cls(
+            sha256=validate_digest(str(data["sha256"])),
+            size=int(data["size"]),
+            kind=str(data.get("kind") or "other"),
+            media_type=str(data.get("media_type") or "application/octet-stream"),
+            filename=str(data.get("filename") or ""),
+            created=str(data.get("created") or ""),
+            uploader=str(data.get("uploader") or ""),
+            labels=dict(data.get("labels") or {}),
+            metadata=dict(data.get("metadata") or {}),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True)
+class PutResult:
+    sha256: str
+    size: int
+    # True when nothing was transferred: the expected digest was already stored.
+    deduplicated: bool
+    manifest: Manifest
+    # True when this put created the blob; False if it was already there (deduplicated, or
+    # stored meanwhile by a concurrent put of the same content: the upload was discarded).
+    new_blob: bool = False
+
+
+@dataclass(frozen=True)
+class TagRef:
+    name: str
+    tag: str
+    sha256: str
+    updated: str = ""
+
+
+# -- the store -------------------------------------------------------------------------------------
+
+
+class BlobStore:
+    """Content-addressed blobs with manifests and tags, over a FilerClient."""
+
+    def __init__(self, filer: FilerClient, *, chunk_size: int = 1 << 20, concurrency: int = 8) -> None:
+        self.filer = filer
+        self.chunk_size = chunk_size
+        self._concurrency = concurrency
+        # Serialises the check-then-move of puts of the same digest in this process, so two
+        # of them never overwrite each other's entry while a reader streams it.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, digest: str) -> asyncio.Lock:
+        lock = self._locks.get(digest)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[digest] = lock
+        return lock
+
+    async def _gather_bounded(self, jobs: list[Callable[[], Awaitable[T]]]) -> list[T]:
+        semaphore = asyncio.Semaphore(self._concurrency)
+
+        async def run(job: Callable[[], Awaitable[T]]) -> T:
+            async with semaphore:
+                return await job()
+
+        return list(await asyncio.gather(*(run(job) for job in jobs)))
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    async def exists(self, sha256: str) -> bool:
+        """Whether the blob is stored (call before sending bytes to skip a known upload)."""
+        info = await self.filer.stat(blob_path(sha256))
+        return info is not None and not info.is_dir
+
+    async def put(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        expected_sha256: str | None = None,
+        manifest_fields: Mapping[str, Any] | None = None,
+    ) -> PutResult:
+        """Store the bytes of `chunks` under their SHA-256.
+
+        With `expected_sha256` already stored, returns at once (deduplicated; `chunks` is not
+        read and the existing manifest is kept). Otherwise the bytes are hashed while they are
+        streamed to a temporary path, checked (HashMismatch if they do not hash to
+        `expected_sha256`: the temporary file is deleted and nothing is stored), then moved to
+        the blob's address and the manifest is written. If the blob appeared meanwhile (a
+        concurrent put of the same content) the upload is discarded and the blob kept.
+
+        `manifest_fields`: kind, media_type, filename, uploader, labels, metadata, and any
+        other JSON-able fields (kept in `Manifest.extra`); sha256, size and created are
+        computed and may not be given."""
+        expected = validate_digest(expected_sha256) if expected_sha256 else None
+        fields = dict(manifest_fields or {})
+        if computed := _COMPUTED_FIELDS & fields.keys():
+            raise ValueError(f"manifest fields {sorted(computed)} are computed by the store and cannot be set")
+        labels = _str_map(fields.pop("labels", None), "labels")
+        metadata = _str_map(fields.pop("metadata", None), "metadata")
+        try:
+            # Checked now: a manifest that cannot be written after the move would leave the
+            # blob without one.
+            json.dumps(fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"manifest fields must be JSON-serialisable: {e}") from e
+
+        if expected is not None and await self.exists(expected) and (existing := await self.stat(expected)):
+            return PutResult(expected, existing.size, deduplicated=True, manifest=existing)
+
+        tmp = f"{TMP_DIR}/{uuid.uuid4().hex}"
+        hasher = hashlib.sha256()
+        size = 0
+
+        async def hashed() -> AsyncIterator[bytes]:
+            nonlocal size
+            async for chunk in chunks:
+                if not chunk:
+                    continue  # an empty chunk would end a chunked HTTP body early
+                data = bytes(chunk)
+                hasher.update(data)
+                size += len(data)
+                yield data
+
+        try:
+            await self.filer.put_stream(tmp, hashed())
+            digest = hasher.hexdigest()
+            if expected is not None and digest != expected:
+                raise HashMismatch(expected, digest, size)
+            async with self._lock(digest):
+                new_blob = not await self.exists(digest)
+                if new_blob:
+                    await self.filer.move(tmp, blob_path(digest))
+                else:
+                    await self.filer.delete(tmp)
+                manifest = None if new_blob else await self._read_manifest(digest)
+                if manifest is None:
+                    manifest = Manifest(
+                        sha256=digest,
+                        size=size,
+                        kind=str(fields.pop("kind", None) or "other"),
+                        media_type=str(fields.pop("media_type", None) or "application/octet-stream"),
+                        filename=str(fields.pop("filename", None) or ""),
+                        created=_now(),
+                        uploader=str(fields.pop("uploader", None) or ""),
+                        labels=labels,
+                        metadata=metadata,
+                        extra=fields,
+                    )
+                    await self._write_manifest(manifest)
+        except BaseException:
+            # Also on cancellation: a half-written temporary file must not linger.
+            with contextlib.suppress(Exception):
+                await self.filer.delete(tmp)
+            raise
+        return PutResult(digest, size, deduplicated=False, manifest=manifest, new_blob=new_blob)
+
+    async def _write_manifest(self, manifest: Manifest) -> None:
+        body = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode()
+        await self.filer.put_bytes(manifest_path(manifest.sha256), body, "application/json")
+
+    async def _read_manifest(self, digest: str) -> Manifest | None:
+        try:
+            data = json.loads(await self.filer.get_bytes(manifest_path(digest)))
+            return Manifest.from_json(data)
+        except FilerNotFound:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("manifest of sha256:%s is unreadable (%s); using the blob's own metadata", digest, e)
+            return None
+
+    async def stat(self, sha256: str) -> Manifest | None:
+        """The blob's manifest, or None if the blob is not stored. A blob whose manifest is
+        missing or unreadable (a put interrupted between the move and the manifest write)
+        gets a minimal manifest from the filer's metadata."""
+        digest = validate_digest(sha256)
+        manifest = await self._read_manifest(digest)
+        if manifest is not None:
+            return manifest
+        info = await self.filer.stat(blob_path(digest))
+        if info is None or info.is_dir:
+            return None
+        created = info.mtime.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return Manifest(sha256=digest, size=info.size, created=created)
+
+    async def get(self, sha256: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """The blob's bytes from `offset`, `length` of them (None: to the end; clipped at the
+        end). BlobNotFound / InvalidRange are raised here, before any byte.
+
+        A whole-object read (offset 0, to the end) is hashed while it streams and raises
+        DataLoss after the last chunk if the bytes do not hash to `sha256` (a consumer must
+        treat what it received as bad then). A partial read cannot be verified (the digest
+        covers the whole object); only its length is checked."""
+        digest = validate_digest(sha256)
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidRange(f"offset and length must not be negative (got {offset}, {length})")
+        info = await self.filer.stat(blob_path(digest))
+        if info is None or info.is_dir:
+            raise BlobNotFound(digest)
+        if offset > info.size:
+            raise InvalidRange(f"offset {offset} is past the end of sha256:{digest} ({info.size} bytes)")
+        end = info.size if length is None else min(info.size, offset + length)
+        return self._read(digest, offset, end - offset, whole=offset == 0 and end == info.size)
+
+    async def _read(self, digest: str, offset: int, count: int, *, whole: bool) -> AsyncIterator[bytes]:
+        path = blob_path(digest)
+        hasher = hashlib.sha256() if whole else None
+        received = 0
+        try:
+            # A whole read asks for everything (no Range), so extra bytes would show too.
+            stream = (
+                self.filer.get_stream(path, chunk_size=self.chunk_size)
+                if whole
+                else (self.filer.get_stream(path, offset, count, chunk_size=self.chunk_size))
+            )
+            async for chunk in stream:
+                if hasher is not None:
+                    hasher.update(chunk)
+                received += len(chunk)
+                yield chunk
+        except FilerNotFound:
+            raise BlobNotFound(digest) from None
+        if hasher is not None:
+            actual = hasher.hexdigest()
+            if actual != digest or received != count:
+                raise DataLoss(digest, f"read {received} bytes (expected {count}) hashing to sha256:{actual}")
+        elif received != count:
+            raise DataLoss(digest, f"read {received} bytes at offset {offset}, expected {count}")
+
+    async def delete(self, sha256: str) -> None:
+        """Delete the blob and its manifest (BlobNotFound if neither exists). Tags that
+        point at it are left; they resolve to a digest that is no longer stored."""
+        digest = validate_digest(sha256)
+        manifest_there = await self.filer.exists(manifest_path(digest))
+        blob_there = await self.filer.exists(blob_path(digest))
+        if not (manifest_there or blob_there):
+            raise BlobNotFound(digest)
+        # Manifest first: an interruption leaves a blob without one, which stat() still
+        # reports, never a manifest for bytes that are gone.
+        await self.filer.delete(manifest_path(digest))
+        await self.filer.delete(blob_path(digest))
+
+    async def list_blobs(self) -> list[Manifest]:
+        """Every stored blob's manifest, by digest."""
+        digests: list[str] = []
+        for first in await self._list_or_empty(BLOB_ROOT):
+            if not first.is_dir:
+                continue
+            for second in await self._list_or_empty(first.path):
+                if not second.is_dir:
+                    continue
+                digests.extend(
+                    e.name for e in await self._list_or_empty(second.path) if not e.is_dir and _HEX64.fullmatch(e.name)
+                )
+        found = await self._gather_bounded([lambda d=d: self.stat(d) for d in sorted(digests)])
+        return [m for m in found if m is not None]
+
+    async def _list_or_empty(self, path: str) -> list[FileInfo]:
+        try:
+            return await self.filer.list_dir(path)
+        except FilerNotFound:
+            return []
+
+    async def sweep_tmp(self, older_than: timedelta = timedelta(hours=24)) -> int:
+        """Delete temporary uploads older than `older_than` (left by crashed puts); returns
+        how many were deleted."""
+        cutoff = datetime.now(UTC) - older_than
+        stale = [e for e in await self._list_or_empty(TMP_DIR) if not e.is_dir and e.mtime < cutoff]
+        for entry in stale:
+            await self.filer.delete(entry.path)
+        return len(stale)
+
+    # -- names ---------------------------------------------------------------------------------
+
+    async def tag(self, name: str, tag: str, sha256: str) -> TagRef:
+        """Point `name:tag` at a stored blob (replacing what it pointed at)."""
+        path = tag_path(name, tag)
+        digest = validate_digest(sha256)
+        if not await self.exists(digest):
+            raise BlobNotFound(digest)
+        ref = TagRef(name=name, tag=tag, sha256=digest, updated=_now())
+        body = json.dumps({"name": name, "tag": tag, "sha256": digest, "updated": ref.updated}, sort_keys=True)
+        await self.filer.put_bytes(path, body.encode(), "application/json")
+        return ref
+
+    async def _read_tag(self, name: str, tag: str) -> TagRef:
+        try:
+            data = json.loads(await self.filer.get_bytes(tag_path(name, tag)))
+        except FilerNotFound:
+            raise TagNotFound(name, tag) from None
+        return TagRef(name=name, tag=tag, sha256=validate_digest(str(data["sha256"])), updated=data.get("updated", ""))
+
+    async def resolve(self, ref: str) -> str:
+        """The digest `ref` names: `name:tag`, `name` (its `latest` tag), or a digest (64 hex,
+        or `sha256:<hex>`, returned normalised without checking that it is stored)."""
+        parsed = parse_ref(ref)
+        if parsed.sha256 is not None:
+            return parsed.sha256
+        assert parsed.name is not None and parsed.tag is not None
+        return (await self._read_tag(parsed.name, parsed.tag)).sha256
+
+    async def untag(self, name: str, tag: str) -> None:
+        """Remove `name:tag` (TagNotFound if there is no such tag); the blob stays."""
+        path = tag_path(name, tag)
+        if not await self.filer.exists(path):
+            raise TagNotFound(name, tag)
+        await self.filer.delete(path)
+
+    async def list_tags(self) -> list[TagRef]:
+        """Every tag, sorted by name then tag."""
+        found: list[tuple[str, str]] = []
+        await self._walk_tags(TAG_ROOT, "", found, depth=0)
+        refs = await self._gather_bounded([lambda n=n, t=t: self._read_tag_or_none(n, t) for n, t in found])
+        return sorted((r for r in refs if r is not None), key=lambda r: (r.name, r.tag))
+
+    async def _read_tag_or_none(self, name: str, tag: str) -> TagRef | None:
+        try:
+            return await self._read_tag(name, tag)
+        except TagNotFound:
+            return None  # untagged while listing
+
+    async def _walk_tags(self, path: str, name: str, found: list[tuple[str, str]], depth: int) -> None:
+        # A name has at most 64 parts (128 characters), so deeper means a foreign tree.
+        if depth > MAX_NAME_LENGTH // 2:
+            return
+        for entry in await self._list_or_empty(path):
+            if not entry.is_dir:
+                continue
+            if entry.name == TAGS_DIR and name:
+                found.extend((name, t.name) for t in await self._list_or_empty(entry.path) if not t.is_dir)
+            elif _NAME_PART.fullmatch(entry.name):
+                await self._walk_tags(entry.path, f"{name}/{entry.name}" if name else entry.name, found, depth + 1)

@@ -1,0 +1,488 @@
+"""BlobStore and FilerClient against a real SeaweedFS (`weed server -filer` on free loopback
+ports, one per module)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from llamafleet.processes import ProcessExited, free_port, port_is_free
+from llamafleet.seaweed import SeaweedServer
+from services.storage.blobstore import (
+    TMP_DIR,
+    BlobStore,
+    blob_path,
+    manifest_path,
+    parse_ref,
+    validate_digest,
+    validate_name,
+    validate_tag,
+)
+from services.storage.errors import (
+    BlobNotFound,
+    DataLoss,
+    FilerNotFound,
+    FilerUnavailable,
+    HashMismatch,
+    InvalidDigest,
+    InvalidName,
+    InvalidRange,
+    TagNotFound,
+)
+from services.storage.filer import FilerClient
+
+MB = 1 << 20
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def seaweed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SeaweedServer]:
+    server = SeaweedServer.on_free_ports(tmp_path_factory.mktemp("seaweed"), volume_size_limit_mb=64)
+    await server.start()
+    try:
+        await server.wait_ready(60)
+        yield server
+    finally:
+        started = time.monotonic()
+        # A short grace: the data is thrown away, and weed's filer can take 15 s to stop.
+        await server.stop(grace=5)
+        print(f"\nweed stopped in {time.monotonic() - started:.1f}s")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def filer(seaweed: SeaweedServer) -> AsyncIterator[FilerClient]:
+    async with FilerClient(seaweed.filer_url, timeout=30) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def store(filer: FilerClient) -> BlobStore:
+    return BlobStore(filer)
+
+
+async def chunked(data: bytes, sizes: Iterable[int] = (MB,)) -> AsyncIterator[bytes]:
+    """`data` in chunks cycling through `sizes` (uneven sizes exercise the re-chunking)."""
+    sizes = list(sizes)
+    pos = i = 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        yield data[pos : pos + n]
+        pos += n
+        i += 1
+        await asyncio.sleep(0)
+
+
+async def must_not_be_read() -> AsyncIterator[bytes]:
+    raise AssertionError("the upload's bytes were read although the blob was already stored")
+    yield b""  # pragma: no cover
+
+
+async def read_all(stream: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in stream])
+
+
+async def tmp_files(filer: FilerClient) -> list[str]:
+    try:
+        return [e.path for e in await filer.list_dir(TMP_DIR)]
+    except FilerNotFound:
+        return []
+
+
+# -- validation (no server needed) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "../etc/passwd",
+        "a/../b",
+        "/abs/name",
+        "Upper",
+        "has space",
+        "tab\tname",
+        "nul\x00",
+        "a//b",
+        "trailing/",
+        ".hidden",
+        "ends-",
+        "under_score",
+        "colon:x",
+        "x" * 129,
+        "é",
+    ],
+)
+def test_bad_names_are_rejected(name: str) -> None:
+    with pytest.raises(InvalidName) as info:
+        validate_name(name)
+    assert str(info.value)
+
+
+def test_good_names_and_messages() -> None:
+    for name in ["llama", "llama-3.2-1b", "team/llama-3.2-1b", "a/b/c", "x" * 128, "q4.k-m"]:
+        assert validate_name(name) == name
+    with pytest.raises(InvalidName, match="lowercase: try 'upper'"):
+        validate_name("Upper")
+    with pytest.raises(InvalidName, match=r"'\.\.' part"):
+        validate_name("a/../b")
+    for tag in ["latest", "Q4_K_M", "v1.0", "_x"]:
+        assert validate_tag(tag) == tag
+    for tag in ["", "-x", ".x", "a/b", "a:b", "t" * 129]:
+        with pytest.raises(InvalidName):
+            validate_tag(tag)
+
+
+def test_digests_and_refs() -> None:
+    digest = hashlib.sha256(b"x").hexdigest()
+    assert validate_digest(digest.upper()) == digest
+    assert validate_digest(f"sha256:{digest}") == digest
+    for bad in ["", "abc", digest[:-1], digest + "0", "sha256:" + "g" * 64, "sha512:" + digest, f" {digest}"]:
+        with pytest.raises(InvalidDigest):
+            validate_digest(bad)
+    assert parse_ref(digest).sha256 == digest
+    assert parse_ref(f"sha256:{digest}").sha256 == digest
+    assert (parse_ref("team/m:q4").name, parse_ref("team/m:q4").tag) == ("team/m", "q4")
+    assert parse_ref("m").tag == "latest"
+    with pytest.raises(InvalidName):
+        parse_ref("../x:latest")
+    assert blob_path(digest) == f"/llamafleet/blobs/sha256/{digest[:2]}/{digest[2:4]}/{digest}"
+    assert manifest_path(digest) == blob_path(digest) + ".json"
+
+
+# -- blobs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_streamed_round_trip_is_bit_exact(store: BlobStore, filer: FilerClient) -> None:
+    data = os.urandom(5 * MB + 12345)
+    digest = hashlib.sha256(data).hexdigest()
+    result = await store.put(
+        chunked(data, [MB, 7, 300_000, 2 * MB + 1]),
+        manifest_fields={
+            "kind": "prompts",
+            "media_type": "application/jsonl",
+            "filename": "batch.jsonl",
+            "uploader": "tests",
+            "labels": {"suite": "blobstore"},
+            "source": "random",
+        },
+    )
+    assert (result.sha256, result.size, result.deduplicated, result.new_blob) == (digest, len(data), False, True)
+    assert await read_all(await store.get(digest)) == data
+
+    manifest = await store.stat(digest)
+    assert manifest is not None
+    assert (manifest.sha256, manifest.size, manifest.kind, manifest.filename) == (
+        digest,
+        len(data),
+        "prompts",
+        "batch.jsonl",
+    )
+    assert manifest.media_type == "application/jsonl" and manifest.uploader == "tests"
+    assert manifest.labels == {"suite": "blobstore"} and manifest.extra == {"source": "random"}
+    assert manifest.created.endswith("Z")
+    assert digest in {m.sha256 for m in await store.list_blobs()}
+    # The bytes sit at the sharded address; nothing is left in the temporary directory.
+    info = await filer.stat(blob_path(digest))
+    assert info is not None and info.size == len(data)
+    assert await tmp_files(filer) == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_put_with_known_expected_hash_transfers_nothing(store: BlobStore) -> None:
+    data = os.urandom(300_000)
+    digest = hashlib.sha256(data).hexdigest()
+    first = await store.put(chunked(data), expected_sha256=digest, manifest_fields={"filename": "one"})
+    assert not first.deduplicated and first.new_blob
+    assert await store.exists(digest)
+    again = await store.put(must_not_be_read(), expected_sha256=f"sha256:{digest.upper()}")
+    assert again.deduplicated and not again.new_blob
+    assert (again.sha256, again.size, again.manifest.filename) == (digest, len(data), "one")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_wrong_expected_hash_stores_nothing(store: BlobStore, filer: FilerClient) -> None:
+    data = os.urandom(2 * MB)
+    actual = hashlib.sha256(data).hexdigest()
+    claimed = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(HashMismatch) as info:
+        await store.put(chunked(data), expected_sha256=claimed)
+    assert (info.value.expected, info.value.actual, info.value.size) == (claimed, actual, len(data))
+    assert not await store.exists(actual) and not await store.exists(claimed)
+    assert await store.stat(actual) is None
+    assert await filer.stat(manifest_path(actual)) is None
+    assert await tmp_files(filer) == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_corrupt_blob_fails_whole_reads_with_data_loss(store: BlobStore, filer: FilerClient) -> None:
+    data = os.urandom(3 * MB)
+    digest = (await store.put(chunked(data))).sha256
+    flipped = bytearray(data)
+    flipped[MB + 17] ^= 0x01
+    await filer.put_bytes(blob_path(digest), bytes(flipped))
+
+    received = bytearray()
+    with pytest.raises(DataLoss):
+        async for chunk in await store.get(digest):
+            received += chunk
+    assert received == flipped  # every byte arrived; the verdict comes at the end
+    # A partial read cannot be verified: it returns the stored bytes.
+    assert await read_all(await store.get(digest, MB, 100)) == bytes(flipped[MB : MB + 100])
+
+    await filer.put_bytes(blob_path(digest), data[:-1])  # truncated
+    with pytest.raises(DataLoss):
+        await read_all(await store.get(digest))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_offset_and_length_reads(store: BlobStore) -> None:
+    data = os.urandom(MB + 999)
+    size = len(data)
+    digest = (await store.put(chunked(data, [65536]))).sha256
+    cases = [
+        (0, 10),
+        (1, 1),
+        (4096, 65536),
+        (MB - 5, 5000),
+        (size - 5, 100),  # clipped at the end
+        (size, None),  # empty
+        (123, 0),
+        (0, None),
+        (0, size),  # whole, verified
+        (777, None),
+    ]
+    for offset, length in cases:
+        end = size if length is None else offset + length
+        got = await read_all(await store.get(digest, offset, length))
+        assert got == data[offset:end], (offset, length)
+    with pytest.raises(InvalidRange):
+        await store.get(digest, size + 1)
+    with pytest.raises(InvalidRange):
+        await store.get(digest, -1)
+    with pytest.raises(BlobNotFound):
+        await store.get(hashlib.sha256(b"never stored").hexdigest())
+    with pytest.raises(InvalidDigest):
+        await store.get("not-a-digest")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_empty_blob(store: BlobStore) -> None:
+    result = await store.put(chunked(b""))
+    assert (result.sha256, result.size) == (hashlib.sha256(b"").hexdigest(), 0)
+    assert await read_all(await store.get(result.sha256)) == b""
+    assert await read_all(await store.get(result.sha256, 0, 10)) == b""
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_concurrent_puts_of_the_same_content_make_one_blob(store: BlobStore, filer: FilerClient) -> None:
+    data = os.urandom(2 * MB)
+    digest = hashlib.sha256(data).hexdigest()
+    results = await asyncio.gather(
+        store.put(chunked(data, [100_000])), store.put(chunked(data, [MB])), store.put(chunked(data, [333_333]))
+    )
+    assert {r.sha256 for r in results} == {digest}
+    assert sorted(r.new_blob for r in results) == [False, False, True]
+    shard = blob_path(digest).rsplit("/", 1)[0]
+    names = [e.name for e in await filer.list_dir(shard) if e.name.startswith(digest)]
+    assert sorted(names) == [digest, f"{digest}.json"]
+    assert await read_all(await store.get(digest)) == data
+    assert await tmp_files(filer) == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_delete(store: BlobStore) -> None:
+    digest = (await store.put(chunked(b"to be deleted"))).sha256
+    await store.delete(digest)
+    assert not await store.exists(digest)
+    assert await store.stat(digest) is None
+    with pytest.raises(BlobNotFound):
+        await store.delete(digest)
+    with pytest.raises(BlobNotFound):
+        await store.get(digest)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_aborted_upload_stores_nothing(store: BlobStore, filer: FilerClient) -> None:
+    class ClientGone(Exception):
+        pass
+
+    async def aborted() -> AsyncIterator[bytes]:
+        yield os.urandom(MB)
+        yield os.urandom(MB)
+        raise ClientGone
+
+    before = {m.sha256 for m in await store.list_blobs()}
+    with pytest.raises(ClientGone):
+        await store.put(aborted())
+    assert {m.sha256 for m in await store.list_blobs()} == before
+    assert await tmp_files(filer) == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_sweep_tmp_removes_stale_uploads(store: BlobStore, filer: FilerClient) -> None:
+    await filer.put_bytes(f"{TMP_DIR}/left-by-a-crash", b"partial")
+    assert await store.sweep_tmp(timedelta(hours=1)) == 0
+    assert await store.sweep_tmp(timedelta(0)) == 1
+    assert await tmp_files(filer) == []
+
+
+# -- tags ------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_tags_resolve_list_untag(store: BlobStore) -> None:
+    one = (await store.put(chunked(b"model one"))).sha256
+    two = (await store.put(chunked(b"model two"))).sha256
+    await store.tag("tiny", "latest", one)
+    await store.tag("tiny", "q4", two)
+    # A name nested under another name's directory does not collide with its tags.
+    await store.tag("tiny/q4", "latest", one)
+    await store.tag("team/tiny", "v1.0", two)
+
+    assert await store.resolve("tiny:q4") == two
+    assert await store.resolve("tiny") == one
+    assert await store.resolve("tiny/q4") == one
+    assert await store.resolve(f"sha256:{two.upper()}") == two
+    assert await store.resolve(two) == two
+
+    await store.tag("tiny", "latest", two)  # retag
+    assert await store.resolve("tiny:latest") == two
+    tags = [(t.name, t.tag, t.sha256) for t in await store.list_tags()]
+    assert tags == [
+        ("team/tiny", "v1.0", two),
+        ("tiny", "latest", two),
+        ("tiny", "q4", two),
+        ("tiny/q4", "latest", one),
+    ]
+
+    await store.untag("tiny", "q4")
+    with pytest.raises(TagNotFound):
+        await store.resolve("tiny:q4")
+    with pytest.raises(TagNotFound):
+        await store.untag("tiny", "q4")
+    assert await store.exists(two)  # untag keeps the blob
+    with pytest.raises(BlobNotFound):
+        await store.tag("tiny", "ghost", hashlib.sha256(b"never stored").hexdigest())
+    with pytest.raises(InvalidName):
+        await store.tag("../escape", "latest", one)
+    with pytest.raises(InvalidName):
+        await store.resolve("Tiny:latest")
+
+
+# -- filer client ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_filer_listing_move_delete(filer: FilerClient) -> None:
+    base = "/test-filer"
+    for i in range(5):
+        await filer.put_bytes(f"{base}/dir/f{i}", b"x" * i)
+    listed = await filer.list_dir(f"{base}/dir", page_size=2)
+    assert [(e.name, e.size, e.is_dir) for e in listed] == [(f"f{i}", i, False) for i in range(5)]
+    assert [e.is_dir for e in await filer.list_dir(base)] == [True]
+
+    await filer.move(f"{base}/dir/f3", f"{base}/elsewhere/g3")  # creates parents
+    assert await filer.stat(f"{base}/dir/f3") is None
+    assert await filer.get_bytes(f"{base}/elsewhere/g3") == b"xxx"
+    await filer.move(f"{base}/dir/f4", f"{base}/elsewhere/g3")  # replaces the destination
+    assert await filer.get_bytes(f"{base}/elsewhere/g3") == b"xxxx"
+    with pytest.raises(FilerNotFound):
+        await filer.move(f"{base}/dir/missing", f"{base}/x")
+    with pytest.raises(FilerNotFound):
+        await filer.get_bytes(f"{base}/dir/missing")
+    with pytest.raises(FilerNotFound):
+        await filer.list_dir(f"{base}/no-such-dir")
+
+    await filer.delete(f"{base}/dir/missing")  # not an error
+    await filer.delete(base, recursive=True)
+    assert await filer.stat(base) is None
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_unreachable_filer_is_unavailable() -> None:
+    async with FilerClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01) as dead:
+        with pytest.raises(FilerUnavailable):
+            await dead.stat("/x")
+        with pytest.raises(FilerUnavailable):
+            await dead.put_stream("/x", chunked(b"abc"))
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+def test_grpc_ports_never_clash_or_overflow(tmp_path: Path) -> None:
+    # Ports near the top cannot use weed's default (+10000): others are picked instead.
+    server = SeaweedServer(tmp_path, master_port=60001, volume_port=60002, filer_port=60003)
+    ports = server.ports()
+    assert len(set(ports.values())) == 6 and max(ports.values()) <= 65535
+    assert f"-filer.port.grpc={server.filer_grpc_port}" in server.argv()
+    # Default ports keep weed's convention when that port is free.
+    assert SeaweedServer(tmp_path).filer_grpc_port == 18888 or not port_is_free("127.0.0.1", 18888)
+    with pytest.raises(ValueError):
+        SeaweedServer(tmp_path, master_port=9000, volume_port=9000, filer_port=9001)
+    with pytest.raises(ValueError):
+        SeaweedServer(tmp_path, master_port=9000, volume_port=9001, filer_port=9002, filer_grpc_port=9000)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_wait_ready_fails_fast_when_weed_dies(tmp_path: Path) -> None:
+    server = SeaweedServer.on_free_ports(tmp_path, binary="/bin/false")
+    await server.start()
+    try:
+        with pytest.raises(ProcessExited):
+            await asyncio.wait_for(server.wait_ready(30), 10)
+    finally:
+        await server.stop(grace=1)
+
+
+# -- throughput --------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_throughput_64mb(store: BlobStore, seaweed: SeaweedServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """Prints put/get MB/s through BlobStore and through a plain httpx PUT/GET (no assertions
+    on speed)."""
+    size = 64 * MB
+    data = os.urandom(size)
+
+    started = time.perf_counter()
+    digest = (await store.put(chunked(data))).sha256
+    store_put = time.perf_counter() - started
+    started = time.perf_counter()
+    received = 0
+    async for chunk in await store.get(digest):
+        received += len(chunk)
+    store_get = time.perf_counter() - started
+    assert received == size
+
+    async with httpx.AsyncClient(base_url=seaweed.filer_url, timeout=60, trust_env=False) as http:
+        started = time.perf_counter()
+        response = await http.put("/throughput/plain", content=chunked(data))
+        plain_put = time.perf_counter() - started
+        assert response.status_code == 201
+        started = time.perf_counter()
+        received = 0
+        async with http.stream("GET", "/throughput/plain") as response:
+            async for chunk in response.aiter_raw(MB):
+                received += len(chunk)
+        plain_get = time.perf_counter() - started
+        assert received == size
+        await http.delete("/throughput/plain")
+
+    def rate(seconds: float) -> str:
+        return f"{size / MB / seconds:7.1f} MB/s ({seconds:.2f}s)"
+
+    with capsys.disabled():
+        print(
+            f"\n64 MiB  BlobStore put {rate(store_put)}  get {rate(store_get)}"
+            f"\n64 MiB  plain httpx put {rate(plain_put)}  get {rate(plain_get)}"
+        )
