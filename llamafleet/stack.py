@@ -136,7 +136,6 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
                 "LLAMAFLEET_GATEWAY_SCHEDULER_ADDRESS": a(cfg.scheduler_port),
                 "LLAMAFLEET_GATEWAY_STORAGE_ADDRESS": a(cfg.storage_port),
                 "LLAMAFLEET_GATEWAY_POSTPROC_ADDRESS": a(cfg.postproc_port),
-                "LLAMAFLEET_GATEWAY_DEFAULT_MODEL": cfg.model_name,
             },
         ),
     }

@@ -29,6 +29,8 @@ def configure_logging(level: str = "INFO") -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP request to llama-server or the filer drowns everything else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _otlp_configured() -> bool:

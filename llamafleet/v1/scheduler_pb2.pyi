@@ -48,7 +48,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("rank", "host", "state", "model_sha256", "in_flight", "slots_total", "slots_busy", "requests_total", "tokens_generated_total", "llama_server_restarts", "llama_server_url")
+    __slots__ = ("rank", "host", "state", "model_sha256", "in_flight", "slots_total", "slots_busy", "requests_total", "tokens_generated_total", "llama_server_restarts", "llama_server_url", "llama_server_pid", "detail")
     RANK_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class WorkerStatus(_message.Message):
     TOKENS_GENERATED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LLAMA_SERVER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     LLAMA_SERVER_URL_FIELD_NUMBER: _ClassVar[int]
+    LLAMA_SERVER_PID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     rank: int
     host: str
     state: WorkerState
@@ -71,7 +73,9 @@ class WorkerStatus(_message.Message):
     tokens_generated_total: int
     llama_server_restarts: int
     llama_server_url: str
-    def __init__(self, rank: _Optional[int] = ..., host: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., model_sha256: _Optional[str] = ..., in_flight: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., requests_total: _Optional[int] = ..., tokens_generated_total: _Optional[int] = ..., llama_server_restarts: _Optional[int] = ..., llama_server_url: _Optional[str] = ...) -> None: ...
+    llama_server_pid: int
+    detail: str
+    def __init__(self, rank: _Optional[int] = ..., host: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., model_sha256: _Optional[str] = ..., in_flight: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., requests_total: _Optional[int] = ..., tokens_generated_total: _Optional[int] = ..., llama_server_restarts: _Optional[int] = ..., llama_server_url: _Optional[str] = ..., llama_server_pid: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("workers", "queue_depth", "policy", "model_sha256")

@@ -81,7 +81,9 @@ async def run_rank0(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: s
             await asyncio.to_thread(bridge.stop)
 
         stack.push_async_callback(stop_workers)
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(dispatcher, GenerationLimits()), server)
+        storage = await stack.enter_async_context(StorageClient(settings.storage_address))
+        servicer = SchedulerServicer(dispatcher, GenerationLimits(), storage, settings.rollout_worker_timeout_s)
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
         return [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name]
 
     await serve("scheduler", settings, setup)

@@ -33,6 +33,10 @@ class SchedulerSettings(ServiceSettings):
     ready_wait_s: float = Field(default=15.0, gt=0)
     # Attempts of one request when a llama-server fails before its first token.
     max_attempts: int = Field(default=3, ge=1)
+    # How long a worker waits for its requests to finish before a model swap cancels them.
+    drain_timeout_s: float = Field(default=300.0, gt=0)
+    # How long LoadModel waits for each worker to come back on the new model.
+    rollout_worker_timeout_s: float = Field(default=600.0, gt=0)
     stats_period_s: float = Field(default=0.5, gt=0)
     mpi_poll_max_s: float = Field(default=0.001, gt=0)
 

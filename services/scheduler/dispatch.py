@@ -23,12 +23,14 @@ from llamafleet.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from llamafleet.generation import estimate_cost
 from llamafleet.v1 import common_pb2, scheduler_pb2
 from services.scheduler.messages import (
     Cancel,
     Chunk,
     Done,
     Failed,
+    LoadModel,
     Shutdown,
     Submit,
     Tag,
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 READY = scheduler_pb2.WORKER_STATE_READY
 STARTING = scheduler_pb2.WORKER_STATE_STARTING
-UNHEALTHY = scheduler_pb2.WORKER_STATE_UNHEALTHY
+DRAINING = scheduler_pb2.WORKER_STATE_DRAINING
 
 Send = Callable[[int, Tag, Any], None]
 
@@ -59,6 +61,7 @@ class WorkerView:
     slots_total: int = 0
     restarts: int = 0
     detail: str = ""
+    llama_server_pid: int = 0
     in_flight: int = 0
     outstanding_tokens: int = 0
     counters: WorkerCounters = field(default_factory=WorkerCounters)
@@ -94,11 +97,6 @@ class _Stream:
         return None
 
 
-def estimate_cost(prompt: str, params: common_pb2.GenerationParams) -> int:
-    """Token budget of a request: a prompt-token estimate (about 4 characters a token) plus max_tokens."""
-    return len(prompt) // 4 + 1 + params.max_tokens
-
-
 def _error_from(failed: Failed) -> FleetError:
     return Unavailable(failed.message) if failed.code == "UNAVAILABLE" else FleetError(failed.message)
 
@@ -125,8 +123,11 @@ class Dispatcher:
         self._metrics = metrics
         self._streams: dict[str, _Stream] = {}
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._state_waiters: list[asyncio.Future[None]] = []
+        self._rollout = asyncio.Lock()
         self._acks: set[int] = set()
         self._all_acked = asyncio.Event()
+        # The model the pool serves (or is moving to); requests that name none go anywhere.
         self.model_sha256 = ""
 
     # --- messages from workers (on the event loop) ---
@@ -156,9 +157,11 @@ class Dispatcher:
         view.slots_total = state.slots_total
         view.restarts = state.restarts
         view.detail = state.detail
-        if state.model_sha256 and not self.model_sha256:
-            self.model_sha256 = state.model_sha256
+        view.llama_server_pid = state.llama_server_pid
         self._wake_waiters()
+        for waiter in self._state_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # --- placement ---
 
@@ -174,14 +177,17 @@ class Dispatcher:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _acquire(self, policy: Policy, prompt: str, cost: int, excluded: set[int]) -> WorkerView:
-        """Reserve a slot on a ready worker, waiting in the queue while all are busy."""
+    async def _acquire(self, policy: Policy, prompt: str, cost: int, model: str, excluded: set[int]) -> WorkerView:
+        """Reserve a slot on a ready worker (serving `model`, when given), waiting in the
+        queue while all are busy."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.ready_wait_s
         queued = False
         try:
             while True:
-                ready = [w for w in self.workers.values() if w.state == READY]
+                ready = [
+                    w for w in self.workers.values() if w.state == READY and (not model or w.model_sha256 == model)
+                ]
                 preferred = [w for w in ready if w.rank not in excluded] or ready
                 if preferred:
                     loads = [WorkerLoad(w.rank, w.in_flight, w.slots_total, w.outstanding_tokens) for w in preferred]
@@ -238,10 +244,10 @@ class Dispatcher:
     ) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
         """Run a request on a worker and stream its events; retried elsewhere if its
         llama-server fails before the first token."""
-        if request.model_sha256 and self.model_sha256 and request.model_sha256 != self.model_sha256:
+        model = request.model_sha256
+        if model and model != self.model_sha256 and all(w.model_sha256 != model for w in self.workers.values()):
             raise FailedPrecondition(
-                f"model {request.model_sha256[:12]} is not loaded; the pool serves {self.model_sha256[:12]} "
-                "(switch with LoadModel)"
+                f"model {model[:12]} is not loaded; the pool serves {self.model_sha256[:12]} (switch with LoadModel)"
             )
         policy = self._policy(request.policy)
         cost = estimate_cost(request.prompt, request.params)
@@ -249,7 +255,7 @@ class Dispatcher:
         excluded: set[int] = set()
         submit = Submit(request.request_id, request.prompt, request.params.SerializeToString(), trace)
         for attempt in range(1, self.max_attempts + 1):
-            view = await self._acquire(policy, request.prompt, cost, excluded)
+            view = await self._acquire(policy, request.prompt, cost, model, excluded)
             dispatched = time.perf_counter()
             self._metrics.queue_wait.observe(dispatched - start)
             self._metrics.dispatched.labels(str(view.rank), policy.name).inc()
@@ -306,6 +312,49 @@ class Dispatcher:
         result.worker = view.name
         return result
 
+    # --- model rollout ---
+
+    async def _wait_state(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `done()` holds after some worker's state change; False on timeout."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while not done():
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                return False
+            waiter = loop.create_future()
+            self._state_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                self._state_waiters.remove(waiter)
+        return True
+
+    async def roll_out(self, model_sha256: str, worker_timeout_s: float) -> None:
+        """Move the pool to `model_sha256` one worker at a time: drain, swap, resume.
+
+        The other workers keep serving meanwhile, so no request fails; a worker that does not
+        come back ready on the new model stops the rollout with UNAVAILABLE."""
+        async with self._rollout:
+            self.model_sha256 = model_sha256
+            for view in self.workers.values():
+                if view.model_sha256 == model_sha256 and view.state == READY:
+                    continue
+                log.info("rollout: moving %s to model %s", view.name, model_sha256[:12])
+                # No new requests for it from now on; it finishes the ones it has.
+                view.state = DRAINING
+                self._send(view.rank, Tag.LOAD_MODEL, LoadModel(model_sha256))
+                swapped = await self._wait_state(
+                    lambda v=view: v.state == READY and v.model_sha256 == model_sha256, worker_timeout_s
+                )
+                if not swapped:
+                    raise Unavailable(
+                        f"rollout stopped: {view.name} was not ready on model {model_sha256[:12]} after "
+                        f"{worker_timeout_s:.0f}s ({_state_name(view.state)} {view.detail})"
+                    )
+
     # --- views and lifecycle ---
 
     def status(self) -> scheduler_pb2.ClusterStatusResponse:
@@ -323,6 +372,8 @@ class Dispatcher:
                     tokens_generated_total=int(w.counters.generated_tokens_total),
                     llama_server_restarts=w.restarts,
                     llama_server_url=w.llama_server_url,
+                    llama_server_pid=w.llama_server_pid,
+                    detail=w.detail,
                 )
                 for w in self.workers.values()
             ],

@@ -64,6 +64,10 @@ class LlamaServerProcess:
     def pid(self) -> int | None:
         return self.process.pid
 
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
     async def start(self) -> None:
         await self.process.start()
 

@@ -69,6 +69,7 @@ class WorkerState:
     slots_total: int = 0
     restarts: int = 0
     detail: str = ""
+    llama_server_pid: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,17 +7,22 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llamafleet.errors import FailedPrecondition
+from llamafleet.errors import InvalidArgument
 from llamafleet.generation import GenerationLimits, validate_params, validate_policy, validate_prompt
+from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import inject_context
 from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.dispatch import Dispatcher
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, dispatcher: Dispatcher, limits: GenerationLimits) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, limits: GenerationLimits, storage: StorageClient, rollout_timeout_s: float
+    ) -> None:
         self._dispatcher = dispatcher
         self._limits = limits
+        self._storage = storage
+        self._rollout_timeout_s = rollout_timeout_s
 
     async def Submit(
         self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
@@ -40,4 +45,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def LoadModel(
         self, request: scheduler_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.LoadModelResponse:
-        raise FailedPrecondition("model rollout is not available yet; restart the scheduler with another model")
+        if not request.model:
+            raise InvalidArgument("model", "must name a model: name:tag or a sha256 digest")
+        info = await self._storage.resolve(request.model)
+        await self._dispatcher.roll_out(info.sha256, self._rollout_timeout_s)
+        return scheduler_pb2.LoadModelResponse(model_sha256=info.sha256)

@@ -72,6 +72,8 @@ class Worker:
         self._requests: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
         self._shutdown_message = asyncio.Event()
+        # Set by LOAD_MODEL: drain, stop llama-server, and start it again on `model_sha256`.
+        self._swap = asyncio.Event()
 
     # --- lifecycle ---
 
@@ -105,10 +107,19 @@ class Worker:
     def _set_state(self, state: int, detail: str = "") -> None:
         self.state = state
         self.detail = detail
-        url = self._client.base_url if self._client else ""
+        running = state == scheduler_pb2.WORKER_STATE_READY and self._process is not None
         self._send(
             Tag.WORKER_STATE,
-            WorkerState(state, self.host, self.model_sha256, url, self.settings.slots, self.restarts, detail),
+            WorkerState(
+                state,
+                self.host,
+                self.model_sha256,
+                self._client.base_url if running and self._client else "",
+                self.settings.slots,
+                self.restarts,
+                detail,
+                (self._process.pid or 0) if running and self._process else 0,
+            ),
         )
 
     async def _fetch_model(self) -> Path:
@@ -144,20 +155,29 @@ class Worker:
             await self._client.aclose()
 
     async def _supervise(self) -> None:
-        """Keep llama-server up: start it, and restart it with backoff whenever it exits."""
-        self._set_state(scheduler_pb2.WORKER_STATE_STARTING, "fetching model")
+        """Keep llama-server up: start it, restart it with backoff whenever it exits, and
+        move it to another model when rank 0 asks."""
         failures = 0
         model: Path | None = None
+        loaded = ""
         while True:
             try:
-                if model is None:
+                self._swap.clear()
+                if loaded != self.model_sha256:
+                    self._set_state(scheduler_pb2.WORKER_STATE_STARTING, f"fetching model {self.model_sha256[:12]}")
                     model = await self._fetch_model()
+                    loaded = self.model_sha256
+                assert model is not None
                 self._set_state(scheduler_pb2.WORKER_STATE_STARTING, "starting llama-server")
                 await self._start_llama_server(model)
                 failures = 0
                 self._set_state(scheduler_pb2.WORKER_STATE_READY)
+                if await self._until_exit_or_swap():
+                    await self._drain()
+                    await self._stop_llama_server()
+                    continue
                 assert self._process is not None
-                code = await self._process.wait()
+                code = self._process.returncode
                 self.restarts += 1
                 self.counters.restarts_total += 1
                 self._set_state(scheduler_pb2.WORKER_STATE_UNHEALTHY, f"llama-server exited with code {code}")
@@ -172,6 +192,28 @@ class Worker:
                 await self._stop_llama_server()
                 await asyncio.sleep(delay)
 
+    async def _until_exit_or_swap(self) -> bool:
+        """Wait until llama-server exits (False) or a model swap is asked for (True)."""
+        assert self._process is not None
+        exited = asyncio.create_task(self._process.wait())
+        swap = asyncio.create_task(self._swap.wait())
+        try:
+            done, _ = await asyncio.wait({exited, swap}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            swap.cancel()
+        return swap in done and exited not in done
+
+    async def _drain(self) -> None:
+        """Let the requests in flight finish (bounded) before llama-server stops."""
+        self._set_state(scheduler_pb2.WORKER_STATE_DRAINING, f"draining for model {self.model_sha256[:12]}")
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.drain_timeout_s
+        while self._requests and loop.time() < give_up:
+            await asyncio.wait(list(self._requests.values()), timeout=give_up - loop.time())
+        for task in list(self._requests.values()):
+            task.cancel()
+
     # --- messages from rank 0 ---
 
     def on_message(self, source: int, tag: Tag, payload: Any) -> None:
@@ -185,7 +227,12 @@ class Worker:
                 task.cancel()
         elif tag is Tag.LOAD_MODEL:
             assert isinstance(payload, LoadModel)
-            log.warning("rank %d: LoadModel is not supported yet", self.rank)
+            if payload.model_sha256 == self.model_sha256 and self.state == scheduler_pb2.WORKER_STATE_READY:
+                self._set_state(self.state)  # already there: confirm
+            else:
+                log.info("rank %d: moving to model %s", self.rank, payload.model_sha256[:12])
+                self.model_sha256 = payload.model_sha256
+                self._swap.set()
         elif tag is Tag.SHUTDOWN:
             self._shutdown_message.set()
             self._stop.set()
