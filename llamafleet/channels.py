@@ -20,31 +20,38 @@ def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientC
     )
 
 
-class _TraceContextInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Sends the caller's trace context as W3C `traceparent` metadata on every call."""
-
+# grpc.aio files each interceptor under the first call type it implements, so every call
+# type needs an instance of its own.
+class _UnaryUnaryTraceContext(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return await continuation(_with_trace_context(details), request)
 
+
+class _UnaryStreamTraceContext(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return await continuation(_with_trace_context(details), request)
 
-    async def intercept_stream_unary(
-        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(_with_trace_context(details), request_iterator)
 
-    async def intercept_stream_stream(
-        self, continuation: Callable[..., Any], details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(_with_trace_context(details), request_iterator)
+class _StreamUnaryTraceContext(grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await continuation(_with_trace_context(details), requests)
+
+
+class _StreamStreamTraceContext(grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await continuation(_with_trace_context(details), requests)
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel to another llamafleet service (they talk on loopback or a private network)."""
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=[_TraceContextInterceptor()])
+    """An insecure channel to another llamafleet service (they talk on loopback or a private
+    network) that sends the caller's trace context as W3C `traceparent` metadata on every call."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=GRPC_OPTIONS,
+        interceptors=[
+            _UnaryUnaryTraceContext(),
+            _UnaryStreamTraceContext(),
+            _StreamUnaryTraceContext(),
+            _StreamStreamTraceContext(),
+        ],
+    )

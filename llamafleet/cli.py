@@ -16,19 +16,18 @@ from typing import Annotated
 import grpc
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from llamafleet import config as defaults
 from llamafleet.channels import open_channel
-from llamafleet.models import push_model
+from llamafleet.cli_keys import keys_app
+from llamafleet.cli_storage import register as register_storage_commands
 from llamafleet.stack import Stack, StackConfig
-from llamafleet.storage_client import StorageClient
 from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 app = typer.Typer(help="llamafleet: an LLM-serving fabric for llama.cpp fleets.", no_args_is_help=True)
-models_app = typer.Typer(help="Models in storage: push, pull, list.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+register_storage_commands(app)
 console = Console()
 err = Console(stderr=True)
 
@@ -36,10 +35,8 @@ ROOT = Path(".llamafleet")
 STATE_FILE = ROOT / "stack.json"
 GATEWAY = f"127.0.0.1:{defaults.GATEWAY_PORT}"
 SCHEDULER = f"127.0.0.1:{defaults.SCHEDULER_PORT}"
-STORAGE = f"127.0.0.1:{defaults.STORAGE_PORT}"
 
 GatewayOpt = Annotated[str, typer.Option(help="Gateway address.", envvar="LLAMAFLEET_GATEWAY")]
-StorageOpt = Annotated[str, typer.Option(help="Storage address.", envvar="LLAMAFLEET_STORAGE")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -277,80 +274,6 @@ def generate(
 
 def common_finish(reason: int) -> str:
     return common_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
-
-
-def _progress() -> Progress:
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
-@models_app.command("push")
-def models_push(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A GGUF file.")],
-    name: Annotated[str, typer.Option(help="name:tag to publish it as.")],
-    storage: StorageOpt = STORAGE,
-) -> None:
-    """Upload a model (nothing is sent if storage has it already) and tag it."""
-
-    async def run() -> str:
-        async with StorageClient(storage) as client:
-            with _progress() as progress:
-                task = progress.add_task(f"push {file.name}", total=file.stat().st_size)
-                return await push_model(client, file, name, lambda n: progress.advance(task, n))
-
-    try:
-        digest = asyncio.run(run())
-    except grpc.aio.AioRpcError as exc:
-        raise _rpc_error(exc) from None
-    console.print(f"{name} -> sha256:{digest}")
-
-
-@models_app.command("pull")
-def models_pull(
-    ref: Annotated[str, typer.Argument(help="name:tag or digest.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write it.")],
-    storage: StorageOpt = STORAGE,
-) -> None:
-    """Download a model; the file appears only once its hash matched."""
-
-    async def run() -> None:
-        async with StorageClient(storage) as client:
-            info = await client.resolve(ref)
-            with _progress() as progress:
-                task = progress.add_task(f"pull {ref}", total=info.size_bytes)
-                await client.download(info.sha256, output, lambda n: progress.advance(task, n))
-
-    try:
-        asyncio.run(run())
-    except grpc.aio.AioRpcError as exc:
-        raise _rpc_error(exc) from None
-    console.print(f"wrote {output}")
-
-
-@models_app.command("ls")
-def models_ls(gateway: GatewayOpt = GATEWAY) -> None:
-    """Models the fabric knows."""
-
-    async def run() -> gateway_pb2.ListModelsResponse:
-        async with open_channel(gateway) as channel:
-            return await gateway_pb2_grpc.GatewayStub(channel).ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
-
-    try:
-        response = asyncio.run(run())
-    except grpc.aio.AioRpcError as exc:
-        raise _rpc_error(exc) from None
-    table = Table()
-    for column in ("name", "sha256", "size"):
-        table.add_column(column)
-    for m in response.models:
-        table.add_row(m.name, m.sha256[:16], f"{m.size_bytes / 1e6:.1f} MB")
-    console.print(table)
 
 
 if __name__ == "__main__":

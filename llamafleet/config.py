@@ -6,6 +6,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Default ports of the local stack, all on 127.0.0.1.
 GATEWAY_PORT = 50051
+# The gateway's OpenAI-compatible HTTP face.
+GATEWAY_HTTP_PORT = 8000
 SCHEDULER_PORT = 50052
 STORAGE_PORT = 50053
 POSTPROC_PORT = 50054

@@ -90,6 +90,11 @@ def validate_params(params: common_pb2.GenerationParams, limits: GenerationLimit
         raise InvalidArgument("n_probs", f"is {params.n_probs}; the limit is {limits.max_n_probs}")
 
 
+def estimate_cost(prompt: str, params: common_pb2.GenerationParams) -> int:
+    """Token budget of a request: a prompt-token estimate (about 4 characters a token) plus max_tokens."""
+    return len(prompt) // 4 + 1 + params.max_tokens
+
+
 def params_from_request(request: gateway_pb2.GenerateRequest, limits: GenerationLimits) -> common_pb2.GenerationParams:
     """The GenerationParams of a public request, with the default max_tokens filled in."""
     params = common_pb2.GenerationParams(

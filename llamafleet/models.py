@@ -14,16 +14,35 @@ from llamafleet.v1 import storage_pb2
 GGUF_MEDIA_TYPE = "application/vnd.gguf"
 
 
+async def publish_model(
+    storage: StorageClient,
+    path: Path,
+    ref: str,
+    progress: Callable[[int], None] | None = None,
+    *,
+    sha256: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> storage_pb2.PutBlobResponse:
+    """Upload a GGUF (skipped when stored already; `sha256` if already computed) and point
+    `ref` at it; storage's answer says whether bytes were sent and what the header holds."""
+    response = await storage.upload(
+        path,
+        kind=storage_pb2.ARTIFACT_KIND_MODEL,
+        media_type=GGUF_MEDIA_TYPE,
+        progress=progress,
+        sha256=sha256,
+        labels=labels,
+    )
+    name, tag = split_name_tag(ref)
+    await storage.tag(name, tag, response.info.sha256)
+    return response
+
+
 async def push_model(
     storage: StorageClient, path: Path, ref: str, progress: Callable[[int], None] | None = None
 ) -> str:
     """Upload a GGUF (skipped when stored already) and point `ref` at it; returns its digest."""
-    response = await storage.upload(
-        path, kind=storage_pb2.ARTIFACT_KIND_MODEL, media_type=GGUF_MEDIA_TYPE, progress=progress
-    )
-    name, tag = split_name_tag(ref)
-    await storage.tag(name, tag, response.info.sha256)
-    return response.info.sha256
+    return (await publish_model(storage, path, ref, progress)).info.sha256
 
 
 async def ensure_model(

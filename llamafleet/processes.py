@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -15,13 +14,17 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
 
+def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    """`argv` run through `setpriv --pdeathsig SIGTERM` (where util-linux has it), so the child
+    dies with its parent even if the parent is killed.
 
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the parent dies, so nothing outlives a crash."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    This replaces a Python `preexec_fn`: our parents have threads (gRPC's among them), and a
+    preexec_fn forces a plain fork() whose child runs Python and gRPC's fork handlers before
+    exec, which can deadlock or abort; without one, the child is spawned with vfork+exec.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "SIGTERM", "--", *argv] if setpriv else list(argv)
 
 
 def mpiexec_argv(ranks: int) -> list[str]:
@@ -96,14 +99,13 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *with_parent_death_signal(self.argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
             )
 
     def check_running(self) -> None:

@@ -166,14 +166,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def serve(
-    service: str, settings: ServiceSettings, setup: Setup, translate_error: ErrorTranslator | None = None
+    service: str,
+    settings: ServiceSettings,
+    setup: Setup,
+    translate_error: ErrorTranslator | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> None:
     """Run one service until SIGTERM/SIGINT.
 
     `setup` registers the servicers on the server, pushes its own cleanups onto the exit
     stack (they run after the server stopped), and returns the full names of the services
     it registered, for health and reflection. `translate_error` maps the service's own
-    domain exceptions to statuses; anything else unexpected is INTERNAL.
+    domain exceptions to statuses; anything else unexpected is INTERNAL. `credentials`
+    makes the port TLS (the public gateway's); without them it is plaintext.
     """
     configure_logging(settings.log_level)
     setup_tracing(service)
@@ -185,7 +190,10 @@ async def serve(
         names = list(await setup(server, stack))
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         try:
-            server.add_insecure_port(settings.address)
+            if credentials is None:
+                server.add_insecure_port(settings.address)
+            else:
+                server.add_secure_port(settings.address, credentials)
         except RuntimeError as exc:
             raise SystemExit(f"{service}: cannot listen on {settings.address} (is the port taken?)") from exc
         await server.start()

@@ -38,6 +38,7 @@ class StackConfig:
     root: Path = Path(".llamafleet")
     host: str = "127.0.0.1"
     gateway_port: int = defaults.GATEWAY_PORT
+    gateway_http_port: int = defaults.GATEWAY_HTTP_PORT
     scheduler_port: int = defaults.SCHEDULER_PORT
     storage_port: int = defaults.STORAGE_PORT
     postproc_port: int = defaults.POSTPROC_PORT
@@ -132,6 +133,7 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
             | {
                 "LLAMAFLEET_GATEWAY_HOST": cfg.host,
                 "LLAMAFLEET_GATEWAY_PORT": str(cfg.gateway_port),
+                "LLAMAFLEET_GATEWAY_HTTP_PORT": str(cfg.gateway_http_port),
                 "LLAMAFLEET_GATEWAY_METRICS_PORT": str(cfg.gateway_metrics_port),
                 "LLAMAFLEET_GATEWAY_SCHEDULER_ADDRESS": a(cfg.scheduler_port),
                 "LLAMAFLEET_GATEWAY_STORAGE_ADDRESS": a(cfg.storage_port),
@@ -250,6 +252,7 @@ class Stack:
         c = self.cfg
         return {
             "gateway (gRPC)": c.address(c.gateway_port),
+            "gateway (OpenAI HTTP)": f"http://{c.address(c.gateway_http_port)}/v1",
             "scheduler (gRPC)": c.address(c.scheduler_port),
             "storage (gRPC)": c.address(c.storage_port),
             "postproc (gRPC)": c.address(c.postproc_port),

@@ -4,8 +4,10 @@ download a blob (verified), resolve names."""
 from __future__ import annotations
 
 import asyncio
+import getpass
 import hashlib
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,8 +17,19 @@ from llamafleet.errors import DataLoss
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 
 CHUNK_BYTES = 1024 * 1024
+# Sent with uploads and run creations, so manifests say who made them (see the servicer).
+UPLOADER_METADATA = "x-llamafleet-uploader"
 
 Progress = Callable[[int], None]
+
+
+def caller_identity() -> str:
+    """user@host of this process, as manifests record it."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
@@ -35,6 +48,7 @@ class StorageClient:
         self.address = address
         self._channel = open_channel(address)
         self.stub = storage_pb2_grpc.StorageStub(self._channel)
+        self.metadata = ((UPLOADER_METADATA, caller_identity()),)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -60,9 +74,14 @@ class StorageClient:
         finally:
             call.cancel()
 
-    async def download(self, ref: str, dest: Path, progress: Progress | None = None) -> storage_pb2.BlobInfo:
-        """Write the blob to `dest`, renaming it into place only once its hash matched."""
-        info = await self.resolve(ref)
+    async def download(
+        self, ref: str, dest: Path, progress: Progress | None = None, info: storage_pb2.BlobInfo | None = None
+    ) -> storage_pb2.BlobInfo:
+        """Write the blob to `dest`, renaming it into place only once its hash matched (a
+        DATA_LOSS from the service or a local mismatch leaves `dest` untouched). `info`:
+        the blob's manifest if already resolved."""
+        if info is None:
+            info = await self.resolve(ref)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
         digest = hashlib.sha256()
         try:
@@ -72,6 +91,9 @@ class StorageClient:
                     out.write(chunk)
                     if progress:
                         progress(len(chunk))
+                out.flush()
+                # On disk before the rename, so a crash cannot leave a renamed, short file.
+                os.fsync(out.fileno())
             if digest.hexdigest() != info.sha256:
                 raise DataLoss(f"downloaded bytes hash to {digest.hexdigest()}, not {info.sha256}; nothing was written")
             os.replace(tmp, dest)
@@ -88,8 +110,10 @@ class StorageClient:
         labels: dict[str, str] | None = None,
         progress: Progress | None = None,
         sha256: str | None = None,
+        refs: list[str] | None = None,
     ) -> storage_pb2.PutBlobResponse:
-        """Upload a file. Its digest is sent first, so content already stored is not transferred."""
+        """Upload a file. Its digest is sent first (computed here unless given), so content
+        already stored is not transferred. `refs`: digests of blobs this one needs."""
         size = path.stat().st_size
         header = storage_pb2.PutBlobHeader(
             expected_sha256=sha256 or await asyncio.to_thread(sha256_file, path),
@@ -98,6 +122,7 @@ class StorageClient:
             filename=path.name,
             labels=labels or {},
             size_bytes=size,
+            refs=refs or [],
         )
 
         async def requests() -> AsyncIterator[storage_pb2.PutBlobRequest]:
@@ -108,7 +133,7 @@ class StorageClient:
                     if progress:
                         progress(len(chunk))
 
-        return await self.stub.PutBlob(requests())
+        return await self.stub.PutBlob(requests(), metadata=self.metadata)
 
     async def tag(self, name: str, tag: str, sha256: str) -> None:
         await self.stub.Tag(storage_pb2.TagRequest(name=name, tag=tag, sha256=sha256), timeout=10.0)

@@ -12,6 +12,7 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+from otlp_receiver import OtlpReceiver
 
 from llamafleet.stack import Stack, StackConfig
 from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -20,8 +21,20 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    cfg = StackConfig.on_free_ports(tmp_path_factory.mktemp("stack"), workers=2, slots=2)
+async def otlp() -> AsyncIterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> AsyncIterator[Stack]:
+    # Every service exports its spans to the test's receiver, flushed within 100 ms.
+    tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    cfg = StackConfig.on_free_ports(tmp_path_factory.mktemp("stack"), workers=2, slots=2, extra_env=tracing)
     stack = Stack(cfg)
     await stack.start(timeout=180)
     try:
@@ -126,3 +139,25 @@ async def test_reflection_lets_a_foreign_client_call_generate(stack: Stack) -> N
     assert proc.returncode == 0, err.decode()
     assert out.decode().count('"chunk"') >= 2
     assert '"result"' in out.decode()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_one_trace_covers_every_hop_mpi_included(gateway, otlp: OtlpReceiver) -> None:
+    request_id = "trace-me"
+    await generate(gateway, prompt="trace", max_tokens=4, request_id=request_id)
+
+    def trace_of_request(spans) -> list:
+        workers = [s for s in spans if s.name == "worker.generate" and s.attributes.get("llamafleet.request_id")]
+        mine = [s for s in workers if s.attributes["llamafleet.request_id"].string_value == request_id]
+        return [s for s in spans if mine and s.trace_id == mine[0].trace_id]
+
+    spans = await otlp.wait_for(lambda spans: len(trace_of_request(spans)) >= 4, timeout=20)
+    trace = trace_of_request(spans)
+    by_name = {s.name: s for s in trace}
+    assert {"Generate", "Submit", "worker.generate", "llama-server POST /completion"} <= set(by_name)
+    assert by_name["Generate"].service == "llamafleet-gateway"
+    assert by_name["Submit"].service == "llamafleet-scheduler"
+    assert by_name["worker.generate"].service == "llamafleet-worker"
+    # Parent links: gateway -> scheduler rank 0 -> (MPI) worker -> llama-server call.
+    assert by_name["worker.generate"].parent_span_id == by_name["Submit"].span_id
+    assert by_name["llama-server POST /completion"].parent_span_id == by_name["worker.generate"].span_id

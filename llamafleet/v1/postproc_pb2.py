@@ -25,23 +25,61 @@ _sym_db = _symbol_database.Default()
 from llamafleet.v1 import common_pb2 as llamafleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllamafleet/v1/postproc.proto\x12\rllamafleet.v1\x1a\x1allamafleet/v1/common.proto\"@\n\x10ResponseLogprobs\x12,\n\x06tokens\x18\x01 \x03(\x0b\x32\x1c.llamafleet.v1.TokenLogprobs\"l\n\x18\x43omputeTokenStatsRequest\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.llamafleet.v1.ResponseLogprobs\x12\x1c\n\x14\x63onfidence_threshold\x18\x02 \x01(\x02\"E\n\x19\x43omputeTokenStatsResponse\x12(\n\x05stats\x18\x01 \x03(\x0b\x32\x19.llamafleet.v1.TokenStats\"\x15\n\x13\x44\x65viceStatusRequest\"\x8c\x01\n\x14\x44\x65viceStatusResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12 \n\x18\x64\x65vice_memory_used_bytes\x18\x04 \x01(\x04\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\x05 \x01(\x04\x32\xcb\x01\n\x08Postproc\x12\x66\n\x11\x43omputeTokenStats\x12\'.llamafleet.v1.ComputeTokenStatsRequest\x1a(.llamafleet.v1.ComputeTokenStatsResponse\x12W\n\x0c\x44\x65viceStatus\x12\".llamafleet.v1.DeviceStatusRequest\x1a#.llamafleet.v1.DeviceStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllamafleet/v1/postproc.proto\x12\rllamafleet.v1\x1a\x1allamafleet/v1/common.proto\"@\n\x10ResponseLogprobs\x12,\n\x06tokens\x18\x01 \x03(\x0b\x32\x1c.llamafleet.v1.TokenLogprobs\"l\n\x18\x43omputeTokenStatsRequest\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.llamafleet.v1.ResponseLogprobs\x12\x1c\n\x14\x63onfidence_threshold\x18\x02 \x01(\x02\"E\n\x19\x43omputeTokenStatsResponse\x12(\n\x05stats\x18\x01 \x03(\x0b\x32\x19.llamafleet.v1.TokenStats\"P\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.llamafleet.v1.TensorDtype\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa6\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x0f\n\x07history\x18\x08 \x03(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"c\n\rSampleRequest\x12%\n\x06logits\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12+\n\x04rows\x18\x02 \x03(\x0b\x32\x1d.llamafleet.v1.SamplingParams\".\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"f\n\x0cSampledToken\x12\r\n\x05token\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12(\n\x03top\x18\x03 \x03(\x0b\x32\x1b.llamafleet.v1.TokenLogprob\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"=\n\x0eSampleResponse\x12+\n\x06tokens\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.SampledToken\"\x8f\x01\n\x15PoolEmbeddingsRequest\x12,\n\rhidden_states\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\x0c\n\x04mask\x18\x02 \x01(\x0c\x12\'\n\x07pooling\x18\x03 \x01(\x0e\x32\x16.llamafleet.v1.Pooling\x12\x11\n\tnormalize\x18\x04 \x01(\x08\"C\n\x16PoolEmbeddingsResponse\x12)\n\nembeddings\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\"Y\n\x12\x41\x64\x64ToCorpusRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\x0b\n\x03ids\x18\x03 \x03(\t\"#\n\x13\x41\x64\x64ToCorpusResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\"6\n\x17RemoveFromCorpusRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"9\n\x18RemoveFromCorpusResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\\\n\x13SearchCorpusRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\r\"&\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"6\n\x0cSearchResult\x12&\n\x04hits\x18\x01 \x03(\x0b\x32\x18.llamafleet.v1.SearchHit\"D\n\x14SearchCorpusResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.SearchResult\"\x15\n\x13\x44\x65viceStatusRequest\"F\n\x0c\x43orpusStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\xd8\x02\n\x14\x44\x65viceStatusResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12 \n\x18\x64\x65vice_memory_used_bytes\x18\x04 \x01(\x04\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\x05 \x01(\x04\x12\x11\n\tmax_vocab\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_rows\x18\x07 \x01(\r\x12\x1a\n\x12max_batch_requests\x18\x08 \x01(\r\x12\x1e\n\x16max_batch_wait_seconds\x18\t \x01(\x01\x12,\n\x07\x63orpora\x18\n \x03(\x0b\x32\x1b.llamafleet.v1.CorpusStatus\x12\x1a\n\x12\x63orpus_bytes_limit\x18\x0b \x01(\x04\x12\x19\n\x11\x63orpus_bytes_used\x18\x0c \x01(\x04*_\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02*W\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x10\n\x0cPOOLING_LAST\x10\x02\x12\x0f\n\x0bPOOLING_CLS\x10\x03\x32\x85\x05\n\x08Postproc\x12\x66\n\x11\x43omputeTokenStats\x12\'.llamafleet.v1.ComputeTokenStatsRequest\x1a(.llamafleet.v1.ComputeTokenStatsResponse\x12\x45\n\x06Sample\x12\x1c.llamafleet.v1.SampleRequest\x1a\x1d.llamafleet.v1.SampleResponse\x12]\n\x0ePoolEmbeddings\x12$.llamafleet.v1.PoolEmbeddingsRequest\x1a%.llamafleet.v1.PoolEmbeddingsResponse\x12T\n\x0b\x41\x64\x64ToCorpus\x12!.llamafleet.v1.AddToCorpusRequest\x1a\".llamafleet.v1.AddToCorpusResponse\x12\x63\n\x10RemoveFromCorpus\x12&.llamafleet.v1.RemoveFromCorpusRequest\x1a\'.llamafleet.v1.RemoveFromCorpusResponse\x12W\n\x0cSearchCorpus\x12\".llamafleet.v1.SearchCorpusRequest\x1a#.llamafleet.v1.SearchCorpusResponse\x12W\n\x0c\x44\x65viceStatus\x12\".llamafleet.v1.DeviceStatusRequest\x1a#.llamafleet.v1.DeviceStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llamafleet.v1.postproc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TENSORDTYPE']._serialized_start=2177
+  _globals['_TENSORDTYPE']._serialized_end=2272
+  _globals['_POOLING']._serialized_start=2274
+  _globals['_POOLING']._serialized_end=2361
   _globals['_RESPONSELOGPROBS']._serialized_start=75
   _globals['_RESPONSELOGPROBS']._serialized_end=139
   _globals['_COMPUTETOKENSTATSREQUEST']._serialized_start=141
   _globals['_COMPUTETOKENSTATSREQUEST']._serialized_end=249
   _globals['_COMPUTETOKENSTATSRESPONSE']._serialized_start=251
   _globals['_COMPUTETOKENSTATSRESPONSE']._serialized_end=320
-  _globals['_DEVICESTATUSREQUEST']._serialized_start=322
-  _globals['_DEVICESTATUSREQUEST']._serialized_end=343
-  _globals['_DEVICESTATUSRESPONSE']._serialized_start=346
-  _globals['_DEVICESTATUSRESPONSE']._serialized_end=486
-  _globals['_POSTPROC']._serialized_start=489
-  _globals['_POSTPROC']._serialized_end=692
+  _globals['_TENSOR']._serialized_start=322
+  _globals['_TENSOR']._serialized_end=402
+  _globals['_SAMPLINGPARAMS']._serialized_start=405
+  _globals['_SAMPLINGPARAMS']._serialized_end=699
+  _globals['_SAMPLEREQUEST']._serialized_start=701
+  _globals['_SAMPLEREQUEST']._serialized_end=800
+  _globals['_TOKENLOGPROB']._serialized_start=802
+  _globals['_TOKENLOGPROB']._serialized_end=848
+  _globals['_SAMPLEDTOKEN']._serialized_start=850
+  _globals['_SAMPLEDTOKEN']._serialized_end=952
+  _globals['_SAMPLERESPONSE']._serialized_start=954
+  _globals['_SAMPLERESPONSE']._serialized_end=1015
+  _globals['_POOLEMBEDDINGSREQUEST']._serialized_start=1018
+  _globals['_POOLEMBEDDINGSREQUEST']._serialized_end=1161
+  _globals['_POOLEMBEDDINGSRESPONSE']._serialized_start=1163
+  _globals['_POOLEMBEDDINGSRESPONSE']._serialized_end=1230
+  _globals['_ADDTOCORPUSREQUEST']._serialized_start=1232
+  _globals['_ADDTOCORPUSREQUEST']._serialized_end=1321
+  _globals['_ADDTOCORPUSRESPONSE']._serialized_start=1323
+  _globals['_ADDTOCORPUSRESPONSE']._serialized_end=1358
+  _globals['_REMOVEFROMCORPUSREQUEST']._serialized_start=1360
+  _globals['_REMOVEFROMCORPUSREQUEST']._serialized_end=1414
+  _globals['_REMOVEFROMCORPUSRESPONSE']._serialized_start=1416
+  _globals['_REMOVEFROMCORPUSRESPONSE']._serialized_end=1473
+  _globals['_SEARCHCORPUSREQUEST']._serialized_start=1475
+  _globals['_SEARCHCORPUSREQUEST']._serialized_end=1567
+  _globals['_SEARCHHIT']._serialized_start=1569
+  _globals['_SEARCHHIT']._serialized_end=1607
+  _globals['_SEARCHRESULT']._serialized_start=1609
+  _globals['_SEARCHRESULT']._serialized_end=1663
+  _globals['_SEARCHCORPUSRESPONSE']._serialized_start=1665
+  _globals['_SEARCHCORPUSRESPONSE']._serialized_end=1733
+  _globals['_DEVICESTATUSREQUEST']._serialized_start=1735
+  _globals['_DEVICESTATUSREQUEST']._serialized_end=1756
+  _globals['_CORPUSSTATUS']._serialized_start=1758
+  _globals['_CORPUSSTATUS']._serialized_end=1828
+  _globals['_DEVICESTATUSRESPONSE']._serialized_start=1831
+  _globals['_DEVICESTATUSRESPONSE']._serialized_end=2175
+  _globals['_POSTPROC']._serialized_start=2364
+  _globals['_POSTPROC']._serialized_end=3009
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class PostprocStub:
-    """GPU post-processing (CuPy kernels; NumPy on machines without CUDA).
+    """GPU post-processing (CuPy kernels; NumPy on machines without CUDA). Concurrent calls
+    of one method are merged into micro-batches on the server.
     """
 
     def __init__(self, channel):
@@ -40,6 +41,31 @@ class PostprocStub:
                 request_serializer=llamafleet_dot_v1_dot_postproc__pb2.ComputeTokenStatsRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.ComputeTokenStatsResponse.FromString,
                 _registered_method=True)
+        self.Sample = channel.unary_unary(
+                '/llamafleet.v1.Postproc/Sample',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleResponse.FromString,
+                _registered_method=True)
+        self.PoolEmbeddings = channel.unary_unary(
+                '/llamafleet.v1.Postproc/PoolEmbeddings',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.PoolEmbeddingsRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.PoolEmbeddingsResponse.FromString,
+                _registered_method=True)
+        self.AddToCorpus = channel.unary_unary(
+                '/llamafleet.v1.Postproc/AddToCorpus',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.AddToCorpusRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.AddToCorpusResponse.FromString,
+                _registered_method=True)
+        self.RemoveFromCorpus = channel.unary_unary(
+                '/llamafleet.v1.Postproc/RemoveFromCorpus',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.RemoveFromCorpusRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.RemoveFromCorpusResponse.FromString,
+                _registered_method=True)
+        self.SearchCorpus = channel.unary_unary(
+                '/llamafleet.v1.Postproc/SearchCorpus',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.SearchCorpusRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SearchCorpusResponse.FromString,
+                _registered_method=True)
         self.DeviceStatus = channel.unary_unary(
                 '/llamafleet.v1.Postproc/DeviceStatus',
                 request_serializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusRequest.SerializeToString,
@@ -48,11 +74,47 @@ class PostprocStub:
 
 
 class PostprocServicer:
-    """GPU post-processing (CuPy kernels; NumPy on machines without CUDA).
+    """GPU post-processing (CuPy kernels; NumPy on machines without CUDA). Concurrent calls
+    of one method are merged into micro-batches on the server.
     """
 
     def ComputeTokenStats(self, request, context):
         """Per-response token statistics from top-n logprobs, batched across responses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sample(self, request, context):
+        """One sampled token per row of full-vocabulary logits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PoolEmbeddings(self, request, context):
+        """One vector per sequence from per-token hidden states.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddToCorpus(self, request, context):
+        """Adds (or replaces) vectors of a named corpus kept on the device; creates the corpus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveFromCorpus(self, request, context):
+        """Removes vectors from a corpus, or the whole corpus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchCorpus(self, request, context):
+        """Cosine top-k of query vectors against a corpus.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,6 +135,31 @@ def add_PostprocServicer_to_server(servicer, server):
                     request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.ComputeTokenStatsRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_postproc__pb2.ComputeTokenStatsResponse.SerializeToString,
             ),
+            'Sample': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sample,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleResponse.SerializeToString,
+            ),
+            'PoolEmbeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.PoolEmbeddings,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.PoolEmbeddingsRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.PoolEmbeddingsResponse.SerializeToString,
+            ),
+            'AddToCorpus': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddToCorpus,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.AddToCorpusRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.AddToCorpusResponse.SerializeToString,
+            ),
+            'RemoveFromCorpus': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveFromCorpus,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.RemoveFromCorpusRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.RemoveFromCorpusResponse.SerializeToString,
+            ),
+            'SearchCorpus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchCorpus,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SearchCorpusRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.SearchCorpusResponse.SerializeToString,
+            ),
             'DeviceStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.DeviceStatus,
                     request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusRequest.FromString,
@@ -87,7 +174,8 @@ def add_PostprocServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Postproc:
-    """GPU post-processing (CuPy kernels; NumPy on machines without CUDA).
+    """GPU post-processing (CuPy kernels; NumPy on machines without CUDA). Concurrent calls
+    of one method are merged into micro-batches on the server.
     """
 
     @staticmethod
@@ -107,6 +195,141 @@ class Postproc:
             '/llamafleet.v1.Postproc/ComputeTokenStats',
             llamafleet_dot_v1_dot_postproc__pb2.ComputeTokenStatsRequest.SerializeToString,
             llamafleet_dot_v1_dot_postproc__pb2.ComputeTokenStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Postproc/Sample',
+            llamafleet_dot_v1_dot_postproc__pb2.SampleRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.SampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PoolEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Postproc/PoolEmbeddings',
+            llamafleet_dot_v1_dot_postproc__pb2.PoolEmbeddingsRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.PoolEmbeddingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddToCorpus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Postproc/AddToCorpus',
+            llamafleet_dot_v1_dot_postproc__pb2.AddToCorpusRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.AddToCorpusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveFromCorpus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Postproc/RemoveFromCorpus',
+            llamafleet_dot_v1_dot_postproc__pb2.RemoveFromCorpusRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.RemoveFromCorpusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchCorpus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Postproc/SearchCorpus',
+            llamafleet_dot_v1_dot_postproc__pb2.SearchCorpusRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.SearchCorpusResponse.FromString,
             options,
             channel_credentials,
             insecure,

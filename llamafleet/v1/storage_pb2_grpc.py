@@ -80,6 +80,36 @@ class StorageStub:
                 request_serializer=llamafleet_dot_v1_dot_storage__pb2.UntagRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_storage__pb2.UntagResponse.FromString,
                 _registered_method=True)
+        self.CreateRun = channel.unary_unary(
+                '/llamafleet.v1.Storage/CreateRun',
+                request_serializer=llamafleet_dot_v1_dot_storage__pb2.CreateRunRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_storage__pb2.CreateRunResponse.FromString,
+                _registered_method=True)
+        self.AppendRunResults = channel.unary_unary(
+                '/llamafleet.v1.Storage/AppendRunResults',
+                request_serializer=llamafleet_dot_v1_dot_storage__pb2.AppendRunResultsRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_storage__pb2.AppendRunResultsResponse.FromString,
+                _registered_method=True)
+        self.FinishRun = channel.unary_unary(
+                '/llamafleet.v1.Storage/FinishRun',
+                request_serializer=llamafleet_dot_v1_dot_storage__pb2.FinishRunRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_storage__pb2.FinishRunResponse.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/llamafleet.v1.Storage/GetRun',
+                request_serializer=llamafleet_dot_v1_dot_storage__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_storage__pb2.GetRunResponse.FromString,
+                _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/llamafleet.v1.Storage/ListRuns',
+                request_serializer=llamafleet_dot_v1_dot_storage__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_storage__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
+        self.GarbageCollect = channel.unary_unary(
+                '/llamafleet.v1.Storage/GarbageCollect',
+                request_serializer=llamafleet_dot_v1_dot_storage__pb2.GarbageCollectRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_storage__pb2.GarbageCollectResponse.FromString,
+                _registered_method=True)
 
 
 class StorageServicer:
@@ -145,6 +175,48 @@ class StorageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRun(self, request, context):
+        """Runs: runs/<run_id>/ with manifest.json (model and prompt digests), results.jsonl and
+        metrics.json. A run takes results until it is finished; then it is immutable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendRunResults(self, request, context):
+        """FAILED_PRECONDITION once the run is finished, or when first_index is not where the
+        results end (a retried batch that is already stored is accepted again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRuns(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GarbageCollect(self, request, context):
+        """Removes blobs that no tag, no run and no kept blob's manifest refers to. A dry run
+        (the default) only reports what would be removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +264,36 @@ def add_StorageServicer_to_server(servicer, server):
                     servicer.Untag,
                     request_deserializer=llamafleet_dot_v1_dot_storage__pb2.UntagRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_storage__pb2.UntagResponse.SerializeToString,
+            ),
+            'CreateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRun,
+                    request_deserializer=llamafleet_dot_v1_dot_storage__pb2.CreateRunRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_storage__pb2.CreateRunResponse.SerializeToString,
+            ),
+            'AppendRunResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendRunResults,
+                    request_deserializer=llamafleet_dot_v1_dot_storage__pb2.AppendRunResultsRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_storage__pb2.AppendRunResultsResponse.SerializeToString,
+            ),
+            'FinishRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishRun,
+                    request_deserializer=llamafleet_dot_v1_dot_storage__pb2.FinishRunRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_storage__pb2.FinishRunResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=llamafleet_dot_v1_dot_storage__pb2.GetRunRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_storage__pb2.GetRunResponse.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=llamafleet_dot_v1_dot_storage__pb2.ListRunsRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_storage__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'GarbageCollect': grpc.unary_unary_rpc_method_handler(
+                    servicer.GarbageCollect,
+                    request_deserializer=llamafleet_dot_v1_dot_storage__pb2.GarbageCollectRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_storage__pb2.GarbageCollectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +540,168 @@ class Storage:
             '/llamafleet.v1.Storage/Untag',
             llamafleet_dot_v1_dot_storage__pb2.UntagRequest.SerializeToString,
             llamafleet_dot_v1_dot_storage__pb2.UntagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Storage/CreateRun',
+            llamafleet_dot_v1_dot_storage__pb2.CreateRunRequest.SerializeToString,
+            llamafleet_dot_v1_dot_storage__pb2.CreateRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendRunResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Storage/AppendRunResults',
+            llamafleet_dot_v1_dot_storage__pb2.AppendRunResultsRequest.SerializeToString,
+            llamafleet_dot_v1_dot_storage__pb2.AppendRunResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Storage/FinishRun',
+            llamafleet_dot_v1_dot_storage__pb2.FinishRunRequest.SerializeToString,
+            llamafleet_dot_v1_dot_storage__pb2.FinishRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Storage/GetRun',
+            llamafleet_dot_v1_dot_storage__pb2.GetRunRequest.SerializeToString,
+            llamafleet_dot_v1_dot_storage__pb2.GetRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Storage/ListRuns',
+            llamafleet_dot_v1_dot_storage__pb2.ListRunsRequest.SerializeToString,
+            llamafleet_dot_v1_dot_storage__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GarbageCollect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Storage/GarbageCollect',
+            llamafleet_dot_v1_dot_storage__pb2.GarbageCollectRequest.SerializeToString,
+            llamafleet_dot_v1_dot_storage__pb2.GarbageCollectResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from llamafleet.server import LATENCY_BUCKETS
 
 # From 1 ms (a toy model's first token) to a minute (a long prompt on a large model).
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -12,6 +16,8 @@ E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 30
 
 
 class GatewayMetrics:
+    """One per process (the collectors register globally); both faces record into it."""
+
     def __init__(self) -> None:
         self.ttft = Histogram(
             "llamafleet_gateway_time_to_first_token_seconds",
@@ -31,3 +37,26 @@ class GatewayMetrics:
         )
         self.tokens = Counter("llamafleet_gateway_tokens", "Tokens served, by type (input or output).", ["type"])
         self.in_flight = Gauge("llamafleet_gateway_streams_in_flight", "Generate streams open now.")
+        self.rejected = Counter(
+            "llamafleet_gateway_rejected_requests",
+            "Generations refused before dispatch, by reason (auth, rate limits, capacity, fair share).",
+            ["reason"],
+        )
+        self.http_requests = Counter(
+            "llamafleet_gateway_http_requests",
+            "Requests to the OpenAI-compatible HTTP face, by route and HTTP status.",
+            ["route", "status"],
+        )
+        self.http_latency = Histogram(
+            "llamafleet_gateway_http_request_duration_seconds",
+            "Time the HTTP face spent on a request, streams included, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.loop_tasks = Gauge(
+            "llamafleet_gateway_event_loop_tasks", "asyncio tasks alive in the gateway (a leak shows here)."
+        )
+
+    def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Report the loop's live tasks at every scrape (all_tasks is safe from the scrape thread)."""
+        self.loop_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))

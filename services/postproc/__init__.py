@@ -1,1 +1,1 @@
-"""Postproc service: token statistics on the GPU (CuPy) with a NumPy fallback."""
+"""Postproc service: token statistics, sampling and embeddings on the GPU (CuPy) with a NumPy fallback."""

@@ -1,4 +1,4 @@
-"""`python -m services.postproc`: token statistics on the GPU (CuPy) or the CPU (NumPy)."""
+"""`python -m services.postproc`: token statistics, sampling and embeddings on the GPU (CuPy) or the CPU (NumPy)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,15 @@ def main() -> None:
     settings = PostprocSettings()
 
     async def setup(server: grpc.aio.Server, stack: contextlib.AsyncExitStack) -> list[str]:
-        backend = select_backend(settings.backend)
+        backend = select_backend(
+            settings.backend,
+            corpus_memory_fraction=settings.corpus_memory_fraction,
+            host_corpus_bytes=settings.host_corpus_bytes,
+        )
         log.info("postproc backend: %s on %s (%s)", backend.name, backend.device_description, backend.reason)
-        postproc_pb2_grpc.add_PostprocServicer_to_server(PostprocServicer(settings, backend), server)
+        servicer = PostprocServicer(settings, backend)
+        stack.push_async_callback(servicer.aclose)
+        postproc_pb2_grpc.add_PostprocServicer_to_server(servicer, server)
         return [postproc_pb2.DESCRIPTOR.services_by_name["Postproc"].full_name]
 
     asyncio.run(serve("postproc", settings, setup))

@@ -1,20 +1,29 @@
-"""Compute backends for token statistics: CuPy on a CUDA device, NumPy otherwise.
+"""Compute backends of the postproc service: CuPy on a CUDA device, NumPy otherwise.
 
-The caller reads ``LLAMAFLEET_POSTPROC_BACKEND`` (``auto``/``cupy``/``numpy``) and passes
-it to :func:`select_backend`.  CuPy is imported lazily so this module loads without it.
+Both run token statistics, sampling, pooling and corpus search with the same definitions
+(see :mod:`~services.postproc.token_stats`, :mod:`~services.postproc.sampling` and
+:mod:`~services.postproc.embeddings`).  The caller reads ``LLAMAFLEET_POSTPROC_BACKEND``
+(``auto``/``cupy``/``numpy``) and passes it to :func:`select_backend`.  CuPy is imported
+lazily so this module loads without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
+from services.postproc.embeddings import CorpusInfo, CorpusStore, SearchHits, pool
+from services.postproc.sampling import RowParams, SampleBatch, SampleResult, make_sample_batch, sample_numpy
+from services.postproc.staging import PinnedBuffer, align
 from services.postproc.token_stats import (
     DEFAULT_CONFIDENCE_THRESHOLD,
     PackedBatch,
@@ -29,6 +38,7 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "CupyBackend",
+    "DeviceOutOfMemoryError",
     "NumpyBackend",
     "select_backend",
 ]
@@ -38,8 +48,17 @@ log = logging.getLogger(__name__)
 BACKEND_CHOICES = ("auto", "cupy", "numpy")
 
 
+DEFAULT_HOST_CORPUS_BYTES = 1 << 30
+DEFAULT_CORPUS_MEMORY_FRACTION = 0.5
+T = TypeVar("T")
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (no CuPy, no device, or its self-check failed)."""
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory for this call; the backend freed its pools and keeps serving."""
 
 
 @runtime_checkable
@@ -61,15 +80,89 @@ class Backend(Protocol):
         """(used, total) device memory in bytes; (0, 0) on the CPU."""
         ...
 
+    def sample(self, batch: SampleBatch) -> SampleResult:
+        """One token per row of ``batch``."""
+        ...
 
-class NumpyBackend:
+    def pool(
+        self, hidden: npt.NDArray[np.floating[Any]], mask: npt.NDArray[np.bool_] | None, pooling: str, normalize: bool
+    ) -> npt.NDArray[np.float32]:
+        """One vector per sequence (see :func:`services.postproc.embeddings.pool`)."""
+        ...
+
+    @property
+    def corpora(self) -> CorpusStore:
+        """The named corpora, kept where this backend computes."""
+        ...
+
+    def corpus_add(self, name: str, vectors: npt.NDArray[np.floating[Any]], ids: Sequence[str]) -> int:
+        """Add or replace vectors of a corpus; returns its size."""
+        ...
+
+    def corpus_remove(self, name: str, ids: Sequence[str]) -> tuple[int, int]:
+        """Remove ids (all of the corpus when empty); returns (removed, size left)."""
+        ...
+
+    def corpus_search(self, name: str, queries: npt.NDArray[np.floating[Any]], top_k: int) -> list[SearchHits]:
+        """Cosine top-k of each query."""
+        ...
+
+    def corpus_info(self) -> list[CorpusInfo]:
+        """Every corpus's size and memory."""
+        ...
+
+
+class _Embeddings:
+    """Pooling and corpora on the array module ``_xp``, run through ``_guarded``."""
+
+    _xp: Any
+    _store: CorpusStore
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
+
+    @property
+    def corpora(self) -> CorpusStore:
+        """The named corpora, kept where this backend computes."""
+        return self._store
+
+    def pool(
+        self, hidden: npt.NDArray[np.floating[Any]], mask: npt.NDArray[np.bool_] | None, pooling: str, normalize: bool
+    ) -> npt.NDArray[np.float32]:
+        """One vector per sequence (see :func:`services.postproc.embeddings.pool`)."""
+        return self._guarded(pool, self._xp, hidden, mask, pooling, normalize)
+
+    def corpus_add(self, name: str, vectors: npt.NDArray[np.floating[Any]], ids: Sequence[str]) -> int:
+        """Add or replace vectors of a corpus; returns its size."""
+        return self._guarded(self._store.add, name, vectors, ids)
+
+    def corpus_remove(self, name: str, ids: Sequence[str]) -> tuple[int, int]:
+        """Remove ids (all of the corpus when empty); returns (removed, size left)."""
+        return self._guarded(self._store.remove, name, ids)
+
+    def corpus_search(self, name: str, queries: npt.NDArray[np.floating[Any]], top_k: int) -> list[SearchHits]:
+        """Cosine top-k of each query."""
+        return self._guarded(self._store.search, name, queries, top_k)
+
+    def corpus_info(self) -> list[CorpusInfo]:
+        """Every corpus's size and memory."""
+        return self._store.info()
+
+
+class NumpyBackend(_Embeddings):
     """Vectorised CPU backend (also the reference the CuPy backend is checked against)."""
 
     name = "numpy"
 
-    def __init__(self, reason: str = "numpy requested") -> None:
+    def __init__(self, reason: str = "numpy requested", corpus_bytes: int = DEFAULT_HOST_CORPUS_BYTES) -> None:
         self.reason = reason
         self.device_description = f"CPU (numpy {np.__version__})"
+        self._xp = np
+        self._store = CorpusStore(np, corpus_bytes)
+
+    def sample(self, batch: SampleBatch) -> SampleResult:
+        """One token per row, computed with NumPy."""
+        return sample_numpy(batch)
 
     def token_stats(
         self, packed: PackedBatch, *, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
@@ -225,28 +318,7 @@ extern "C" __global__ void llf_segment_means(
 
 _ROW_BLOCK = 256  # 8 warps, 8 token rows per block
 _SEG_BLOCK = 256
-_ALIGN = 16
 _UPLOAD_CHUNK_FLOATS = 1 << 20  # 4 MiB: large enough for full-speed DMA, small enough to overlap
-
-
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-class _PinnedBuffer:
-    """A page-locked host staging buffer, grown geometrically and reused across batches."""
-
-    def __init__(self, cupy: Any) -> None:
-        self._cupy = cupy
-        self._mem: Any = None
-        self._array = np.empty(0, dtype=np.uint8)
-
-    def take(self, nbytes: int) -> np.ndarray:
-        if nbytes > self._array.size:
-            size = max(nbytes, 2 * self._array.size, 1 << 20)
-            self._mem = self._cupy.cuda.alloc_pinned_memory(size)
-            self._array = np.frombuffer(self._mem, dtype=np.uint8, count=size)
-        return self._array[:nbytes]
 
 
 def _self_check_batch() -> PackedBatch:
@@ -277,16 +349,36 @@ def _nvidia_driver_version(cupy: Any) -> str:
     return f"CUDA {_cuda_version(cupy.cuda.runtime.driverGetVersion())}"
 
 
-class CupyBackend:
-    """CUDA backend: two RawKernels per batch, a pipelined pinned upload and one pinned download.
+def _self_check_sample_batch() -> SampleBatch:
+    # One row per feature (greedy, top-k, top-p, min-p, penalties, top-n), fp32 and fp16 alike.
+    rng = np.random.default_rng(7)
+    logits = (rng.normal(size=(6, 1000)) * 3).astype(np.float32)
+    rows = [
+        RowParams(temperature=0.0, top_logprobs=3),
+        RowParams(temperature=0.8, top_k=20, seed=1),
+        RowParams(top_p=0.5, seed=2, top_logprobs=5),
+        RowParams(top_k=50, top_p=0.9, min_p=0.05, seed=3),
+        RowParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2, history=[1, 5, 5, 999], seed=4),
+        RowParams(temperature=1.5, seed=5, top_logprobs=20),
+    ]
+    return make_sample_batch(logits, rows)
 
-    Construction compiles the kernels, warms them up and checks them against NumPy on a
-    small batch; it raises :class:`BackendUnavailableError` when any of that fails.
+
+class CupyBackend(_Embeddings):
+    """CUDA backend: fused RawKernels, pipelined pinned uploads on a copy stream, one pinned download.
+
+    Construction compiles the kernels, warms them up and checks them against NumPy on
+    small batches; it raises :class:`BackendUnavailableError` when any of that fails.
     """
 
     name = "cupy"
 
-    def __init__(self, device_id: int = 0, reason: str = "cupy requested") -> None:
+    def __init__(
+        self,
+        device_id: int = 0,
+        reason: str = "cupy requested",
+        corpus_memory_fraction: float = DEFAULT_CORPUS_MEMORY_FRACTION,
+    ) -> None:
         try:
             import cupy
         except Exception as exc:  # ImportError, or a CUDA library that fails to load
@@ -315,9 +407,18 @@ class CupyBackend:
                 self._row_kernel = module.get_function("llf_token_rows")
                 self._seg_kernel = module.get_function("llf_segment_means")
                 self._stream = cupy.cuda.Stream(non_blocking=True)
-                self._pinned_in = _PinnedBuffer(cupy)
-                self._pinned_out = _PinnedBuffer(cupy)
+                self._copy_stream = cupy.cuda.Stream(non_blocking=True)
+                self._pinned_in = PinnedBuffer(cupy)
+                self._pinned_out = PinnedBuffer(cupy)
+                # Imported here: the module is only useful (and only tested) with CuPy.
+                from services.postproc.sampling_cuda import CupySampler
+
+                self.sampler = CupySampler(cupy, self._sm_count, self._stream, self._copy_stream)
+            self._xp = cupy
+            total = self.device_memory()[1]
+            self._store = CorpusStore(cupy, int(total * corpus_memory_fraction))
             self._self_check()
+            self._self_check_sample()
         except BackendUnavailableError:
             raise
         except Exception as exc:
@@ -338,6 +439,47 @@ class CupyBackend:
         ok = all(np.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True) for a, b in pairs)
         if not ok or not np.array_equal(got.confident, want.confident):
             raise BackendUnavailableError("CuPy self-check disagreed with NumPy")
+
+    def _self_check_sample(self) -> None:
+        batch = _self_check_sample_batch()
+        want = sample_numpy(batch)
+        with self._device:
+            for cluster in (1, 2, 4, 8):  # compiles and warms every kernel variant
+                prepared = self.sampler.prepare(batch)
+                self.sampler.launch(prepared, cluster=cluster)
+                got = self.sampler.download(prepared, batch.max_top_logprobs)
+                same = (
+                    np.array_equal(got.token, want.token)
+                    and np.array_equal(got.top_tokens, want.top_tokens)
+                    and np.allclose(got.logprob, want.logprob, rtol=1e-5, atol=1e-5)
+                    and np.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
+                )
+                if not same:
+                    raise BackendUnavailableError(
+                        f"CuPy sampling self-check disagreed with NumPy (cluster {cluster}): "
+                        f"tokens {got.token.tolist()} vs {want.token.tolist()}"
+                    )
+
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """The backend's device as current; running out of its memory frees the pools and
+        raises :class:`DeviceOutOfMemoryError`, so the next call starts clean."""
+        cp = self._cp
+        try:
+            with self._device:
+                yield
+        except cp.cuda.memory.OutOfMemoryError as exc:
+            cp.get_default_memory_pool().free_all_blocks()
+            raise DeviceOutOfMemoryError(f"device out of memory: {exc}") from exc
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._on_device():
+            return fn(*args)
+
+    def sample(self, batch: SampleBatch) -> SampleResult:
+        """One token per row, sampled on the GPU (see the sampling module docstring)."""
+        with self._lock, self._on_device():
+            return self.sampler.sample(batch)
 
     def device_memory(self) -> tuple[int, int]:
         """(used, total) bytes on the device, as the CUDA runtime reports them."""
@@ -396,15 +538,15 @@ class CupyBackend:
             return replace(token_stats_numpy(packed, confidence_threshold=confidence_threshold), backend=self.name)
         cp = self._cp
         # One staging layout per direction: the download is one DMA, the upload a few large ones.
-        in_chosen = _align(t * w * 4)
-        in_offsets = _align(in_chosen + t * 4)
+        in_chosen = align(t * w * 4)
+        in_offsets = align(in_chosen + t * 4)
         in_size = in_offsets + (r + 1) * 8
-        out_surprise = _align(t * 4)
-        out_confident = _align(out_surprise + t * 4)
-        out_means = _align(out_confident + t)
+        out_surprise = align(t * 4)
+        out_confident = align(out_surprise + t * 4)
+        out_means = align(out_confident + t)
         out_size = out_means + r * 4 * 8
 
-        with self._lock, self._device:
+        with self._lock, self._on_device():
             pin_in = self._pinned_in.take(in_size)
             d_in = cp.empty(in_size, dtype=cp.uint8)
             d_out = cp.empty(out_size, dtype=cp.uint8)
@@ -455,24 +597,30 @@ class CupyBackend:
         )
 
 
-def select_backend(preferred: str = "auto") -> Backend:
+def select_backend(
+    preferred: str = "auto",
+    *,
+    corpus_memory_fraction: float = DEFAULT_CORPUS_MEMORY_FRACTION,
+    host_corpus_bytes: int = DEFAULT_HOST_CORPUS_BYTES,
+) -> Backend:
     """Return the backend for ``preferred`` (``auto``, ``cupy`` or ``numpy``; case-insensitive).
 
     ``auto`` takes CuPy when it imports, sees a CUDA device and its kernels pass the
     self-check, else NumPy (the returned backend's ``reason`` says why).  ``cupy``
-    raises :class:`BackendUnavailableError` instead of falling back.
+    raises :class:`BackendUnavailableError` instead of falling back.  Corpora may take
+    ``corpus_memory_fraction`` of the device memory, or ``host_corpus_bytes`` on NumPy.
     """
     choice = preferred.strip().lower()
     if choice not in BACKEND_CHOICES:
         raise ValueError(f"unknown postproc backend {preferred!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     if choice == "numpy":
-        return NumpyBackend(reason="numpy requested")
+        return NumpyBackend(reason="numpy requested", corpus_bytes=host_corpus_bytes)
     if choice == "cupy":
-        return CupyBackend(reason="cupy requested")
+        return CupyBackend(reason="cupy requested", corpus_memory_fraction=corpus_memory_fraction)
     try:
-        backend = CupyBackend(reason="auto: CUDA device available")
+        backend = CupyBackend(reason="auto: CUDA device available", corpus_memory_fraction=corpus_memory_fraction)
     except BackendUnavailableError as exc:
         log.info("postproc: using NumPy (%s)", exc)
-        return NumpyBackend(reason=f"auto: {exc}")
+        return NumpyBackend(reason=f"auto: {exc}", corpus_bytes=host_corpus_bytes)
     log.info("postproc: using CuPy on %s", backend.device_description)
     return backend

@@ -43,6 +43,7 @@ __all__ = [
     "ResponseTokenStats",
     "TokenLogprobs",
     "TokenStatsResult",
+    "concat_packed",
     "log_threshold",
     "pack_batch",
     "token_entropy_numpy",
@@ -161,6 +162,23 @@ def pack_batch(responses: Iterable[Iterable[TokenLogprobs | tuple[float, Sequenc
         top_logprobs=top,
         chosen_logprob=np.asarray(chosen, dtype=np.float32),
         offsets=np.asarray(offsets, dtype=np.int64),
+    )
+
+
+def concat_packed(batches: Sequence[PackedBatch]) -> PackedBatch:
+    """One batch holding the responses of ``batches`` in order (matrices padded to the widest)."""
+    width = max(b.max_n for b in batches)
+    top = np.full((sum(b.total_tokens for b in batches), width), -np.inf, dtype=np.float32)
+    offsets = [np.zeros(1, np.int64)]
+    start = 0
+    for b in batches:
+        top[start : start + b.total_tokens, : b.max_n] = b.top_logprobs
+        offsets.append(b.offsets[1:] + start)
+        start += b.total_tokens
+    return PackedBatch(
+        top_logprobs=top,
+        chosen_logprob=np.concatenate([b.chosen_logprob for b in batches]),
+        offsets=np.concatenate(offsets),
     )
 
 

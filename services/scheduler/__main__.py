@@ -91,7 +91,7 @@ async def run_rank0(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: s
 
 async def run_worker(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: str) -> None:
     configure_logging(settings.log_level)
-    setup_tracing("scheduler")
+    setup_tracing("worker")
     loop = asyncio.get_running_loop()
     bridge: MpiBridge
     worker = Worker(comm.Get_rank(), settings, model_sha256, lambda tag, payload: bridge.send(0, tag, payload))

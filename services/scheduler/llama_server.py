@@ -1,51 +1,74 @@
 """One llama-server: how to start it, watch its health, and stream completions from it.
 
-The process is the xllamacpp launcher (`llamafleet-llama-server`) by default, or any
-llama-server binary named by LLAMA_SERVER; both speak llama.cpp's server HTTP API.
+The process is the xllamacpp launcher (`python -m services.scheduler.llama_launcher`) by
+default, or any llama-server binary (LLAMA_SERVER, passed in by the caller); both speak
+llama.cpp's server HTTP API.
+
+`/completion` with `"stream": true` answers with SSE lines `data: {...}`. In the llama.cpp
+this was written against (xllamacpp 2026.10), each token event holds `content`, `tokens`
+(ids), `stop: false`, `id_slot: -1`, `tokens_predicted`, `tokens_evaluated` and, with
+`n_probs`, `completion_probabilities: [{id, token, bytes, logprob, top_logprobs: [{id, token,
+bytes, logprob}]}]` (`prob`/`top_probs` instead when the request sets `post_sampling_probs`).
+The last event has `stop: true`, empty `content`/`tokens`, the real `id_slot`, `stop_type`
+("eos", "word", "limit"), `stopping_word`, `tokens_cached`, and `timings` (`cache_n`,
+`prompt_n`, `prompt_ms`, `predicted_n`, `predicted_ms`, ...). Errors come as a JSON body
+`{"error": {"code", "message", "type"}}`, or mid-stream as an event holding `error`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from llamafleet.processes import ManagedProcess
+from llamafleet.processes import ManagedProcess, ProcessExited, tail
 from llamafleet.v1 import common_pb2
 
-LAUNCHER = "llamafleet-llama-server"
+LAUNCHER_MODULE = "services.scheduler.llama_launcher"
 
 
 class LlamaServerError(Exception):
-    """llama-server answered with an error (or a stream it could not finish)."""
+    """llama-server answered with an error: an HTTP status other than 200, or an error event mid-stream."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, body: str = "") -> None:
         super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
+        self.message = message
+        self.body = body
 
 
 class LlamaServerUnavailable(Exception):
-    """llama-server could not be reached, or the connection broke."""
+    """llama-server could not be reached, the connection broke, or it did not answer in time."""
+
+
+class LlamaServerStartError(RuntimeError):
+    """llama-server exited, or did not become healthy in time, while starting; holds its log's tail."""
 
 
 def llama_server_command(
     model: Path,
-    *,
     host: str,
     port: int,
     parallel: int,
     ctx_size: int,
-    threads: int | None,
-    binary: str | None,
+    threads: int | None = None,
+    binary: str | None = None,
 ) -> list[str]:
-    """The command line of a llama-server serving `model` (the launcher unless `binary`)."""
-    program = [binary] if binary else [str(Path(sys.executable).with_name(LAUNCHER))]
+    """The command line of a llama-server serving `model`, with /metrics and /slots on.
+
+    `binary` (normally from LLAMA_SERVER) is a llama-server executable; without it the
+    xllamacpp launcher runs under this interpreter. `ctx_size` is the total context, which
+    llama-server shares among the `parallel` slots.
+    """
+    program = [binary] if binary else [sys.executable, "-m", LAUNCHER_MODULE]
     argv = [*program, "-m", str(model), "--host", host, "--port", str(port)]
     argv += ["-np", str(parallel), "-c", str(ctx_size), "--metrics", "--slots"]
     if threads:
@@ -54,49 +77,151 @@ def llama_server_command(
 
 
 class LlamaServerProcess:
-    """A supervised llama-server process on loopback."""
+    """A supervised llama-server process: its own process group, output to `log_path`."""
 
-    def __init__(self, command: list[str], *, log_path: Path, port: int, host: str = "127.0.0.1") -> None:
-        self.process = ManagedProcess("llama-server", command, log_path=log_path)
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        log_path: Path,
+        port: int,
+        host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.process = ManagedProcess("llama-server", command, log_path=log_path, env=env)
+        self.log_path = log_path
         self.base_url = f"http://{host}:{port}"
 
     @property
     def pid(self) -> int | None:
+        """The process id (also its process group id), once started."""
         return self.process.pid
 
     @property
     def returncode(self) -> int | None:
+        """The exit status once it has exited (negative: killed by that signal), else None."""
         return self.process.returncode
 
     async def start(self) -> None:
+        """Start the process (returns once it runs; see wait_healthy)."""
         await self.process.start()
 
-    async def wait_healthy(self, timeout: float) -> None:
-        """Poll /health until it answers 200 (the model is loaded); fail fast if the process exits."""
+    def _check_running(self) -> None:
+        try:
+            self.process.check_running()
+        except ProcessExited as exc:
+            raise LlamaServerStartError(str(exc)) from None
+
+    async def wait_healthy(self, timeout: float, *, poll_interval: float = 0.1) -> float:
+        """Poll /health until it answers 200 (model loaded); returns the seconds waited.
+
+        Raises LlamaServerStartError, with the log's last lines, if the process exits first
+        or `timeout` seconds pass.
+        """
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + timeout
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=2.0) as client:
+        started = loop.time()
+        give_up = started + timeout
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(1.0)) as client:
             while True:
-                self.process.check_running()
+                self._check_running()
                 try:
                     if (await client.get("/health")).status_code == 200:
-                        return
+                        # 200 from a server that is not ours (a port race) would be a lie.
+                        self._check_running()
+                        return loop.time() - started
                 except httpx.TransportError:
-                    pass
-                if loop.time() > give_up:
-                    raise TimeoutError(f"llama-server at {self.base_url} not healthy after {timeout:.0f}s")
-                await asyncio.sleep(0.1)
+                    pass  # not listening yet
+                if loop.time() >= give_up:
+                    raise LlamaServerStartError(
+                        f"llama-server at {self.base_url} (pid {self.pid}) not healthy after {timeout:.0f}s; "
+                        f"last lines of {self.log_path}:\n{tail(self.log_path)}"
+                    )
+                await asyncio.sleep(min(poll_interval, max(0.0, give_up - loop.time())))
 
     async def wait(self) -> int:
+        """Wait until the process exits; returns its exit status."""
         return await self.process.wait()
 
-    async def stop(self, grace: float = 5.0) -> None:
-        await self.process.stop(grace)
+    async def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, up to `grace` seconds to exit, then SIGKILL to the group; safe to repeat."""
+        return await self.process.stop(grace)
+
+
+@dataclass(slots=True)
+class CompletionChunk:
+    """One event of a streamed completion.
+
+    Token events carry `text`, `n_tokens` and `token_ids`, and with n_probs > 0 one entry per
+    token in `token_logprobs` (the chosen token and its logprob) and `top_logprobs` (the
+    n_probs most likely tokens and their logprobs). The final event has `stop` set and the
+    totals; its text is usually empty.
+    """
+
+    text: str = ""
+    n_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[tuple[str, float]] = field(default_factory=list)
+    top_logprobs: list[list[tuple[str, float]]] = field(default_factory=list)
+    stop: bool = False
+    # Final event only.
+    finish_reason: str | None = None  # "stop" (end of sequence, stop string) or "length"
+    stop_type: str = ""  # llama-server's own: "eos", "word", "limit"
+    stopping_word: str = ""
+    tokens_evaluated: int = 0  # prompt tokens
+    tokens_predicted: int = 0
+    tokens_cached: int = 0  # tokens in the slot's context after the request (prompt + generated)
+    prompt_tokens_cached: int = 0  # prompt tokens reused from the prompt cache (timings.cache_n)
+    timings: dict[str, float] = field(default_factory=dict)
+    id_slot: int | None = None
+
+
+_FINISH_REASONS = {"limit": "length", "eos": "stop", "word": "stop"}
+
+
+def _log(p: float) -> float:
+    return math.log(p) if p > 0 else -math.inf
+
+
+def _token_logprob(entry: dict[str, Any]) -> tuple[str, float]:
+    """(token, logprob) from either format: `logprob`, or `prob` (post-sampling probabilities)."""
+    if "logprob" in entry:
+        return entry.get("token", ""), float(entry["logprob"])
+    return entry.get("token", ""), _log(float(entry.get("prob", 0.0)))
+
+
+def parse_event(event: dict[str, Any]) -> CompletionChunk:
+    """A CompletionChunk from one decoded `data:` event of `/completion`'s stream."""
+    probabilities = event.get("completion_probabilities") or ()
+    text = event.get("content") or ""
+    token_ids = [int(t) for t in event.get("tokens") or ()]
+    chunk = CompletionChunk(
+        text=text,
+        # Older servers send no `tokens`; one token per probability entry, else per event.
+        n_tokens=len(token_ids) or len(probabilities) or (1 if text and not event.get("stop") else 0),
+        token_ids=token_ids,
+        token_logprobs=[_token_logprob(p) for p in probabilities],
+        top_logprobs=[
+            [_token_logprob(t) for t in (p.get("top_logprobs") or p.get("top_probs") or ())] for p in probabilities
+        ],
+        stop=bool(event.get("stop")),
+    )
+    if chunk.stop:
+        timings = event.get("timings") or {}
+        chunk.stop_type = event.get("stop_type", "")
+        chunk.finish_reason = _FINISH_REASONS.get(chunk.stop_type, "stop")
+        chunk.stopping_word = event.get("stopping_word", "")
+        chunk.tokens_evaluated = int(event.get("tokens_evaluated", 0))
+        chunk.tokens_predicted = int(event.get("tokens_predicted", 0))
+        chunk.tokens_cached = int(event.get("tokens_cached", 0))
+        chunk.prompt_tokens_cached = int(timings.get("cache_n", 0))
+        chunk.timings = dict(timings)
+        chunk.id_slot = event.get("id_slot")
+    return chunk
 
 
 @dataclass
 class StreamPiece:
-    """One event of a streamed completion: text (with its tokens' logprobs), or the end."""
+    """A CompletionChunk as the scheduler worker sends it on: logprobs and result as protobuf."""
 
     text: str = ""
     tokens: int = 0
@@ -105,99 +230,180 @@ class StreamPiece:
     final: common_pb2.GenerationResult | None = None
 
 
-_FINISH = {"limit": common_pb2.FINISH_REASON_LENGTH}
+def _piece(chunk: CompletionChunk) -> StreamPiece:
+    logprobs = b""
+    if chunk.token_logprobs:
+        logprobs = common_pb2.TokenChunk(
+            logprobs=[
+                common_pb2.TokenLogprobs(
+                    token=token,
+                    logprob=logprob,
+                    top=[common_pb2.TopLogprob(token=t, logprob=lp) for t, lp in top],
+                )
+                for (token, logprob), top in zip(chunk.token_logprobs, chunk.top_logprobs, strict=False)
+            ]
+        ).SerializeToString()
+    final = None
+    if chunk.stop:
+        final = common_pb2.GenerationResult(
+            finish_reason=common_pb2.FINISH_REASON_LENGTH
+            if chunk.finish_reason == "length"
+            else common_pb2.FINISH_REASON_STOP,
+            usage=common_pb2.Usage(
+                prompt_tokens=chunk.tokens_evaluated,
+                completion_tokens=chunk.tokens_predicted,
+                cached_prompt_tokens=chunk.prompt_tokens_cached,
+            ),
+            timings=common_pb2.Timings(
+                prompt_eval_ms=chunk.timings.get("prompt_ms", 0.0),
+                generation_ms=chunk.timings.get("predicted_ms", 0.0),
+            ),
+        )
+    return StreamPiece(chunk.text, chunk.n_tokens, logprobs, final)
 
 
-def _logprobs(probabilities: list[dict[str, Any]]) -> bytes:
-    chunk = common_pb2.TokenChunk(
-        logprobs=[
-            common_pb2.TokenLogprobs(
-                token=p.get("token", ""),
-                logprob=p.get("logprob", 0.0),
-                top=[
-                    common_pb2.TopLogprob(token=t.get("token", ""), logprob=t["logprob"])
-                    for t in p.get("top_logprobs", ())
-                ],
-            )
-            for p in probabilities
-        ]
-    )
-    return chunk.SerializeToString()
+def _error_from_body(status: int, raw: bytes) -> LlamaServerError:
+    body = raw.decode(errors="replace")
+    try:
+        error = json.loads(raw)["error"]
+        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+    except (ValueError, KeyError, TypeError):
+        message = body[:500] or "(empty body)"
+    return LlamaServerError(status, message, body[:4000])
 
 
-def _final(event: dict[str, Any]) -> common_pb2.GenerationResult:
-    timings = event.get("timings", {})
-    return common_pb2.GenerationResult(
-        finish_reason=_FINISH.get(event.get("stop_type", ""), common_pb2.FINISH_REASON_STOP),
-        usage=common_pb2.Usage(
-            prompt_tokens=event.get("tokens_evaluated", 0),
-            completion_tokens=event.get("tokens_predicted", 0),
-            cached_prompt_tokens=timings.get("cache_n", 0),
-        ),
-        timings=common_pb2.Timings(
-            prompt_eval_ms=timings.get("prompt_ms", 0.0), generation_ms=timings.get("predicted_ms", 0.0)
-        ),
-    )
+def _error_from_event(error: Any) -> LlamaServerError:
+    if isinstance(error, dict):
+        return LlamaServerError(int(error.get("code", 0) or 0), str(error.get("message", error)), json.dumps(error))
+    return LlamaServerError(0, str(error), str(error))
 
 
 class LlamaServerClient:
-    """HTTP client of one llama-server; closing a stream early frees its slot."""
+    """HTTP client of one llama-server. Every request has timeouts; closing a stream early
+    (aclose, break, task cancellation) closes its connection, which frees the slot."""
 
-    def __init__(self, base_url: str, *, read_timeout: float = 120.0, max_connections: int = 64) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 120.0,
+        request_timeout: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
         self.base_url = base_url
+        # read_timeout bounds the wait for each streamed event (the first waits for prefill);
+        # request_timeout bounds the small GET requests as a whole.
+        self._request_timeout = request_timeout
         self._http = httpx.AsyncClient(
             base_url=base_url,
-            timeout=httpx.Timeout(10.0, read=read_timeout),
+            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=10.0, pool=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
 
     async def aclose(self) -> None:
+        """Close the client and its connections."""
         await self._http.aclose()
 
-    async def stream_body(self, body: dict[str, Any]) -> AsyncIterator[StreamPiece]:
-        """POST /completion with `stream: true` and yield its events as they arrive."""
+    async def __aenter__(self) -> LlamaServerClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def stream_completion(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        n_probs: int = 0,
+        ignore_eos: bool = False,
+        cache_prompt: bool = True,
+    ) -> AsyncIterator[CompletionChunk]:
+        """Stream `/completion` for `prompt`; the last chunk has `stop` set and the totals.
+
+        Raises LlamaServerError (HTTP status and body) and LlamaServerUnavailable (connection).
+        For a deterministic early close use `contextlib.aclosing`; a `break` closes the
+        stream when the event loop finalizes the generator, which CPython does at once.
+        """
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "stream": True,
+            "n_predict": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "stop": list(stop),
+            "n_probs": n_probs,
+            "ignore_eos": ignore_eos,
+            "cache_prompt": cache_prompt,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        # aclosing: closing this generator must close the inner one (and its connection) now.
+        async with contextlib.aclosing(self.stream_events(body)) as events:
+            async for chunk in events:
+                yield chunk
+
+    async def stream_events(self, body: dict[str, Any]) -> AsyncIterator[CompletionChunk]:
+        """POST `body` (`stream` forced on) to `/completion` and yield its events until the final one."""
+        body = {**body, "stream": True}
         try:
             async with self._http.stream("POST", "/completion", json=body) as response:
                 if response.status_code != 200:
-                    raise LlamaServerError(response.status_code, _error_message(await response.aread()))
+                    raise _error_from_body(response.status_code, await response.aread())
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
+                    # SSE: "data: {...}" events separated by blank lines; some versions send
+                    # errors as "error: {...}".
+                    kind, _, payload = line.partition(": ")
+                    if kind not in ("data", "error") or not payload or payload == "[DONE]":
                         continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        raise LlamaServerError(0, _error_message(line[6:].encode()))
-                    probabilities = event.get("completion_probabilities") or ()
-                    text = event.get("content", "")
-                    tokens = len(event.get("tokens") or ()) or (1 if text else 0)
-                    piece = StreamPiece(text, tokens, _logprobs(probabilities) if probabilities else b"")
-                    if event.get("stop"):
-                        piece.final = _final(event)
-                    yield piece
-                    if piece.final is not None:
+                    try:
+                        event = json.loads(payload)
+                    except ValueError as exc:
+                        raise LlamaServerError(0, f"undecodable event from llama-server: {payload[:200]!r}") from exc
+                    if kind == "error" or "error" in event:
+                        raise _error_from_event(event.get("error", event))
+                    chunk = parse_event(event)
+                    yield chunk
+                    if chunk.stop:
                         return
+        except httpx.TimeoutException as exc:
+            raise LlamaServerUnavailable(f"{self.base_url}: no answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise LlamaServerUnavailable(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
 
+    async def stream_body(self, body: dict[str, Any]) -> AsyncIterator[StreamPiece]:
+        """Like stream_events, as StreamPieces (protobuf logprobs and result) for the scheduler worker."""
+        async with contextlib.aclosing(self.stream_events(body)) as events:
+            async for chunk in events:
+                yield _piece(chunk)
+
+    async def _get(self, path: str) -> httpx.Response:
+        try:
+            response = await self._http.get(path, timeout=self._request_timeout)
+        except httpx.TransportError as exc:
+            raise LlamaServerUnavailable(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise _error_from_body(response.status_code, response.content)
+        return response
+
     async def health(self) -> bool:
+        """Whether /health answers 200 (up, model loaded); never raises."""
         try:
             return (await self._http.get("/health", timeout=2.0)).status_code == 200
         except httpx.TransportError:
             return False
 
     async def slots(self) -> list[dict[str, Any]]:
-        response = await self._http.get("/slots")
-        response.raise_for_status()
-        return response.json()
+        """GET /slots: one dict per slot (`id`, `is_processing`, `n_ctx`, ...)."""
+        return (await self._get("/slots")).json()
 
     async def metrics_text(self) -> str:
-        response = await self._http.get("/metrics")
-        response.raise_for_status()
-        return response.text
-
-
-def _error_message(raw: bytes) -> str:
-    try:
-        error = json.loads(raw)["error"]
-        return error.get("message", str(error)) if isinstance(error, dict) else str(error)
-    except (ValueError, KeyError, TypeError):
-        return raw.decode(errors="replace")[:500]
+        """GET /metrics: Prometheus text (`llamacpp:prompt_tokens_total`, ...)."""
+        return (await self._get("/metrics")).text

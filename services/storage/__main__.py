@@ -12,6 +12,7 @@ from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 from services.storage.blobstore import BlobStore
 from services.storage.config import StorageSettings
 from services.storage.filer import FilerClient
+from services.storage.runs import RunStore
 from services.storage.servicer import StorageServicer, translate_error
 
 
@@ -21,7 +22,7 @@ def main() -> None:
     async def setup(server: grpc.aio.Server, stack: contextlib.AsyncExitStack) -> list[str]:
         filer = await stack.enter_async_context(FilerClient(settings.filer_url, timeout=settings.filer_timeout_s))
         store = BlobStore(filer, chunk_size=settings.chunk_bytes)
-        storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store), server)
+        storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store, RunStore(store)), server)
         return [storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name]
 
     asyncio.run(serve("storage", settings, setup, translate_error))

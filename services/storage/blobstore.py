@@ -7,7 +7,9 @@ Layout on the filer:
     /llamafleet/tags/<name>/_tags/<tag>         {"name", "tag", "sha256", "updated"}
 
 A blob appears at its address only after its bytes were hashed on the way in and matched:
-an upload goes to a unique temporary path and is renamed (server-side, no copy) when done.
+an upload goes to a unique temporary path and is renamed (server-side, no copy) when done,
+right after its manifest was written.
+A GGUF model's header is read on the way in too, into the manifest's `metadata`.
 Tags live in a `_tags` directory under the name's directory because names nest with `/`
 ("a" with tag "b" and a name "a/b" would otherwise both want `/llamafleet/tags/a/b`); `_`
 cannot occur in a name, so that directory never collides with a namespace.
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from llamafleet.gguf_info import HeaderSniffer
 from services.storage.errors import (
     BlobNotFound,
     DataLoss,
@@ -52,6 +55,8 @@ TAGS_DIR = "_tags"
 DEFAULT_TAG = "latest"
 MAX_NAME_LENGTH = 128
 MAX_TAG_LENGTH = 128
+# Like most file systems' limit on one path component.
+MAX_FILENAME_LENGTH = 255
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _NAME_CHARS = re.compile(r"[a-z0-9./-]+")
@@ -61,7 +66,7 @@ _NAME_PART = re.compile(r"[a-z0-9]+(?:[.-]+[a-z0-9]+)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Fields the store computes; a caller cannot set them.
 _COMPUTED_FIELDS = frozenset({"sha256", "size", "created"})
-_KNOWN_FIELDS = ("kind", "media_type", "filename", "uploader", "labels", "metadata")
+_KNOWN_FIELDS = ("kind", "media_type", "filename", "uploader", "labels", "metadata", "refs")
 
 T = TypeVar("T")
 
@@ -132,6 +137,27 @@ def validate_tag(tag: str) -> str:
     return tag
 
 
+def validate_filename(filename: str) -> str:
+    """`filename` if it is usable as the original file name of an upload (empty is fine),
+    else InvalidName: a client may write a download under it, so it must be one plain path
+    component of printable characters."""
+    if not filename:
+        return filename
+    if len(filename) > MAX_FILENAME_LENGTH:
+        raise InvalidName(
+            f"the file name is {len(filename)} characters long; at most {MAX_FILENAME_LENGTH} are allowed",
+            field="filename",
+        )
+    if not filename.isprintable():
+        raise InvalidName(f"the file name {filename!r} contains a control character", field="filename")
+    if "/" in filename or "\\" in filename or filename in (".", ".."):
+        raise InvalidName(
+            f"the file name {filename!r} is a path; give only the last component (e.g. 'model.gguf')",
+            field="filename",
+        )
+    return filename
+
+
 @dataclass(frozen=True)
 class Ref:
     """A parsed reference: a digest, or a name and tag."""
@@ -175,16 +201,26 @@ def tag_path(name: str, tag: str) -> str:
 # -- records ---------------------------------------------------------------------------------------
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now as RFC 3339 in UTC, to the millisecond (the store's timestamps)."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _str_map(value: object, what: str) -> dict[str, str]:
+def str_map(value: object, what: str) -> dict[str, str]:
+    """`value` (None or a mapping of strings to strings) as a dict; ValueError naming `what` otherwise."""
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ValueError(f"{what} must map strings to strings")
     return dict(value)
+
+
+def _digest_list(value: object, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{what} must be a list of sha256 digests")
+    return sorted({validate_digest(v) for v in value})
 
 
 @dataclass
@@ -203,6 +239,8 @@ class Manifest:
     labels: dict[str, str] = field(default_factory=dict)
     # e.g. for GGUF models: architecture, parameter count, quantization, context length.
     metadata: dict[str, str] = field(default_factory=dict)
+    # Digests of other blobs this one needs (garbage collection keeps them while this one is kept).
+    refs: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -217,6 +255,7 @@ class Manifest:
             "uploader": self.uploader,
             "labels": self.labels,
             "metadata": self.metadata,
+            "refs": self.refs,
         }
         return {**self.extra, **known}
 
@@ -233,6 +272,7 @@ class Manifest:
             uploader=str(data.get("uploader") or ""),
             labels=dict(data.get("labels") or {}),
             metadata=dict(data.get("metadata") or {}),
+            refs=_digest_list(data.get("refs"), "refs"),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -257,6 +297,34 @@ class TagRef:
     updated: str = ""
 
 
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+class KeyedLocks:
+    """One asyncio.Lock per key, alive while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def __call__(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[key] = lock
+        return lock
+
+
+async def gather_bounded(jobs: list[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+    """Run `jobs` with at most `limit` at a time; their results in order."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(job: Callable[[], Awaitable[T]]) -> T:
+        async with semaphore:
+            return await job()
+
+    return list(await asyncio.gather(*(run(job) for job in jobs)))
+
+
 # -- the store -------------------------------------------------------------------------------------
 
 
@@ -266,26 +334,11 @@ class BlobStore:
     def __init__(self, filer: FilerClient, *, chunk_size: int = 1 << 20, concurrency: int = 8) -> None:
         self.filer = filer
         self.chunk_size = chunk_size
-        self._concurrency = concurrency
+        # How many filer calls a listing makes at once.
+        self.concurrency = concurrency
         # Serialises the check-then-move of puts of the same digest in this process, so two
         # of them never overwrite each other's entry while a reader streams it.
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-
-    def _lock(self, digest: str) -> asyncio.Lock:
-        lock = self._locks.get(digest)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[digest] = lock
-        return lock
-
-    async def _gather_bounded(self, jobs: list[Callable[[], Awaitable[T]]]) -> list[T]:
-        semaphore = asyncio.Semaphore(self._concurrency)
-
-        async def run(job: Callable[[], Awaitable[T]]) -> T:
-            async with semaphore:
-                return await job()
-
-        return list(await asyncio.gather(*(run(job) for job in jobs)))
+        self._lock = KeyedLocks()
 
     # -- blobs ---------------------------------------------------------------------------------
 
@@ -310,15 +363,18 @@ class BlobStore:
         the blob's address and the manifest is written. If the blob appeared meanwhile (a
         concurrent put of the same content) the upload is discarded and the blob kept.
 
-        `manifest_fields`: kind, media_type, filename, uploader, labels, metadata, and any
-        other JSON-able fields (kept in `Manifest.extra`); sha256, size and created are
-        computed and may not be given."""
+        `manifest_fields`: kind, media_type, filename, uploader, labels, metadata, refs, and
+        any other JSON-able fields (kept in `Manifest.extra`); sha256, size and created are
+        computed and may not be given. Metadata read from a GGUF header in the bytes takes
+        precedence over given metadata of the same keys."""
         expected = validate_digest(expected_sha256) if expected_sha256 else None
         fields = dict(manifest_fields or {})
         if computed := _COMPUTED_FIELDS & fields.keys():
             raise ValueError(f"manifest fields {sorted(computed)} are computed by the store and cannot be set")
-        labels = _str_map(fields.pop("labels", None), "labels")
-        metadata = _str_map(fields.pop("metadata", None), "metadata")
+        labels = str_map(fields.pop("labels", None), "labels")
+        metadata = str_map(fields.pop("metadata", None), "metadata")
+        refs = _digest_list(fields.pop("refs", None), "refs")
+        filename = validate_filename(str(fields.pop("filename", None) or ""))
         try:
             # Checked now: a manifest that cannot be written after the move would leave the
             # blob without one.
@@ -326,11 +382,12 @@ class BlobStore:
         except (TypeError, ValueError) as e:
             raise ValueError(f"manifest fields must be JSON-serialisable: {e}") from e
 
-        if expected is not None and await self.exists(expected) and (existing := await self.stat(expected)):
-            return PutResult(expected, existing.size, deduplicated=True, manifest=existing)
+        if expected is not None and (stored := await self.stat(expected)) is not None:
+            return PutResult(expected, stored.size, deduplicated=True, manifest=stored)
 
         tmp = f"{TMP_DIR}/{uuid.uuid4().hex}"
         hasher = hashlib.sha256()
+        sniffer = HeaderSniffer()
         size = 0
 
         async def hashed() -> AsyncIterator[bytes]:
@@ -341,6 +398,9 @@ class BlobStore:
                 data = bytes(chunk)
                 hasher.update(data)
                 size += len(data)
+                if sniffer.feed(data):
+                    # A large vocabulary takes a fraction of a second to skip: not on the loop.
+                    await asyncio.to_thread(sniffer.parse)
                 yield data
 
         try:
@@ -348,27 +408,39 @@ class BlobStore:
             digest = hasher.hexdigest()
             if expected is not None and digest != expected:
                 raise HashMismatch(expected, digest, size)
+            if not sniffer.done:
+                await asyncio.to_thread(sniffer.parse, True)
+            metadata |= sniffer.metadata()
             async with self._lock(digest):
                 new_blob = not await self.exists(digest)
+                existing = None if new_blob else await self._read_manifest(digest)
+                manifest = existing or Manifest(
+                    sha256=digest,
+                    size=size,
+                    kind=str(fields.pop("kind", None) or "other"),
+                    media_type=str(fields.pop("media_type", None) or "application/octet-stream"),
+                    filename=filename,
+                    created=utc_now(),
+                    uploader=str(fields.pop("uploader", None) or ""),
+                    labels=labels,
+                    metadata=metadata,
+                    refs=refs,
+                    extra=fields,
+                )
+                if existing is None:
+                    # Before the move: a blob at its address always has its manifest (also
+                    # when the store fills up now), and stat() ignores a manifest whose blob
+                    # never arrived.
+                    await self._write_manifest(manifest)
                 if new_blob:
-                    await self.filer.move(tmp, blob_path(digest))
+                    try:
+                        await self.filer.move(tmp, blob_path(digest))
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await self.filer.delete(manifest_path(digest))
+                        raise
                 else:
                     await self.filer.delete(tmp)
-                manifest = None if new_blob else await self._read_manifest(digest)
-                if manifest is None:
-                    manifest = Manifest(
-                        sha256=digest,
-                        size=size,
-                        kind=str(fields.pop("kind", None) or "other"),
-                        media_type=str(fields.pop("media_type", None) or "application/octet-stream"),
-                        filename=str(fields.pop("filename", None) or ""),
-                        created=_now(),
-                        uploader=str(fields.pop("uploader", None) or ""),
-                        labels=labels,
-                        metadata=metadata,
-                        extra=fields,
-                    )
-                    await self._write_manifest(manifest)
         except BaseException:
             # Also on cancellation: a half-written temporary file must not linger.
             with contextlib.suppress(Exception):
@@ -391,16 +463,15 @@ class BlobStore:
             return None
 
     async def stat(self, sha256: str) -> Manifest | None:
-        """The blob's manifest, or None if the blob is not stored. A blob whose manifest is
-        missing or unreadable (a put interrupted between the move and the manifest write)
-        gets a minimal manifest from the filer's metadata."""
+        """The blob's manifest, or None if the blob is not stored (also when its manifest
+        is: a put that failed after writing it). A blob whose manifest is missing or
+        unreadable gets a minimal manifest from the filer's metadata."""
         digest = validate_digest(sha256)
-        manifest = await self._read_manifest(digest)
-        if manifest is not None:
-            return manifest
-        info = await self.filer.stat(blob_path(digest))
+        info, manifest = await asyncio.gather(self.filer.stat(blob_path(digest)), self._read_manifest(digest))
         if info is None or info.is_dir:
             return None
+        if manifest is not None:
+            return manifest
         created = info.mtime.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return Manifest(sha256=digest, size=info.size, created=created)
 
@@ -473,7 +544,7 @@ class BlobStore:
                 digests.extend(
                     e.name for e in await self._list_or_empty(second.path) if not e.is_dir and _HEX64.fullmatch(e.name)
                 )
-        found = await self._gather_bounded([lambda d=d: self.stat(d) for d in sorted(digests)])
+        found = await gather_bounded([lambda d=d: self.stat(d) for d in sorted(digests)], self.concurrency)
         return [m for m in found if m is not None]
 
     async def _list_or_empty(self, path: str) -> list[FileInfo]:
@@ -482,13 +553,14 @@ class BlobStore:
         except FilerNotFound:
             return []
 
-    async def sweep_tmp(self, older_than: timedelta = timedelta(hours=24)) -> int:
+    async def sweep_tmp(self, older_than: timedelta = timedelta(hours=24), *, dry_run: bool = False) -> int:
         """Delete temporary uploads older than `older_than` (left by crashed puts); returns
-        how many were deleted."""
+        how many were (with `dry_run`: would be) deleted."""
         cutoff = datetime.now(UTC) - older_than
         stale = [e for e in await self._list_or_empty(TMP_DIR) if not e.is_dir and e.mtime < cutoff]
-        for entry in stale:
-            await self.filer.delete(entry.path)
+        if not dry_run:
+            for entry in stale:
+                await self.filer.delete(entry.path)
         return len(stale)
 
     # -- names ---------------------------------------------------------------------------------
@@ -499,7 +571,7 @@ class BlobStore:
         digest = validate_digest(sha256)
         if not await self.exists(digest):
             raise BlobNotFound(digest)
-        ref = TagRef(name=name, tag=tag, sha256=digest, updated=_now())
+        ref = TagRef(name=name, tag=tag, sha256=digest, updated=utc_now())
         body = json.dumps({"name": name, "tag": tag, "sha256": digest, "updated": ref.updated}, sort_keys=True)
         await self.filer.put_bytes(path, body.encode(), "application/json")
         return ref
@@ -531,7 +603,7 @@ class BlobStore:
         """Every tag, sorted by name then tag."""
         found: list[tuple[str, str]] = []
         await self._walk_tags(TAG_ROOT, "", found, depth=0)
-        refs = await self._gather_bounded([lambda n=n, t=t: self._read_tag_or_none(n, t) for n, t in found])
+        refs = await gather_bounded([lambda n=n, t=t: self._read_tag_or_none(n, t) for n, t in found], self.concurrency)
         return sorted((r for r in refs if r is not None), key=lambda r: (r.name, r.tag))
 
     async def _read_tag_or_none(self, name: str, tag: str) -> TagRef | None:

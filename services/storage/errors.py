@@ -1,11 +1,15 @@
 """Storage failures, domain-level (no gRPC here: the servicer maps them to statuses).
 
 StorageError
-├── InvalidName, InvalidDigest, InvalidRange   (also ValueError: the caller's input)
+├── InvalidName, InvalidDigest, InvalidRange,  (also ValueError: the caller's input)
+│   InvalidResult
 ├── HashMismatch                               (upload did not hash to the expected digest)
 ├── DataLoss                                   (stored bytes do not hash to their address)
-├── NotFound ── BlobNotFound, TagNotFound
-└── FilerError (status, body) ── FilerNotFound, FilerUnavailable
+├── CorruptRecord                              (a stored JSON record cannot be read)
+├── NotFound ── BlobNotFound, TagNotFound, RunNotFound
+├── RunExists                                  (a run id that is taken)
+├── RunConflict ── RunFinished                 (a run's state forbids the change)
+└── FilerError (status, body) ── FilerNotFound, FilerUnavailable, FilerOutOfSpace
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ class StorageError(Exception):
 
 
 class InvalidName(StorageError, ValueError):
-    """A name or tag is not acceptable; the message says what to change."""
+    """A name, tag, file name or run id is not acceptable; the message says what to change
+    and `field` which request field it was."""
+
+    def __init__(self, message: str, *, field: str = "name") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidDigest(StorageError, ValueError):
@@ -25,6 +34,10 @@ class InvalidDigest(StorageError, ValueError):
 
 class InvalidRange(StorageError, ValueError):
     """An offset/length outside the blob."""
+
+
+class InvalidResult(StorageError, ValueError):
+    """A run result is not a one-line JSON object, or a batch of them is too large."""
 
 
 class HashMismatch(StorageError):
@@ -46,6 +59,10 @@ class DataLoss(StorageError):
         self.detail = detail
 
 
+class CorruptRecord(StorageError):
+    """A stored JSON record (e.g. a run's manifest) cannot be parsed."""
+
+
 class NotFound(StorageError):
     """Base of the not-found failures."""
 
@@ -61,6 +78,28 @@ class TagNotFound(NotFound):
         super().__init__(f"no tag {name}:{tag}")
         self.name = name
         self.tag = tag
+
+
+class RunNotFound(NotFound):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run {run_id!r}")
+        self.run_id = run_id
+
+
+class RunExists(StorageError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"a run {run_id!r} exists already; choose another id or leave it empty for a new one")
+        self.run_id = run_id
+
+
+class RunConflict(StorageError):
+    """The run's current state forbids the change (e.g. results out of order)."""
+
+
+class RunFinished(RunConflict):
+    def __init__(self, run_id: str, action: str) -> None:
+        super().__init__(f"run {run_id!r} is finished and immutable; cannot {action}")
+        self.run_id = run_id
 
 
 class FilerError(StorageError):
@@ -79,3 +118,8 @@ class FilerNotFound(FilerError):
 
 class FilerUnavailable(FilerError):
     """The filer could not be reached (connection refused, timeouts, 502/503/504) after retries."""
+
+
+class FilerOutOfSpace(FilerError):
+    """SeaweedFS has no room for the write: a disk is full, or every volume is full and no
+    new one can be created."""

@@ -15,6 +15,10 @@ What the filer does, as used here:
   `?recursive=true` (else 500).
 - `GET /dir/` with `Accept: application/json` lists `Entries` (null when empty) in name
   order, `limit` at a time after `lastFileName`; `ShouldDisplayLoadMore` says more follow.
+- Out of space, a write answers 500 with the cause in the JSON error: a full disk says
+  "...: write /data/11.dat: no space left on device" (the volume server's ENOSPC); full
+  volumes with none left to grow say "failed to find writable volumes ... No writable
+  volumes and no free volumes left". Neither is worth retrying.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from urllib.parse import quote
 
 import httpx
 
-from services.storage.errors import FilerError, FilerNotFound, FilerUnavailable
+from services.storage.errors import FilerError, FilerNotFound, FilerOutOfSpace, FilerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +44,13 @@ log = logging.getLogger(__name__)
 _MODE_DIR = 1 << 31
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _UNAVAILABLE_STATUSES = (502, 503, 504)
+# How the filer says it is out of space (see the module docstring); 507 is HTTP's own.
+_OUT_OF_SPACE_STATUS = 507
+_OUT_OF_SPACE_MARKERS = ("no space left on device", "no free volumes left")
 # A listing loop stops here rather than spin on a filer that never says "done".
 _MAX_LIST_PAGES = 100_000
 
-__all__ = ["FileInfo", "FilerClient", "FilerError", "FilerNotFound", "FilerUnavailable"]
+__all__ = ["FileInfo", "FilerClient", "FilerError", "FilerNotFound", "FilerOutOfSpace", "FilerUnavailable"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,11 @@ class _Replayable:
             yield chunk
 
 
+def _out_of_space(status: int, body: str) -> bool:
+    lowered = body.lower()
+    return status == _OUT_OF_SPACE_STATUS or any(marker in lowered for marker in _OUT_OF_SPACE_MARKERS)
+
+
 def _check_path(path: str) -> str:
     if not path.startswith("/"):
         raise ValueError(f"filer paths are absolute: {path!r}")
@@ -109,7 +121,8 @@ class FilerClient:
     from the iterator, since a one-shot iterator cannot be replayed.
 
     Errors: FilerNotFound (missing path), FilerUnavailable (unreachable, timeouts, 502-504
-    after retries), FilerError (any other status, with `status` and `body`)."""
+    after retries), FilerOutOfSpace (not retried), FilerError (any other status, with
+    `status` and `body`)."""
 
     def __init__(
         self,
@@ -189,12 +202,17 @@ class FilerClient:
                     await asyncio.sleep(self._delay(attempt))
                     continue
                 raise FilerUnavailable(
-                    f"filer {self.base_url} unreachable for {method} {path}: {type(e).__name__}: {e}"
+                    f"filer {self.base_url} cannot be reached (is SeaweedFS running?): {method} {path} "
+                    f"failed after {attempt + 1} attempt(s): {type(e).__name__}: {e}"
                 ) from e
             if response.status_code >= 500 and attempt < self._retries and (retry() if callable(retry) else retry):
-                body = (await response.aread()).decode(errors="replace")[:300]
+                # Read whole (also for a streamed response): the answer decides whether to retry,
+                # and a returned response keeps its body for _raise_for_status.
+                body = (await response.aread()).decode(errors="replace")
+                if _out_of_space(response.status_code, body):
+                    return response
                 await response.aclose()
-                log.debug("filer %s %s answered %s (%s); retrying", method, path, response.status_code, body)
+                log.debug("filer %s %s answered %s (%s); retrying", method, path, response.status_code, body[:300])
                 await asyncio.sleep(self._delay(attempt))
                 continue
             return response
@@ -212,6 +230,8 @@ class FilerClient:
         message = f"filer {method} {path}: HTTP {status}: {body.strip() or response.reason_phrase}"
         if status == 404 or (status == 400 and "no entry is found" in body):
             raise FilerNotFound(message, status=status, body=body)
+        if _out_of_space(status, body):
+            raise FilerOutOfSpace(message, status=status, body=body)
         if status in _UNAVAILABLE_STATUSES:
             raise FilerUnavailable(message, status=status, body=body)
         raise FilerError(message, status=status, body=body)

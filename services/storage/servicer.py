@@ -1,16 +1,23 @@
-"""The Storage gRPC API: a thin adapter over BlobStore, with streamed transfers."""
+"""The Storage gRPC API: a thin adapter over BlobStore, RunStore and the garbage collector,
+with streamed transfers."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
 
 import grpc
 from prometheus_client import Counter
 
 from llamafleet import errors
+from llamafleet.storage_client import UPLOADER_METADATA
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 from services.storage import errors as storage_errors
 from services.storage.blobstore import BlobStore, Manifest
+from services.storage.gc import DEFAULT_MIN_AGE, collect_garbage
+from services.storage.runs import FINISHED, OPEN, RunManifest, RunStore
 
 KINDS = {
     storage_pb2.ARTIFACT_KIND_MODEL: "model",
@@ -19,6 +26,7 @@ KINDS = {
     storage_pb2.ARTIFACT_KIND_OTHER: "other",
 }
 KIND_VALUES = {name: value for value, name in KINDS.items()}
+RUN_STATES = {OPEN: storage_pb2.RUN_STATE_OPEN, FINISHED: storage_pb2.RUN_STATE_FINISHED}
 
 
 def translate_error(exc: Exception) -> errors.FleetError | None:
@@ -27,17 +35,23 @@ def translate_error(exc: Exception) -> errors.FleetError | None:
         case storage_errors.InvalidDigest() | storage_errors.InvalidRange():
             return errors.InvalidArgument("ref", str(exc))
         case storage_errors.InvalidName():
-            return errors.InvalidArgument("name", str(exc))
+            return errors.InvalidArgument(exc.field, str(exc))
+        case storage_errors.InvalidResult():
+            return errors.InvalidArgument("results", str(exc))
         case storage_errors.HashMismatch():
             return errors.InvalidArgument("expected_sha256", str(exc))
-        case storage_errors.DataLoss():
+        case storage_errors.DataLoss() | storage_errors.CorruptRecord():
             return errors.DataLoss(str(exc))
         case storage_errors.NotFound() | storage_errors.FilerNotFound():
             return errors.NotFound(str(exc))
+        case storage_errors.RunExists():
+            return errors.AlreadyExists(str(exc))
+        case storage_errors.RunConflict():
+            return errors.FailedPrecondition(str(exc))
         case storage_errors.FilerUnavailable():
             return errors.Unavailable(f"SeaweedFS is unavailable: {exc}")
-        case storage_errors.FilerError() if exc.status == 507 or "no space" in exc.body.lower():
-            return errors.ResourceExhausted(f"SeaweedFS is out of space: {exc}")
+        case storage_errors.FilerOutOfSpace():
+            return errors.ResourceExhausted(f"SeaweedFS is out of space; nothing was stored: {exc}")
     return None
 
 
@@ -52,7 +66,44 @@ def to_info(manifest: Manifest) -> storage_pb2.BlobInfo:
         uploader=manifest.uploader,
         labels=manifest.labels,
         metadata=manifest.metadata,
+        refs=manifest.refs,
     )
+
+
+def to_run_info(manifest: RunManifest, metrics: dict[str, Any] | None = None) -> storage_pb2.RunInfo:
+    """The run as the API shows it; `metrics` (metrics.json) when read."""
+    return storage_pb2.RunInfo(
+        run_id=manifest.run_id,
+        state=RUN_STATES[manifest.state],
+        model_ref=manifest.model_ref,
+        model_sha256=manifest.model_sha256,
+        prompts_sha256=manifest.prompts_sha256,
+        created=manifest.created,
+        finished=manifest.finished,
+        creator=manifest.creator,
+        labels=manifest.labels,
+        results_count=manifest.results_count,
+        results_sha256=manifest.results_sha256,
+        results_bytes=manifest.results_bytes,
+        metrics_json=json.dumps(metrics, sort_keys=True) if metrics is not None else "",
+    )
+
+
+def _caller(context: grpc.aio.ServicerContext) -> str:
+    # Who the client says it is (user@host), else its address.
+    return str(dict(context.invocation_metadata() or ()).get(UPLOADER_METADATA, context.peer()))
+
+
+def _metrics(text: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise errors.InvalidArgument("metrics_json", f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise errors.InvalidArgument("metrics_json", f"must be a JSON object, not {type(value).__name__}")
+    return value
 
 
 class StorageMetrics:
@@ -67,8 +118,9 @@ class StorageMetrics:
 
 
 class StorageServicer(storage_pb2_grpc.StorageServicer):
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, runs: RunStore) -> None:
         self._store = store
+        self._runs = runs
         self._metrics = StorageMetrics()
 
     async def _digest(self, ref: str) -> str:
@@ -97,7 +149,6 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
                 self._metrics.bytes.labels("in").inc(len(message.data))
                 yield message.data
 
-        peer = dict(context.invocation_metadata() or ()).get("x-llamafleet-uploader", context.peer())
         try:
             result = await self._store.put(
                 data(),
@@ -107,7 +158,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
                     "media_type": header.media_type or "application/octet-stream",
                     "filename": header.filename,
                     "labels": dict(header.labels),
-                    "uploader": str(peer),
+                    "refs": list(header.refs),
+                    "uploader": _caller(context),
                 },
             )
         except storage_errors.HashMismatch:
@@ -172,3 +224,61 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
     ) -> storage_pb2.UntagResponse:
         await self._store.untag(request.name, request.tag or "latest")
         return storage_pb2.UntagResponse()
+
+    async def CreateRun(
+        self, request: storage_pb2.CreateRunRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.CreateRunResponse:
+        manifest = await self._runs.create(
+            model=request.model,
+            run_id=request.run_id,
+            prompts_sha256=request.prompts_sha256,
+            labels=dict(request.labels),
+            creator=_caller(context),
+        )
+        return storage_pb2.CreateRunResponse(run=to_run_info(manifest))
+
+    async def AppendRunResults(
+        self, request: storage_pb2.AppendRunResultsRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.AppendRunResultsResponse:
+        first = request.first_index if request.HasField("first_index") else None
+        count = await self._runs.append(request.run_id, list(request.results), first)
+        return storage_pb2.AppendRunResultsResponse(results_count=count)
+
+    async def FinishRun(
+        self, request: storage_pb2.FinishRunRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.FinishRunResponse:
+        metrics = _metrics(request.metrics_json)
+        manifest = await self._runs.finish(request.run_id, metrics)
+        return storage_pb2.FinishRunResponse(run=to_run_info(manifest, metrics))
+
+    async def GetRun(
+        self, request: storage_pb2.GetRunRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.GetRunResponse:
+        view = await self._runs.get(request.run_id, request.results_limit)
+        return storage_pb2.GetRunResponse(run=to_run_info(view.manifest, view.metrics), results=view.results)
+
+    async def ListRuns(
+        self, request: storage_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.ListRunsResponse:
+        return storage_pb2.ListRunsResponse(runs=[to_run_info(m) for m in await self._runs.list_runs()])
+
+    async def GarbageCollect(
+        self, request: storage_pb2.GarbageCollectRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.GarbageCollectResponse:
+        min_age = timedelta(seconds=request.min_age_seconds) if request.HasField("min_age_seconds") else DEFAULT_MIN_AGE
+        report = await collect_garbage(
+            self._store,
+            self._runs,
+            # Unset means a dry run: deleting must be asked for.
+            dry_run=request.dry_run if request.HasField("dry_run") else True,
+            min_age=min_age,
+        )
+        return storage_pb2.GarbageCollectResponse(
+            dry_run=report.dry_run,
+            removed=[to_info(m) for m in report.removed],
+            removed_bytes=report.removed_bytes,
+            kept_count=report.kept_count,
+            kept_bytes=report.kept_bytes,
+            young=[to_info(m) for m in report.young],
+            temp_files=report.temp_files,
+        )

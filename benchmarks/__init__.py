@@ -1,0 +1,1 @@
+"""Benchmarks of llamafleet's services (run on the machines they describe)."""

@@ -1,0 +1,226 @@
+"""`python -m benchmarks` (what `make bench` runs): the serving, storage, MPI and postproc suites.
+
+Prints tables as it goes, writes CSV files (and the serving plot) under --results, and, for full
+runs, each suite's section to docs/bench/<suite>.md and the assembled docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.common import BenchContext, assemble_benchmarks_md, command_line, parse_size
+
+SUITES = ("serving", "storage", "mpi", "postproc")
+
+DESCRIPTION = """\
+Benchmarks of llamafleet, each against a peer measured in the same run.
+
+suites:
+  serving   tokens/s, TTFT, TPOT, ITL through the scheduler (Submit) and the gateway (Generate)
+            with 1, 2 and 4 workers at 1-32 concurrent streams, against as many direct
+            llama-servers; then round_robin vs least_loaded vs prefix_affinity on a shared-prefix
+            workload (4 workers, the 100 MB "bench" demo model).            (~9 min on 2 cores)
+  storage   PutBlob/GetBlob MB/s and p50/p95/p99 for 64 MiB, 256 MiB and 1 GiB objects against
+            plain HTTP PUT/GET to the SeaweedFS filer and hashlib SHA-256 over the same bytes;
+            cold vs warm model load through the node cache (1 GiB).         (~3 min)
+  mpi       MPI ping-pong (mpi4py Send/Recv, 2 ranks) bandwidth and latency, 1 KiB-256 MiB,
+            host buffers here; pinned and CuPy device buffers where CuPy finds a GPU. (~30 s)
+  postproc  the NumPy (CPU) part of benchmarks/postproc_bench.py, when that file is present.
+  all       every suite above, in that order (the default).
+
+--quick runs tiny sizes in seconds (the smoke test) and leaves docs/ untouched.
+"""
+
+
+def parse_list(kind: Callable[[str], int]) -> Callable[[str], tuple[int, ...]]:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive comma-separated values, got {text!r}")
+        return values
+
+    return parse
+
+
+def parse_suites(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if "all" in names:
+        return SUITES
+    unknown = [n for n in names if n not in SUITES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown suite {', '.join(unknown) or text!r}; choose from {', '.join(SUITES)}, all"
+        )
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suite", type=parse_suites, default=SUITES, help="suite(s), comma-separated (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds per suite (smoke test)")
+    parser.add_argument(
+        "--results", type=Path, help="folder for CSV/PNG results (default: bench-results, or bench-results/quick)"
+    )
+    parser.add_argument(
+        "--docs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write docs/bench/<suite>.md and docs/BENCHMARKS.md (default: yes, except with --quick)",
+    )
+    serving = parser.add_argument_group("serving")
+    serving.add_argument("--workers", type=parse_list(int), help="worker counts (default: 1,2,4)")
+    serving.add_argument("--concurrency", type=parse_list(int), help="concurrent streams (default: 1,2,4,8,16,32)")
+    serving.add_argument("--max-tokens", type=int, help="output tokens per request of the sweep (default: 64)")
+    serving.add_argument("--slots", type=int, help="llama-server slots per worker and direct server (default: 4)")
+    serving.add_argument("--no-policies", action="store_true", help="skip the scheduling-policy comparison")
+    serving.add_argument("--prefix-tokens", type=int, help="shared prefix of the policy workload (default: 1024)")
+    storage = parser.add_argument_group("storage")
+    storage.add_argument(
+        "--storage-sizes", type=parse_list(parse_size), help="object sizes, e.g. 64M,256M,1G (the default)"
+    )
+    storage.add_argument("--cache-size", type=parse_size, help="blob size of the node-cache test (default: 1G)")
+    mpi = parser.add_argument_group("mpi")
+    mpi.add_argument("--mpi-max-size", type=parse_size, help="largest message (default: 256M; sizes are powers of 4)")
+    return parser
+
+
+def serving_options(args: argparse.Namespace):  # -> ServingOptions
+    from benchmarks.serving_bench import ServingOptions
+
+    opts = ServingOptions.quick() if args.quick else ServingOptions()
+    overrides = {
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "slots": args.slots,
+        "prefix_tokens": args.prefix_tokens,
+    }
+    opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(opts, policies=False) if args.no_policies else opts
+
+
+def storage_options(args: argparse.Namespace):  # -> StorageOptions
+    from benchmarks.storage_bench import StorageOptions
+
+    opts = StorageOptions.quick() if args.quick else StorageOptions()
+    if args.storage_sizes:
+        opts = replace(opts, sizes=args.storage_sizes)
+    if args.cache_size:
+        opts = replace(opts, cache_size=args.cache_size)
+    return opts
+
+
+async def run_suite(name: str, ctx: BenchContext, args: argparse.Namespace) -> None:
+    # Imported per suite: each pulls in its own dependencies (grpc stacks, mpi4py, matplotlib).
+    if name == "serving":
+        from benchmarks import serving_bench
+
+        await serving_bench.run(ctx, serving_options(args))
+    elif name == "storage":
+        from benchmarks import storage_bench
+
+        await storage_bench.run(ctx, storage_options(args))
+    elif name == "mpi":
+        from benchmarks import mpi_bench
+
+        await mpi_bench.run(ctx, max_size=args.mpi_max_size)
+    elif name == "postproc":
+        await asyncio.to_thread(run_postproc, ctx)
+
+
+def host_copy_bandwidth(size: int = 256 << 20) -> float:
+    """Bytes read plus written per second by np.copyto: the CPU's counterpart of the D2D copy
+    that postproc_bench.py measures its kernels against."""
+    import numpy as np
+
+    src, dst = np.ones(size, dtype=np.uint8), np.empty(size, dtype=np.uint8)
+    np.copyto(dst, src)
+    start = time.perf_counter()
+    for _ in range(5):
+        np.copyto(dst, src)
+    return 2 * size * 5 / (time.perf_counter() - start)
+
+
+def postproc_cells(r: dict) -> list[str]:
+    from benchmarks.common import fmt
+
+    cells = [r["op"], r["impl"], str(r["batch"]), str(r["vocab"]), fmt(r["time_us"], 1)]
+    return [*cells, fmt(r["bandwidth_gbps"], 2), fmt(r["fraction_of_d2d"], 3)]
+
+
+def run_postproc(ctx: BenchContext) -> None:
+    """The NumPy part of the postproc engineer's benchmarks/postproc_bench.py, if present."""
+    if not Path(__file__).with_name("postproc_bench.py").is_file():
+        ctx.progress("postproc: benchmarks/postproc_bench.py is not there; skipped")
+        return
+    from benchmarks import postproc_bench
+
+    entry = getattr(postproc_bench, "bench_numpy_sampling", None)
+    if entry is None:
+        ctx.progress("postproc: postproc_bench.py has no bench_numpy_sampling (its CPU entry); skipped")
+        return
+    from dataclasses import asdict
+
+    from benchmarks.common import Report, write_csv, write_fragment
+
+    copy = host_copy_bandwidth()
+    ctx.progress(f"postproc: NumPy sampling (CPU); peer: np.copyto at {copy / 1e9:.1f} GB/s (read + written)")
+    rows: list = []
+    entry(rows, copy)
+    records = [asdict(r) for r in rows]
+    write_csv(ctx.csv_path("postproc_cpu.csv"), records)
+    report = Report(
+        "Postproc sampling on the CPU (NumPy) — workload: top-k 50 + top-p 0.9 over random logits "
+        "(benchmarks/postproc_bench.py); peer: np.copyto bandwidth of this machine",
+        ["op", "impl", "batch", "vocab", "time µs", "input GB/s", "fraction of copy"],
+        [postproc_cells(r) for r in records],
+        note=f"Fraction = input bytes read once per second / np.copyto bytes read + written per second "
+        f"({copy / 1e9:.1f} GB/s), as postproc_bench.py counts its D2D reference. Best of 3.",
+        labels=2,
+    )
+    report.show(ctx.console)
+    body = "- **Setup**: the NumPy sampler of `services/postproc/sampling.py`, one thread.\n\n" + report.markdown()
+    write_fragment(ctx, "postproc-cpu", "Postproc on the CPU (NumPy)", body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    results = args.results or Path("bench-results/quick" if args.quick else "bench-results")
+    write_docs = (not args.quick) if args.docs is None else args.docs
+    ctx = BenchContext(quick=args.quick, results=results.resolve(), write_docs=write_docs, command=command_line())
+    ctx.results.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    for name in args.suite:
+        ctx.console.rule(f"[bold]{name}")
+        start = time.perf_counter()
+        try:
+            asyncio.run(run_suite(name, ctx, args))
+        except KeyboardInterrupt:
+            raise
+        except Exception:
+            # One broken suite must not cost the numbers of the others.
+            ctx.console.print(f"[red]suite {name} failed:[/red]\n{traceback.format_exc()}")
+            failed.append(name)
+        ctx.progress(f"{name} took {time.perf_counter() - start:.0f} s")
+    if write_docs:
+        ctx.progress(f"wrote {assemble_benchmarks_md()}")
+    ctx.progress(f"results in {ctx.results}")
+    if failed:
+        ctx.console.print(f"[red]failed suites: {', '.join(failed)}[/red]")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Postproc kernels on a GPU: time, achieved bandwidth and its fraction of the device-to-device copy.
+
+Run from the repository root on a CUDA machine (needs numpy and cupy; torch optional):
+
+    PYTHONPATH=. python -m benchmarks.postproc_bench --out docs/bench
+
+Bandwidth counts the input bytes read once (logits, corpus) over the time; the copy
+bandwidth of the same run counts bytes read plus written, as the issue's reference does.
+Sampling is timed on device-resident logits (the kernels alone), torch's sort-based
+top-k/top-p/multinomial likewise; TokenStats end to end against an empty kernel plus
+the same copies; NumPy on the CPU.  Writes ``postproc.csv`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.postproc.backends import CupyBackend
+from services.postproc.sampling import RowParams, SampleLimits, make_sample_batch, sample_numpy
+from services.postproc.staging import PinnedBuffer
+from services.postproc.token_stats import PackedBatch, token_stats_numpy
+
+BATCHES = (1, 8, 64, 256)
+VOCABS = (32000, 131072, 262144)
+ROTATE_BYTES = 256 << 20  # cycle through this much input so repeated runs do not hit L2
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    dtype: str
+    batch: int
+    vocab: int
+    time_us: float
+    input_bytes: int
+    bandwidth_gbps: float
+    fraction_of_d2d: float
+    vs_torch: str = ""
+
+
+def gpu_time_us(cp: Any, stream: Any, fn: Callable[[int], None], n_inputs: int, iters: int = 30) -> float:
+    """Median per-call microseconds of ``fn(i)`` on ``stream``, replayed from a CUDA graph when capture works."""
+
+    def loop() -> None:
+        with stream:
+            for i in range(iters):
+                fn(i % n_inputs)
+
+    loop()
+    stream.synchronize()
+    run = loop
+    try:  # a graph replay takes the host's launch overhead out of the small cases
+        stream.begin_capture()
+        loop()
+        graph = stream.end_capture()
+        run = lambda: graph.launch(stream=stream)  # noqa: E731
+    except Exception:
+        if stream.is_capturing():
+            stream.end_capture()
+    run()
+    samples = []
+    for _ in range(7):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        run()
+        stop.record(stream)
+        stop.synchronize()
+        samples.append(cp.cuda.get_elapsed_time(start, stop) * 1000 / iters)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(cp: Any, torch: Any) -> float:
+    """Device-to-device copy of 1 GiB, bytes read plus written per second: the best of
+    cudaMemcpy, CuPy's copy kernel and torch's (the strictest reference for the fractions)."""
+    n = 1 << 30
+    src, dst = cp.empty(n, cp.uint8), cp.empty(n, cp.uint8)
+    src.fill(1)
+    stream = cp.cuda.Stream(non_blocking=True)
+    times = [
+        gpu_time_us(cp, stream, lambda _: dst.data.copy_from_device_async(src.data, n, stream), 1, iters=10),
+        gpu_time_us(cp, stream, lambda _: cp.copyto(dst.view(cp.float32), src.view(cp.float32)), 1, iters=10),
+    ]
+    if torch is not None:
+        a, b = torch.empty(n // 4, device="cuda"), torch.ones(n // 4, device="cuda")
+        a.copy_(b)
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            a.copy_(b)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 100)
+    return 2 * n / (min(times) * 1e-6)
+
+
+def sample_params(kind: str, vocab: int, rng: np.random.Generator, seed: int) -> RowParams:
+    if kind == "temp_topk":
+        return RowParams(temperature=0.8, top_k=50, seed=seed)
+    if kind == "topk_topp":
+        return RowParams(top_k=50, top_p=0.9, seed=seed)
+    return RowParams(
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        presence_penalty=0.3,
+        frequency_penalty=0.2,
+        history=rng.integers(0, vocab, size=64).tolist(),
+        seed=seed,
+    )
+
+
+def torch_sample(torch: Any, logits: Any, top_k: int, top_p: float, generator: Any) -> Any:
+    """The usual sort-based top-k + top-p + multinomial (as vLLM's fallback path does it)."""
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True)
+    sorted_probs[:, top_k:] = 0
+    cum = torch.cumsum(sorted_probs, dim=-1)
+    sorted_probs[(cum - sorted_probs) >= top_p * cum[:, -1:]] = 0
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return sorted_idx.gather(-1, choice)
+
+
+def bench_sampling(cp: Any, backend: CupyBackend, d2d: float, dtype: type, rows_out: list[Row], torch: Any) -> None:
+    sampler = backend.sampler
+    rng = np.random.default_rng(0)
+    for vocab in VOCABS:
+        for batch in BATCHES:
+            logits = (rng.normal(size=(batch, vocab)) * 2.5).astype(dtype)
+            nbytes = logits.nbytes
+            n_inputs = max(1, min(8, ROTATE_BYTES // nbytes))
+            copies = [cp.asarray(logits) for _ in range(n_inputs)]
+            row_max_us = gpu_time_us(cp, sampler.stream, lambda i, d=copies: d[i].max(axis=1), n_inputs)
+            del copies
+            rows_out.append(_row("row_max", "cupy", dtype, batch, vocab, row_max_us, nbytes, d2d))
+            for kind in ("temp_topk", "topk_topp", "full"):
+                params = [sample_params(kind, vocab, rng, s) for s in range(batch)]
+                host = make_sample_batch(logits, params, SampleLimits(max_rows=batch))
+                prepared = [sampler.prepare(host) for _ in range(n_inputs)]
+                us = gpu_time_us(cp, sampler.stream, lambda i, p=prepared: sampler.launch(p[i]), n_inputs)
+                row = _row(f"sample_{kind}", "cupy", dtype, batch, vocab, us, nbytes, d2d)
+                if kind == "topk_topp" and torch is not None and dtype is np.float32:
+                    t_us = bench_torch(torch, logits, n_inputs)
+                    rows_out.append(_row("sample_topk_topp", "torch", dtype, batch, vocab, t_us, nbytes, d2d))
+                    row.vs_torch = f"{t_us / us:.1f}x"
+                rows_out.append(row)
+                print(_fmt(row), flush=True)
+                del prepared
+
+
+def bench_torch(torch: Any, logits: np.ndarray, n_inputs: int) -> float:
+    inputs = [torch.as_tensor(logits, device="cuda") for _ in range(n_inputs)]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for i in range(3):
+        torch_sample(torch, inputs[i % n_inputs], 50, 0.9, generator)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(7):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(20):
+            torch_sample(torch, inputs[i % n_inputs], 50, 0.9, generator)
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop) * 1000 / 20)
+    return statistics.median(samples)
+
+
+def bench_numpy_sampling(rows_out: list[Row], d2d: float) -> None:
+    rng = np.random.default_rng(1)
+    for vocab in VOCABS:
+        for batch in (1, 8, 64):
+            logits = (rng.normal(size=(batch, vocab)) * 2.5).astype(np.float32)
+            host = make_sample_batch(logits, [sample_params("topk_topp", vocab, rng, s) for s in range(batch)])
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                sample_numpy(host)
+                times.append((time.perf_counter() - start) * 1e6)
+            row = _row("sample_topk_topp", "numpy", np.float32, batch, vocab, min(times), logits.nbytes, d2d)
+            rows_out.append(row)
+            print(_fmt(row), flush=True)
+
+
+def bench_token_stats(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float) -> None:
+    rng = np.random.default_rng(2)
+    for responses in (1, 8, 64, 256):
+        tokens, width = 256, 20
+        total = responses * tokens
+        top = np.sort(rng.normal(-4, 2, size=(total, width)).astype(np.float32), axis=1)[:, ::-1]
+        top = np.minimum(top, 0).copy()
+        packed = PackedBatch(top, top[:, 0].copy(), np.arange(0, total + 1, tokens, dtype=np.int64))
+        in_bytes = top.nbytes + total * 4 + (responses + 1) * 8
+        out_bytes = total * 9 + responses * 32
+
+        def wall_us(fn: Callable[[], object]) -> float:
+            fn()
+            samples = []
+            for _ in range(20):
+                start = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - start) * 1e6)
+            return statistics.median(samples)
+
+        stats_us = wall_us(lambda p=packed: backend.token_stats(p))
+        base_us = wall_us(empty_kernel_and_copies(cp, in_bytes, out_bytes))
+        np_us = wall_us(lambda p=packed: token_stats_numpy(p))
+        for impl, us in (("cupy", stats_us), ("empty+copies", base_us), ("numpy", np_us)):
+            row = _row("token_stats", impl, np.float32, responses, width, us, in_bytes, d2d)
+            if impl == "cupy":
+                row.vs_torch = f"{stats_us / base_us:.2f}x of empty+copies"
+            rows_out.append(row)
+            print(_fmt(row), flush=True)
+
+
+def empty_kernel_and_copies(cp: Any, in_bytes: int, out_bytes: int) -> Callable[[], None]:
+    """The floor of a TokenStats call: the same pinned upload and download around an empty kernel."""
+    pin_in, pin_out = PinnedBuffer(cp).take(in_bytes), PinnedBuffer(cp).take(out_bytes)
+    d_in, d_out = cp.empty(in_bytes, cp.uint8), cp.empty(out_bytes, cp.uint8)
+    empty = cp.RawKernel('extern "C" __global__ void llf_empty() {}', "llf_empty")
+    stream = cp.cuda.Stream(non_blocking=True)
+
+    def run() -> None:
+        d_in.set(pin_in, stream=stream)
+        with stream:
+            empty((1,), (32,), ())
+        d_out.get(stream=stream, out=pin_out)
+        stream.synchronize()
+
+    return run
+
+
+def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float) -> None:
+    rng = np.random.default_rng(3)
+    size, dim = 1 << 20, 768
+    store = backend.corpora
+    chunk = 1 << 16
+    for start in range(0, size, chunk):
+        vectors = rng.normal(size=(chunk, dim)).astype(np.float32)
+        store.add("bench", vectors, [str(i) for i in range(start, start + chunk)])
+    for queries in (1, 8, 64, 256):
+        q = rng.normal(size=(queries, dim)).astype(np.float32)
+        store.search("bench", q, 10)
+        cp.cuda.Device().synchronize()
+        samples = []
+        for _ in range(7):
+            start_t = time.perf_counter()
+            store.search("bench", q, 10)
+            samples.append((time.perf_counter() - start_t) * 1e6)
+        row = _row("search_top10", "cupy", np.float32, queries, size, statistics.median(samples), size * dim * 4, d2d)
+        rows_out.append(row)
+        print(_fmt(row), flush=True)
+    store.remove("bench", [])
+
+
+def _row(op: str, impl: str, dtype: type, batch: int, vocab: int, us: float, nbytes: int, d2d: float) -> Row:
+    bandwidth = nbytes / (us * 1e-6)
+    return Row(
+        op,
+        impl,
+        np.dtype(dtype).name,
+        batch,
+        vocab,
+        round(us, 2),
+        nbytes,
+        round(bandwidth / 1e9, 1),
+        round(bandwidth / d2d, 3),
+    )
+
+
+def _fmt(r: Row) -> str:
+    return (
+        f"{r.op:<18} {r.impl:<13} {r.dtype:<8} {r.batch:>5} {r.vocab:>8} {r.time_us:>11.1f} "
+        f"{r.bandwidth_gbps:>9.1f} {r.fraction_of_d2d:>6.3f} {r.vs_torch}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="directory for postproc.csv")
+    parser.add_argument("--quick", action="store_true", help="sampling only, fp32, no NumPy or search")
+    args = parser.parse_args()
+
+    import cupy as cp
+
+    # CuPy's CUB reduction accelerator fails to compile custom reductions on some installs.
+    cp._core.set_reduction_accelerators([])
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    backend = CupyBackend(reason="benchmark")
+    d2d = copy_bandwidth(cp, torch)
+    print(f"device: {backend.device_description}; host: {platform.node()}; D2D copy {d2d / 1e12:.2f} TB/s")
+    kernel = backend.sampler.kernel(8)
+    print(
+        f"sample kernel: {kernel.num_regs} registers, {kernel.local_size_bytes} bytes local, "
+        f"{kernel.shared_size_bytes} bytes static shared per CTA"
+    )
+    header = (
+        f"{'op':<18} {'impl':<13} {'dtype':<8} {'batch':>5} {'vocab':>8} {'time_us':>11} {'GB/s':>9} {'frac':>6} vs"
+    )
+    print(header)
+    rows: list[Row] = []
+    bench_sampling(cp, backend, d2d, np.float32, rows, torch)
+    if not args.quick:
+        bench_sampling(cp, backend, d2d, np.float16, rows, None)
+        bench_token_stats(cp, backend, rows, d2d)
+        bench_search(cp, backend, rows, d2d)
+        bench_numpy_sampling(rows, d2d)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "postproc.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+        f.write(f"# d2d_copy_bytes_per_s={d2d:.4g}; device={backend.device_description}\n")
+    print(f"\n{header}")
+    for r in rows:
+        print(_fmt(r))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

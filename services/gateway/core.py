@@ -1,0 +1,214 @@
+"""The one Generate path behind both public faces (gRPC and the OpenAI-compatible HTTP):
+authenticate, validate, resolve the model, admit, stream from the scheduler, attach token
+statistics. The faces only translate requests, responses and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+
+from llamafleet.channels import open_channel
+from llamafleet.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from llamafleet.generation import (
+    GenerationLimits,
+    estimate_cost,
+    params_from_request,
+    validate_params,
+    validate_policy,
+    validate_prompt,
+)
+from llamafleet.keys import KeyStore
+from llamafleet.storage_client import StorageClient
+from llamafleet.v1 import (
+    common_pb2,
+    gateway_pb2,
+    postproc_pb2,
+    postproc_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    storage_pb2,
+)
+from services.gateway.admission import Admission, RateLimits, Rejected
+from services.gateway.config import GatewaySettings
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.models import ModelResolver
+
+# Rate limits of everyone when no keys file is configured: one shared principal.
+ANONYMOUS = "anonymous"
+POSTPROC_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking (the API key id, or ANONYMOUS) and the limits that apply to them."""
+
+    key_id: str
+    limits: RateLimits
+
+
+def retry_after_of(exc: grpc.aio.AioRpcError) -> float | None:
+    """The `retry-after` trailer (seconds) a downstream service sent with its status, if any."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+class GatewayCore:
+    """What the gateway does for a caller, independent of the protocol it arrived by."""
+
+    def __init__(self, settings: GatewaySettings, storage: StorageClient) -> None:
+        self._settings = settings
+        self._limits = GenerationLimits(max_tokens=settings.max_tokens, default_max_tokens=settings.default_max_tokens)
+        self._default_rates = RateLimits(settings.requests_per_min, settings.tokens_per_min)
+        self.keys = KeyStore(settings.api_keys_file) if settings.api_keys_file else None
+        self.admission = Admission(
+            settings.max_streams,
+            demand_window_s=settings.fair_share_window_s,
+            busy_retry_after_s=settings.busy_retry_after_s,
+        )
+        self._models = ModelResolver(storage, settings.model_cache_s)
+        self._storage = storage
+        self._scheduler = scheduler_pb2_grpc.SchedulerStub(open_channel(settings.scheduler_address))
+        self._postproc = postproc_pb2_grpc.PostprocStub(open_channel(settings.postproc_address))
+        self.metrics = GatewayMetrics()
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        """The caller behind an `authorization` header value (anyone when auth is off)."""
+        if self.keys is None:
+            return Caller(ANONYMOUS, self._default_rates)
+        try:
+            key = self.keys.authenticate(authorization)
+        except (Unauthenticated, PermissionDenied):
+            self.metrics.rejected.labels("auth").inc()
+            raise
+        defaults = self._default_rates
+        return Caller(
+            key.key_id,
+            RateLimits(
+                defaults.requests_per_min if key.requests_per_min is None else key.requests_per_min,
+                defaults.tokens_per_min if key.tokens_per_min is None else key.tokens_per_min,
+            ),
+        )
+
+    async def generate(
+        self, request: gateway_pb2.GenerateRequest, caller: Caller, timeout: float | None
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """Stream one generation: token chunks, then the result. `timeout` (seconds) is the
+        caller's remaining deadline; it bounds the scheduler call, which cancels the worker's
+        llama-server request when this stream ends early for any reason."""
+        start = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        validate_prompt(request.prompt, self._limits)
+        validate_policy(request.policy)
+        params = params_from_request(request, self._limits)
+        validate_params(params, self._limits)
+        # No model named: whatever the pool serves (no storage round trip on the hot path).
+        model_sha256 = (await self._models.resolve(request.model)).sha256 if request.model else ""
+        if request.include_stats:
+            params.n_probs = max(params.n_probs, self._settings.stats_n_probs)
+        request_id = request.request_id or uuid.uuid4().hex
+        span = trace.get_current_span()
+        span.set_attributes(
+            {
+                "llamafleet.request_id": request_id,
+                "llamafleet.api_key": caller.key_id,
+                "gen_ai.request.model": request.model,
+                "gen_ai.request.max_tokens": params.max_tokens,
+            }
+        )
+        try:
+            ticket = self.admission.admit(caller.key_id, caller.limits, estimate_cost(request.prompt, params))
+        except Rejected as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            raise
+        submit = scheduler_pb2.SubmitRequest(
+            request_id=request_id,
+            prompt=request.prompt,
+            params=params,
+            policy=request.policy,
+            model_sha256=model_sha256,
+        )
+        collected: list[common_pb2.TokenLogprobs] = []
+        first_token_at: float | None = None
+        used_tokens: int | None = None
+        outcome = "error"
+        self.metrics.in_flight.inc()
+        call = self._scheduler.Submit(submit, timeout=None if deadline is None else deadline - time.monotonic())
+        try:
+            async for event in call:
+                if event.WhichOneof("event") == "chunk":
+                    chunk = event.chunk
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        self.metrics.ttft.observe(first_token_at - start)
+                    if request.include_stats:
+                        collected.extend(chunk.logprobs)
+                        if not request.n_probs:
+                            del chunk.logprobs[:]
+                    yield gateway_pb2.GenerateResponse(chunk=chunk)
+                    continue
+                result = event.result
+                used_tokens = result.usage.prompt_tokens + result.usage.completion_tokens
+                if request.include_stats:
+                    result.stats.CopyFrom(await self._token_stats(collected, deadline))
+                self._observe(result, start, first_token_at)
+                span.set_attribute("gen_ai.usage.output_tokens", result.usage.completion_tokens)
+                span.set_attribute("llamafleet.worker", result.worker)
+                outcome = "ok"
+                yield gateway_pb2.GenerateResponse(result=result)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # The scheduler's queue is full: pass its retry-after on to the caller.
+                raise ResourceExhausted(exc.details() or "", retry_after=retry_after_of(exc)) from exc
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"  # the caller went away (cancel, deadline or HTTP disconnect)
+            raise
+        finally:
+            call.cancel()
+            self.admission.release(ticket, used_tokens)
+            self.metrics.in_flight.dec()
+            self.metrics.e2e.labels(outcome).observe(time.perf_counter() - start)
+
+    async def _token_stats(
+        self, tokens: list[common_pb2.TokenLogprobs], deadline: float | None
+    ) -> common_pb2.TokenStats:
+        timeout = POSTPROC_TIMEOUT_S if deadline is None else min(deadline - time.monotonic(), POSTPROC_TIMEOUT_S)
+        response = await self._postproc.ComputeTokenStats(
+            postproc_pb2.ComputeTokenStatsRequest(responses=[postproc_pb2.ResponseLogprobs(tokens=tokens)]),
+            timeout=timeout,
+        )
+        return response.stats[0]
+
+    def _observe(self, result: common_pb2.GenerationResult, start: float, first_token_at: float | None) -> None:
+        self.metrics.tokens.labels("input").inc(result.usage.prompt_tokens)
+        self.metrics.tokens.labels("output").inc(result.usage.completion_tokens)
+        if result.usage.completion_tokens > 1:
+            self.metrics.tpot.observe(result.timings.per_token_ms / 1000)
+        # The gateway's own view of TTFT and total, which include admission and the hop to the scheduler.
+        now = time.perf_counter()
+        result.timings.ttft_ms = ((first_token_at or now) - start) * 1000
+        result.timings.total_ms = (now - start) * 1000
+
+    async def list_models(self) -> gateway_pb2.ListModelsResponse:
+        """The models tagged in storage."""
+        models = []
+        for entry in await self._storage.list_tags():
+            info = (await self._storage.stub.StatBlob(storage_pb2.StatBlobRequest(ref=entry.sha256), timeout=10)).info
+            if info.kind == storage_pb2.ARTIFACT_KIND_MODEL:
+                models.append(
+                    gateway_pb2.ModelInfo(
+                        name=f"{entry.name}:{entry.tag}", sha256=entry.sha256, size_bytes=info.size_bytes
+                    )
+                )
+        return gateway_pb2.ListModelsResponse(models=models)

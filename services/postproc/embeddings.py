@@ -1,0 +1,278 @@
+"""Embeddings: pooling of per-token hidden states, and named corpora searched by cosine top-k.
+
+The same code runs on NumPy and on CuPy: it only takes an array module ``xp``.  Corpora
+keep their vectors L2-normalised on the device (``xp``), in insertion order, so a search
+is one matrix product followed by a per-query top-k: the k groups of 1024 rows with the
+best maxima hold every top-k row, so only those groups are partitioned.  NumPy only at
+import.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from services.postproc.sampling import FieldError
+
+__all__ = [
+    "POOLINGS",
+    "CorpusFullError",
+    "CorpusInfo",
+    "CorpusStore",
+    "SearchHits",
+    "UnknownCorpusError",
+    "normalize_rows",
+    "pool",
+]
+
+POOLINGS = ("mean", "last", "cls")
+_MIN_NORM = 1e-12
+_GROUP = 1024  # rows per search group; corpus capacities are multiples of it
+
+
+class CorpusFullError(RuntimeError):
+    """The corpora would outgrow their memory budget."""
+
+
+class UnknownCorpusError(LookupError):
+    """No corpus has this name."""
+
+
+@dataclass(frozen=True, slots=True)
+class CorpusInfo:
+    """What DeviceStatus reports of one corpus."""
+
+    name: str
+    size: int
+    dim: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHits:
+    """Top-k of one query: ids and cosine scores, best first."""
+
+    ids: list[str]
+    scores: npt.NDArray[np.float32]
+
+
+def normalize_rows(field_name: str, vectors: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
+    """``vectors`` ([n, dim]) as float32 rows of unit L2 norm; refuses non-finite and zero rows."""
+    v = np.asarray(vectors, dtype=np.float32)
+    if v.ndim != 2 or v.shape[1] == 0:
+        raise FieldError(f"{field_name}.shape", f"must be [n, dim] with dim >= 1, got {list(v.shape)}")
+    if not np.isfinite(v).all():
+        raise FieldError(field_name, "holds NaN or infinite values")
+    norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))
+    zero = np.flatnonzero(norms < _MIN_NORM)
+    if zero.size:
+        raise FieldError(field_name, f"row {int(zero[0])} has zero norm, so it has no direction")
+    return (v / norms[:, None]).astype(np.float32)
+
+
+def pool(
+    xp: Any,
+    hidden: npt.NDArray[np.float32] | npt.NDArray[np.float16],
+    mask: npt.NDArray[np.bool_] | None,
+    pooling: str,
+    normalize: bool,
+) -> npt.NDArray[np.float32]:
+    """One float32 vector per sequence of ``hidden`` ([batch, tokens, dim]), on ``xp``.
+
+    ``mask`` ([batch, tokens], True for real tokens; None for all real) picks the tokens:
+    ``mean`` averages them, ``last`` takes the last, ``cls`` the first.  With
+    ``normalize`` every vector is scaled to unit L2 norm (zero vectors stay zero).
+    Returns a host (NumPy) array.
+    """
+    if pooling not in POOLINGS:
+        raise FieldError("pooling", f"must be one of {', '.join(POOLINGS)}")
+    if hidden.ndim != 3 or 0 in hidden.shape:
+        raise FieldError("hidden_states.shape", f"must be [batch, tokens, dim], each >= 1, got {list(hidden.shape)}")
+    batch, tokens, _ = hidden.shape
+    if mask is None:
+        mask = np.ones((batch, tokens), dtype=np.bool_)
+    if mask.shape != (batch, tokens):
+        raise FieldError("mask", f"must hold batch * tokens = {batch * tokens} entries, got {mask.size}")
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise FieldError("mask", f"sequence {int(empty[0])} has no unmasked token")
+    if not np.isfinite(hidden).all():
+        raise FieldError("hidden_states", "holds NaN or infinite values")
+    h = xp.asarray(hidden).astype(xp.float32)
+    m = xp.asarray(mask)
+    rows = xp.arange(batch)
+    if pooling == "mean":
+        weights = m.astype(xp.float32)
+        out = xp.matmul(weights[:, None, :], h)[:, 0, :] / weights.sum(axis=1)[:, None]
+    elif pooling == "last":
+        out = h[rows, tokens - 1 - xp.argmax(m[:, ::-1], axis=1)]
+    else:
+        out = h[rows, xp.argmax(m, axis=1)]
+    if normalize:
+        norms = xp.sqrt((out * out).sum(axis=1, keepdims=True))
+        out = out / xp.maximum(norms, xp.float32(_MIN_NORM))
+    result = out.get() if hasattr(out, "get") else out
+    return np.ascontiguousarray(result, dtype=np.float32)
+
+
+@dataclass
+class _Corpus:
+    vectors: Any  # xp [capacity, dim] float32, rows [:size] in use
+    size: int = 0
+    ids: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.vectors.nbytes)
+
+
+class CorpusStore:
+    """Named corpora of unit vectors on ``xp``, within ``bytes_limit`` bytes together.
+
+    Thread-safe: every method takes the store's lock.
+    """
+
+    def __init__(self, xp: Any, bytes_limit: int) -> None:
+        self._xp = xp
+        self.bytes_limit = bytes_limit
+        self._corpora: dict[str, _Corpus] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_used(self) -> int:
+        """Bytes the corpora's buffers take (capacity, not just the rows in use)."""
+        return sum(c.nbytes for c in list(self._corpora.values()))  # a snapshot: readers take no lock
+
+    def info(self) -> list[CorpusInfo]:
+        """Every corpus, by name."""
+        with self._lock:
+            return [CorpusInfo(name, c.size, c.dim, c.nbytes) for name, c in sorted(self._corpora.items())]
+
+    def _get(self, name: str) -> _Corpus:
+        corpus = self._corpora.get(name)
+        if corpus is None:
+            raise UnknownCorpusError(f"corpus {name!r} does not exist")
+        return corpus
+
+    def add(self, name: str, vectors: npt.NDArray[np.floating[Any]], ids: Sequence[str]) -> int:
+        """Add or replace ``ids`` with ``vectors`` ([n, dim]); creates the corpus. Returns its size."""
+        if not name:
+            raise FieldError("corpus", "must not be empty")
+        unit = normalize_rows("vectors", vectors)
+        if unit.shape[0] == 0:
+            raise FieldError("vectors.shape", "must hold at least one vector")
+        if len(ids) != unit.shape[0]:
+            raise FieldError("ids", f"has {len(ids)} entries for {unit.shape[0]} vectors")
+        if len(set(ids)) != len(ids):
+            raise FieldError("ids", "must be distinct")
+        xp = self._xp
+        with self._lock:
+            corpus = self._corpora.get(name)
+            if corpus is not None and corpus.dim != unit.shape[1]:
+                raise FieldError("vectors.shape", f"corpus {name!r} holds dim {corpus.dim}, got {unit.shape[1]}")
+            size = corpus.size if corpus else 0
+            index = corpus.index if corpus else {}
+            rows = np.empty(len(ids), dtype=np.int64)
+            new = 0
+            for i, id_ in enumerate(ids):
+                at = index.get(id_)
+                if at is None:
+                    at = size + new
+                    new += 1
+                rows[i] = at
+            needed = size + new
+            capacity = corpus.vectors.shape[0] if corpus else 0
+            if needed > capacity:
+                capacity = -(-max(needed, 2 * capacity) // _GROUP) * _GROUP
+                grown = capacity * unit.shape[1] * 4
+                if self.bytes_used - (corpus.nbytes if corpus else 0) + grown > self.bytes_limit:
+                    raise CorpusFullError(
+                        f"corpus {name!r} would need {grown} bytes; the corpora may use {self.bytes_limit} bytes "
+                        f"and use {self.bytes_used}"
+                    )
+                buffer = xp.zeros((capacity, unit.shape[1]), dtype=xp.float32)  # spare rows stay finite
+                if corpus is not None and size:
+                    buffer[:size] = corpus.vectors[:size]
+                corpus = corpus or _Corpus(buffer)
+                corpus.vectors = buffer
+                self._corpora[name] = corpus
+            assert corpus is not None
+            corpus.vectors[xp.asarray(rows)] = xp.asarray(unit)
+            for id_, at in zip(ids, rows.tolist(), strict=True):
+                if at >= size:
+                    corpus.ids.append(id_)
+                corpus.index[id_] = at
+            corpus.size = needed
+            return needed
+
+    def remove(self, name: str, ids: Sequence[str]) -> tuple[int, int]:
+        """Remove ``ids`` (unknown ones ignored), or the whole corpus when ``ids`` is empty.
+
+        Returns (removed, size left).  Raises :class:`UnknownCorpusError` for an unknown corpus.
+        """
+        with self._lock:
+            corpus = self._get(name)
+            if not ids:
+                del self._corpora[name]
+                return corpus.size, 0
+            drop = {corpus.index[i] for i in ids if i in corpus.index}
+            if not drop:
+                return 0, corpus.size
+            keep = np.setdiff1d(np.arange(corpus.size), np.fromiter(drop, np.int64, len(drop)))
+            if keep.size:
+                # Compaction keeps the insertion order (search ties prefer earlier rows).
+                corpus.vectors[: keep.size] = corpus.vectors[self._xp.asarray(keep)]
+            corpus.ids = [corpus.ids[r] for r in keep.tolist()]
+            corpus.index = {id_: r for r, id_ in enumerate(corpus.ids)}
+            corpus.size = int(keep.size)
+            return len(drop), corpus.size
+
+    def search(self, name: str, queries: npt.NDArray[np.floating[Any]], top_k: int) -> list[SearchHits]:
+        """Cosine top-``top_k`` of each query row against corpus ``name`` (:class:`UnknownCorpusError` if unknown)."""
+        unit = normalize_rows("queries", queries)
+        if top_k < 1:
+            raise FieldError("top_k", f"must be >= 1, got {top_k}")
+        xp = self._xp
+        with self._lock:
+            corpus = self._get(name)
+            if unit.shape[1] != corpus.dim:
+                raise FieldError("queries.shape", f"corpus {name!r} holds dim {corpus.dim}, got {unit.shape[1]}")
+            k = min(top_k, corpus.size)
+            if k == 0:
+                return [SearchHits([], np.zeros(0, np.float32)) for _ in range(unit.shape[0])]
+            groups = -(-corpus.size // _GROUP)
+            scores = xp.matmul(xp.asarray(unit), corpus.vectors[: groups * _GROUP].T)
+            scores[:, corpus.size :] = -xp.inf  # unused rows of the last group
+            best_groups = _top_k(xp, scores.reshape(len(unit), groups, _GROUP).max(axis=2), min(k, groups))
+            rows_in = (best_groups[:, :, None] * _GROUP + xp.arange(_GROUP)).reshape(len(unit), -1)
+            cand = xp.take_along_axis(rows_in, _top_k(xp, xp.take_along_axis(scores, rows_in, axis=1), k), axis=1)
+            # Sort the survivors by row first so equal scores come out in insertion order.
+            cand = xp.sort(cand, axis=1)
+            cand_scores = xp.take_along_axis(scores, cand, axis=1)
+            order = xp.argsort(-cand_scores, axis=1, kind="stable") if xp is np else xp.argsort(-cand_scores, axis=1)
+            best = xp.take_along_axis(cand, order, axis=1)
+            best_scores = xp.take_along_axis(cand_scores, order, axis=1)
+            rows = best.get() if hasattr(best, "get") else best
+            values = best_scores.get() if hasattr(best_scores, "get") else best_scores
+            ids = corpus.ids
+            return [
+                SearchHits([ids[r] for r in row.tolist()], np.asarray(v, dtype=np.float32))
+                for row, v in zip(rows, values, strict=True)
+            ]
+
+
+def _top_k(xp: Any, values: Any, k: int) -> Any:
+    """Column indices of the ``k`` largest values of each row, in no particular order."""
+    if k >= values.shape[1]:
+        return xp.broadcast_to(xp.arange(values.shape[1]), values.shape)
+    return xp.argpartition(-values, k - 1, axis=1)[:, :k]

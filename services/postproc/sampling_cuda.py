@@ -1,0 +1,936 @@
+"""CuPy path of :mod:`services.postproc.sampling`: one fused kernel per batch, no sort.
+
+Each row is read from device memory once, by a thread-block cluster of ``C`` CTAs
+(``C`` in 1, 2, 4, 8; Hopper's distributed shared memory joins them): CTA ``c`` keeps
+vocabulary slice ``c`` in shared memory and every later step works there.  Per-row
+reductions go through the cluster (each CTA publishes a few words, one cluster barrier,
+everyone reads all of them), so every CTA of a row takes the same decisions.  Steps:
+
+1. load the slice (16-byte loads) with the row max, first argmax, softmax sum (online,
+   rescaled as the max moves) and a NaN/inf flag; each thread's largest logit bounds
+   the selections below (the k-th largest thread maximum leaves k logits above it);
+2. top-n logprobs and the top-k threshold: each CTA lists its logits above the bound,
+   one exchange shares the lists, every CTA selects from them locally (radix select
+   over the cluster when a list overflows);
+3. rejection sampling (see the sampling module): each draw is one pass computing the
+   mass of the draw set per warp, a search of the CTA/warp/element holding the target,
+   and the acceptance test of the previous draw against top-p.  Exact weights are
+   computed only for the top-k set (for every token, once and in place, without top-k).
+
+The penalties run first as a tiny kernel, one thread per distinct (row, token), in place.
+Only this module's :class:`CupySampler` touches CuPy; it is imported without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.postproc.sampling import EXP2_COEFFS, EXP2_MIN, SampleBatch, SampleResult
+from services.postproc.staging import PinnedBuffer, layout
+
+__all__ = ["CLUSTER_SIZES", "MAX_SLICE", "CupySampler", "DeviceSampleBatch", "plan_clusters"]
+
+NT = 512  # threads per CTA
+MAX_SLICE = 32768  # floats of one row a CTA keeps in shared memory (128 KiB)
+CLUSTER_SIZES = (1, 2, 4, 8)  # 8 is the largest portable cluster
+MAX_TOP = 32  # top-logprobs buffer per row in the kernel
+_TARGET_SLICE = 16384  # 64 KiB: three CTAs fit on an SM, so loads of one overlap work of another
+_MIN_SLICE = 4096
+_UPLOAD_CHUNK_BYTES = 4 << 20
+
+
+def _f32_bits(x: float | np.floating[Any]) -> str:
+    return f"__int_as_float(0x{int(np.float32(x).view(np.uint32)):08x})"
+
+
+_HORNER = "\n".join(f"    p = __fadd_rn(__fmul_rn(p, f), {_f32_bits(c)});" for c in EXP2_COEFFS[1:])
+
+_SOURCE = (
+    r"""
+#define NT 512
+#define NW (NT / 32)
+#define FULL 0xffffffffu
+#define MAX_TOP 32
+#define CAND_CAP 256
+#define NEG_INF __int_as_float(0xff800000)
+#define INT_MAX_ 0x7fffffff
+
+// ---- cluster primitives (PTX, as CUTLASS writes them) ------------------------------------
+__device__ __forceinline__ unsigned llf_rank() {
+    unsigned r; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r)); return r;
+}
+__device__ __forceinline__ unsigned llf_nranks() {
+    unsigned r; asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r)); return r;
+}
+__device__ __forceinline__ void llf_cluster_sync() {
+    // Also a CTA barrier: every thread of every CTA of the cluster arrives.
+    asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+__device__ __forceinline__ unsigned llf_map(const void* p, unsigned rank) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    unsigned r; asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank)); return r;
+}
+__device__ __forceinline__ double llf_ld_f64(unsigned a) {
+    double v; asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(a) : "memory"); return v;
+}
+__device__ __forceinline__ unsigned llf_ld_u32(unsigned a) {
+    unsigned v; asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(a) : "memory"); return v;
+}
+__device__ __forceinline__ float llf_ld_f32(unsigned a) {
+    float v; asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory"); return v;
+}
+__device__ __forceinline__ float llf_h2f(unsigned short h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ unsigned short llf_f2h(float f) {
+    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+
+// ---- the shared definitions of services/postproc/sampling.py -----------------------------
+__device__ __forceinline__ float llf_exp_ref(float d) {
+    // Only correctly rounded float32 operations (no FMA contraction): NumPy gets the same bits.
+    const float t = __fmul_rn(d, __int_as_float(0x3fb8aa3b));  // log2(e)
+    if (!(t >= """
+    + _f32_bits(EXP2_MIN)
+    + r""")) return 0.0f;
+    const float k = rintf(t);
+    const float f = __fsub_rn(t, k);
+    float p = """
+    + _f32_bits(EXP2_COEFFS[0])
+    + ";\n"
+    + _HORNER
+    + r"""
+    return __fmul_rn(p, __int_as_float(((int)k + 127) << 23));
+}
+
+__device__ __forceinline__ double llf_uniform(unsigned long long seed, unsigned long long draw) {
+    unsigned long long z = seed + (draw + 1ULL) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return ldexp((double)(z >> 11), -53);
+}
+
+__device__ __forceinline__ void llf_better(float& v, int& i, const float v2, const int i2) {
+    if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
+}
+
+__device__ __forceinline__ double llf_warp_sum(double v) {
+    for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(FULL, v, s);
+    return v;
+}
+
+// Order-preserving unsigned keys of floats (+0 and -0 are made equal at load).
+__device__ __forceinline__ unsigned llf_key(const float x) {
+    const unsigned u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// ---- per-CTA shared state ------------------------------------------------------------------
+// Published words are double-buffered by the parity of the exchange counter: a CTA writes
+// slot p for exchange e only after barrier e - 1, which every reader of e - 2 has passed.
+__shared__ double s_pubd[2][4];
+__shared__ unsigned s_pubu[2][4];
+__shared__ unsigned s_hist[2][256];
+__shared__ unsigned s_lhist[256];  // CTA-local selections
+__shared__ double s_gd[8][4];      // everyone's published doubles after an exchange
+__shared__ unsigned s_gu[8][4];
+__shared__ unsigned s_gh[256];     // cluster-wide histogram
+__shared__ unsigned s_tkey[NT];    // each thread's largest logit, as a key
+__shared__ double s_wm[NW];        // per-warp mass
+__shared__ double s_wm2[NW];
+__shared__ unsigned s_wc[NW];      // per-warp counts
+__shared__ unsigned s_wc2[NW];
+__shared__ float s_rf[NW];
+__shared__ float s_rz[NW];
+__shared__ int s_ri[NW];
+__shared__ unsigned s_ru[NW];
+__shared__ double s_bd[4];         // CTA-wide broadcast
+__shared__ unsigned s_bu[4];
+__shared__ unsigned s_ckey[2][CAND_CAP];  // this CTA's selection candidates, by exchange parity
+__shared__ unsigned s_all[8 * CAND_CAP];  // the cluster's candidates
+__shared__ unsigned s_cnt;
+__shared__ unsigned s_cand_n;
+__shared__ int s_cand_i[MAX_TOP];
+__shared__ float s_cand_x[MAX_TOP];
+
+__device__ __forceinline__ void llf_exchange(unsigned& ex, const unsigned C) {
+    // Callers wrote s_pubd/s_pubu[ex & 1] (thread 0) before this.
+    llf_cluster_sync();
+    const int t = threadIdx.x;
+    if (t < (int)C * 8) {
+        const unsigned c = t >> 3, k = t & 7;
+        if (k < 4) s_gd[c][k] = llf_ld_f64(llf_map(&s_pubd[ex & 1][k], c));
+        else s_gu[c][k - 4] = llf_ld_u32(llf_map(&s_pubu[ex & 1][k - 4], c));
+    }
+    __syncthreads();
+    ex++;
+}
+
+// Warp 0: the digit holding the kk-th largest (1-based) of a 256-bin histogram, into
+// s_bu[2], and the count above it, into s_bu[3].  Lane l holds bins 255 - 8l .. 248 - 8l.
+__device__ __forceinline__ void llf_find_digit(const unsigned* hist, const unsigned kk) {
+    const int lane = threadIdx.x & 31;
+    unsigned cnt[8], sum = 0;
+    #pragma unroll
+    for (int j = 0; j < 8; j++) { cnt[j] = hist[255 - 8 * lane - j]; sum += cnt[j]; }
+    unsigned incl = sum;
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned t = __shfl_up_sync(FULL, incl, o);
+        if (lane >= o) incl += t;
+    }
+    unsigned above = incl - sum;
+    if (above < kk && kk <= incl) {
+        #pragma unroll
+        for (int j = 0; j < 8; j++) {
+            if (above + cnt[j] >= kk) { s_bu[2] = 255 - 8 * lane - j; s_bu[3] = above; break; }
+            above += cnt[j];
+        }
+    }
+}
+
+// One warp-aggregated histogram increment: lanes with the same bin add once (keys of a
+// row crowd into a few bins, and same-address shared atomics serialise).  Warp-uniform call.
+__device__ __forceinline__ void llf_hist_add(unsigned* hist, const bool take, const unsigned bin) {
+    const unsigned peers = __match_any_sync(FULL, take ? bin : 256u);
+    if (take && (int)(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
+}
+
+// The kk-th largest of this CTA's keys[0..count).
+__device__ unsigned llf_cta_select(const unsigned* keys, const int count, unsigned kk) {
+    const int tid = threadIdx.x;
+    unsigned prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = tid; b < 256; b += NT) s_lhist[b] = 0;
+        __syncthreads();
+        for (int b = 0; b < count; b += NT) {
+            const int i = b + tid;
+            const unsigned key = i < count ? keys[i] : 0u;
+            llf_hist_add(s_lhist, i < count && (key & mask) == prefix, (key >> shift) & 255u);
+        }
+        __syncthreads();
+        if (tid < 32) llf_find_digit(s_lhist, kk);
+        __syncthreads();
+        kk -= s_bu[3];
+        prefix |= s_bu[2] << shift;
+        mask |= 255u << shift;
+        __syncthreads();  // s_bu and s_lhist are rewritten next round
+    }
+    return prefix;
+}
+
+// The kk-th largest logit key of the row: 4 rounds of 8-bit digits over the cluster.
+// Only keys >= lower take part (lower is a bound known to leave at least kk of them),
+// which keeps the shared-memory atomics few.
+__device__ unsigned llf_radix_select(const float* s_x, const int n, unsigned kk, const unsigned lower,
+                                     unsigned& ex, const unsigned C) {
+    const int tid = threadIdx.x;
+    unsigned prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        unsigned* h = s_hist[ex & 1];
+        for (int b = tid; b < 256; b += NT) h[b] = 0;
+        __syncthreads();
+        for (int b = 0; b < n; b += NT) {
+            const int i = b + tid;
+            const unsigned key = i < n ? llf_key(s_x[i]) : 0u;
+            llf_hist_add(h, i < n && key >= lower && (key & mask) == prefix, (key >> shift) & 255u);
+        }
+        llf_cluster_sync();
+        if (tid < 256) {
+            unsigned g = 0;
+            for (unsigned c = 0; c < C; c++) g += llf_ld_u32(llf_map(&h[tid], c));
+            s_gh[tid] = g;
+        }
+        __syncthreads();
+        if (tid < 32) llf_find_digit(s_gh, kk);
+        __syncthreads();
+        kk -= s_bu[3];
+        prefix |= s_bu[2] << shift;
+        mask |= 255u << shift;
+        ex++;
+    }
+    return prefix;
+}
+
+// Warp ranges: warp w owns [w R, (w + 1) R) of the slice, so a warp scans in vocabulary order.
+__device__ __forceinline__ int llf_warp_len(const int n) { return ((n + NW - 1) / NW + 31) & ~31; }
+
+// The kk-th largest logit key of the row, given a bound `lower` that leaves at least kk keys
+// above it.  Usually few keys pass the bound: each CTA lists its own, one exchange makes
+// every list visible, and each CTA selects from all of them locally.  When a list
+// overflows, the cluster-wide radix select does it in four exchanges instead.
+__device__ unsigned llf_select(const float* s_x, const int n, const unsigned kk, const unsigned lower, unsigned& ex,
+                               const unsigned C) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
+    unsigned* mine = s_ckey[ex & 1];
+    if (tid == 0) s_cnt = 0;
+    __syncthreads();
+    for (int b = begin; b < end; b += 32) {
+        const int i = b + lane;
+        const unsigned key = i < end ? llf_key(s_x[i]) : 0u;
+        const bool take = i < end && key >= lower;
+        const unsigned hits = __ballot_sync(FULL, take);
+        if (!hits) continue;
+        unsigned first = 0;
+        if (lane == 0) first = atomicAdd(&s_cnt, __popc(hits));
+        first = __shfl_sync(FULL, first, 0);
+        const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
+        if (take && slot < CAND_CAP) mine[slot] = key;
+    }
+    __syncthreads();
+    if (tid == 0) s_pubu[ex & 1][0] = s_cnt;
+    const unsigned parity = ex & 1;
+    llf_exchange(ex, C);
+    unsigned total = 0;
+    bool overflow = false;
+    for (unsigned c = 0; c < C; c++) {
+        total += s_gu[c][0];
+        overflow |= s_gu[c][0] > CAND_CAP;
+    }
+    if (overflow) return llf_radix_select(s_x, n, kk, lower, ex, C);
+    for (unsigned j = tid; j < total; j += NT) {
+        unsigned c = 0, at = j;
+        while (at >= s_gu[c][0]) { at -= s_gu[c][0]; c++; }
+        s_all[j] = llf_ld_u32(llf_map(&s_ckey[parity][at], c));
+    }
+    __syncthreads();
+    return llf_cta_select(s_all, (int)total, kk);
+}
+
+// How the weights of a row are read: either stored (s holds exact weights, every token in
+// the top-k set) or computed from the logits for the top-k set {key >= tau_k} only.
+struct LlfWeights {
+    const float* s;
+    bool stored;
+    unsigned tau_k;
+    float m, inv_t;
+    __device__ __forceinline__ float top_set(const int i) const {  // 0 outside the top-k set
+        if (stored) return s[i];
+        const float x = s[i];
+        if (llf_key(x) < tau_k) return 0.0f;
+        return llf_exp_ref(__fmul_rn(__fsub_rn(x, m), inv_t));
+    }
+};
+
+// The draw set: top-k set, w >= min_p, and w > piv when strict.
+__device__ __forceinline__ float llf_in_draw_set(const float w, const float min_p, const float piv, const bool strict) {
+    return (w >= min_p && (!strict || w > piv)) ? w : 0.0f;
+}
+
+// Mass of the draw set per warp (into s_wm) and of the whole top-k set (s_wm2); publishes
+// the CTA's two masses.
+__device__ void llf_mass_pass(const LlfWeights& W, const int n, const float min_p, const float piv, const bool strict,
+                              unsigned& ex, const unsigned C) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
+    float acc = 0.0f, acc2 = 0.0f;
+    for (int i = begin + lane; i < end; i += 32) {
+        const float w = W.top_set(i);
+        acc += llf_in_draw_set(w, min_p, piv, strict);
+        acc2 += w;
+    }
+    const double a = llf_warp_sum((double)acc), a2 = llf_warp_sum((double)acc2);
+    if (lane == 0) { s_wm[warp] = a; s_wm2[warp] = a2; }
+    __syncthreads();
+    if (tid == 0) {
+        double m = 0.0, m2 = 0.0;
+        for (int w = 0; w < NW; w++) { m += s_wm[w]; m2 += s_wm2[w]; }
+        s_pubd[ex & 1][0] = m;
+        s_pubd[ex & 1][1] = m2;
+    }
+    llf_exchange(ex, C);
+}
+
+// Inverse CDF after llf_mass_pass: the first element (vocabulary order) of the draw set
+// whose cumulative mass exceeds u * total.  Returns (index, weight) to all CTAs.
+__device__ void llf_draw(const LlfWeights& W, const int n, const long long lo, const float min_p, const float piv,
+                         const bool strict, const double u, const unsigned rank, unsigned& ex, const unsigned C,
+                         int& out_idx, float& out_w) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tid == 0) {
+        double total = 0.0;
+        for (unsigned c = 0; c < C; c++) total += s_gd[c][0];
+        double t = u * total, run = 0.0;
+        unsigned owner = C, last = 0;
+        for (unsigned c = 0; c < C; c++) {
+            const double m = s_gd[c][0];
+            if (m > 0.0) {
+                last = c;
+                if (owner == C && run + m > t) { owner = c; t -= run; }
+            }
+            run += m;
+        }
+        if (owner == C) {  // rounding overshoot: the last CTA with mass, at its end
+            owner = last;
+            t = s_gd[last][0];
+        }
+        s_bu[0] = owner;
+        s_bd[0] = t;
+    }
+    __syncthreads();
+    const unsigned owner = s_bu[0];
+    if (rank == owner) {
+        if (tid == 0) {
+            double t = s_bd[0], run = 0.0;
+            int w_owner = -1, w_last = 0;
+            for (int w = 0; w < NW; w++) {
+                const double m = s_wm[w];
+                if (m > 0.0) {
+                    w_last = w;
+                    if (w_owner < 0 && run + m > t) { w_owner = w; t -= run; }
+                }
+                run += m;
+            }
+            if (w_owner < 0) { w_owner = w_last; t = s_wm[w_last]; }
+            s_bu[1] = (unsigned)w_owner;
+            s_bd[1] = t;
+        }
+        __syncthreads();
+        if (warp == (int)s_bu[1]) {
+            const double t = s_bd[1];
+            const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
+            double run = 0.0;
+            int found = -1, last_pos = -1;
+            float found_w = 0.0f, last_w = 0.0f;
+            for (int base = begin; base < end; base += 32) {
+                const int i = base + lane;
+                const float v = i < end ? llf_in_draw_set(W.top_set(i), min_p, piv, strict) : 0.0f;
+                const unsigned nz = __ballot_sync(FULL, v > 0.0f);
+                if (!nz) continue;
+                float incl = v;  // float scan within 32 elements, double across steps
+                for (int o = 1; o < 32; o <<= 1) {
+                    const float y = __shfl_up_sync(FULL, incl, o);
+                    if (lane >= o) incl += y;
+                }
+                const unsigned hit = __ballot_sync(FULL, v > 0.0f && run + (double)incl > t);
+                const int last_lane = 31 - __clz(nz);
+                last_pos = base + last_lane;
+                last_w = __shfl_sync(FULL, v, last_lane);
+                if (hit) {
+                    const int first = __ffs(hit) - 1;
+                    found = base + first;
+                    found_w = __shfl_sync(FULL, v, first);
+                    break;
+                }
+                run += (double)__shfl_sync(FULL, incl, 31);
+            }
+            if (lane == 0) {
+                s_bu[2] = (unsigned)(found >= 0 ? found : last_pos);
+                s_bd[2] = (double)(found >= 0 ? found_w : last_w);
+            }
+        }
+        __syncthreads();
+        if (tid == 0) {
+            s_pubu[ex & 1][0] = (unsigned)(lo + (int)s_bu[2]);
+            s_pubd[ex & 1][0] = s_bd[2];
+        }
+    }
+    llf_exchange(ex, C);
+    out_idx = (int)s_gu[owner][0];
+    out_w = (float)s_gd[owner][0];
+}
+
+__device__ __forceinline__ float llf_logit(const void* logits, const int is_half, const long long at) {
+    return is_half ? llf_h2f(((const unsigned short*)logits)[at]) : ((const float*)logits)[at];
+}
+
+// Keeps x in shared memory and folds it into this thread's max, first argmax and
+// softmax sum (relative to the running max, rescaled when the max moves).
+__device__ __forceinline__ void llf_take(float* s_x, const int i, float x, const long long lo, const float inv_t,
+                                         float& tm, int& ti, float& tz, unsigned& bad) {
+    x = x + 0.0f;  // -0 -> +0 (and subnormals -> 0 under flush-to-zero)
+    s_x[i] = x;
+    bad |= !(fabsf(x) <= 3.402823466e38f);
+    if (x > tm) {
+        tz = tz * __expf((tm - x) * inv_t) + 1.0f;
+        tm = x;
+        ti = (int)(lo + i);
+    } else {
+        tz += __expf((x - tm) * inv_t);
+    }
+}
+
+// (m, i, z) of two parts merged: max, first argmax, and the sum rescaled to the new max.
+__device__ __forceinline__ void llf_merge(float& m, int& i, float& z, const float m2, const int i2, const float z2,
+                                          const float inv_t) {
+    const float mm = fmaxf(m, m2);
+    const float a = m == NEG_INF ? 0.0f : z * __expf((m - mm) * inv_t);
+    const float b = m2 == NEG_INF ? 0.0f : z2 * __expf((m2 - mm) * inv_t);
+    if (m2 > m || (m2 == m && i2 < i)) i = i2;
+    m = mm;
+    z = a + b;
+}
+
+__device__ void llf_sample_body(
+    const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, const long long row0,
+    const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr, const float* __restrict__ top_p_arr,
+    const float* __restrict__ min_p_arr, const unsigned long long* __restrict__ seed_arr,
+    const int* __restrict__ n_top_arr, int* __restrict__ out_token, float* __restrict__ out_logprob,
+    int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, const int top_stride)
+{
+    extern __shared__ float s_x[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const unsigned C = llf_nranks(), rank = llf_rank();
+    const long long row = row0 + blockIdx.x / C;
+    const long long lo = (long long)rank * slice;
+    const int n = (int)max(0LL, min((long long)slice, vocab - lo));
+    const long long base = row * vocab;
+    unsigned ex = 0;
+
+    const float inv_t_row = inv_t_arr[row];
+    const bool greedy = !(inv_t_row > 0.0f);
+    const float inv_t = greedy ? 1.0f : inv_t_row;
+    const int top_k = greedy ? 0 : top_k_arr[row];
+    const int n_top = min(n_top_arr[row], min(MAX_TOP, (int)min(vocab, (long long)top_stride)));
+
+    // 1. One read of the slice into shared memory: max, first argmax, softmax sum, finite check.
+    float tm = NEG_INF, tz = 0.0f;
+    int ti = INT_MAX_;
+    unsigned bad = 0;
+    if (is_half) {
+        const unsigned short* src = (const unsigned short*)logits + base + lo;
+        int done = 0;
+        if ((vocab & 7) == 0) {
+            const uint4* s8 = (const uint4*)src;
+            const int n8 = n >> 3;
+            #pragma unroll 4
+            for (int q = tid; q < n8; q += NT) {
+                const uint4 u = s8[q];
+                const unsigned words[4] = {u.x, u.y, u.z, u.w};
+                #pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    llf_take(s_x, 8 * q + 2 * j, llf_h2f((unsigned short)(words[j] & 0xffffu)), lo, inv_t, tm, ti, tz, bad);
+                    llf_take(s_x, 8 * q + 2 * j + 1, llf_h2f((unsigned short)(words[j] >> 16)), lo, inv_t, tm, ti, tz, bad);
+                }
+            }
+            done = n8 << 3;
+        }
+        for (int i = done + tid; i < n; i += NT) llf_take(s_x, i, llf_h2f(src[i]), lo, inv_t, tm, ti, tz, bad);
+    } else {
+        const float* src = (const float*)logits + base + lo;
+        int done = 0;
+        if ((vocab & 3) == 0) {
+            const float4* s4 = (const float4*)src;
+            const int n4 = n >> 2;
+            #pragma unroll 4
+            for (int q = tid; q < n4; q += NT) {
+                const float4 v = s4[q];
+                llf_take(s_x, 4 * q, v.x, lo, inv_t, tm, ti, tz, bad);
+                llf_take(s_x, 4 * q + 1, v.y, lo, inv_t, tm, ti, tz, bad);
+                llf_take(s_x, 4 * q + 2, v.z, lo, inv_t, tm, ti, tz, bad);
+                llf_take(s_x, 4 * q + 3, v.w, lo, inv_t, tm, ti, tz, bad);
+            }
+            done = n4 << 2;
+        }
+        for (int i = done + tid; i < n; i += NT) llf_take(s_x, i, src[i], lo, inv_t, tm, ti, tz, bad);
+    }
+    s_tkey[tid] = llf_key(tm);
+    for (int s = 16; s > 0; s >>= 1) {
+        const float m2 = __shfl_xor_sync(FULL, tm, s);
+        const int i2 = __shfl_xor_sync(FULL, ti, s);
+        const float z2 = __shfl_xor_sync(FULL, tz, s);
+        llf_merge(tm, ti, tz, m2, i2, z2, inv_t);
+    }
+    bad = __reduce_or_sync(FULL, bad);
+    if (lane == 0) { s_rf[warp] = tm; s_ri[warp] = ti; s_rz[warp] = tz; s_ru[warp] = bad; }
+    __syncthreads();
+    // Lower bounds for the selections: the k-th largest thread maximum leaves k logits above it.
+    const unsigned lower_k = (top_k > 0 && top_k <= NT) ? llf_cta_select(s_tkey, NT, (unsigned)top_k) : 0u;
+    const unsigned lower_n = (n_top > 0) ? llf_cta_select(s_tkey, NT, (unsigned)n_top) : 0u;
+    if (tid == 0) {
+        for (int w = 1; w < NW; w++) { llf_merge(tm, ti, tz, s_rf[w], s_ri[w], s_rz[w], inv_t); bad |= s_ru[w]; }
+        s_pubd[ex & 1][0] = (double)tm;
+        s_pubd[ex & 1][1] = (double)tz;
+        s_pubu[ex & 1][0] = (unsigned)ti;
+        s_pubu[ex & 1][1] = bad;
+        s_pubu[ex & 1][2] = lower_k;
+        s_pubu[ex & 1][3] = lower_n;
+    }
+    llf_exchange(ex, C);
+    float m = NEG_INF;
+    int argmax = INT_MAX_;
+    unsigned lk = 0, ln = 0;
+    bad = 0;
+    for (unsigned c = 0; c < C; c++) {
+        const float mc = (float)s_gd[c][0];
+        if (mc > m || (mc == m && (int)s_gu[c][0] < argmax)) { m = mc; argmax = (int)s_gu[c][0]; }
+        bad |= s_gu[c][1];
+        lk = max(lk, s_gu[c][2]);
+        ln = max(ln, s_gu[c][3]);
+    }
+    if (bad) {
+        if (rank == 0 && tid == 0) {
+            out_token[row] = -1;
+            out_logprob[row] = 0.0f;
+        }
+        if (rank == 0 && tid < top_stride) { out_top_ids[row * top_stride + tid] = -1; out_top_lp[row * top_stride + tid] = 0.0f; }
+        llf_cluster_sync();
+        return;
+    }
+    double z_total = 0.0;
+    for (unsigned c = 0; c < C; c++) {
+        const float mc = (float)s_gd[c][0];
+        if (mc != NEG_INF) z_total += s_gd[c][1] * exp((double)(mc - m) * (double)inv_t);
+    }
+    const double log_z = log(z_total);
+
+    // 2. Top-n logprobs: every logit above the n-th largest, then the lowest-index ties.
+    if (n_top > 0) {
+        const unsigned tau = llf_select(s_x, n, (unsigned)n_top, ln, ex, C);
+        const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
+        unsigned gt = 0, eq = 0;
+        for (int i = begin + lane; i < end; i += 32) {
+            const unsigned key = llf_key(s_x[i]);
+            gt += key > tau;
+            eq += key == tau;
+        }
+        gt = __reduce_add_sync(FULL, gt);
+        eq = __reduce_add_sync(FULL, eq);
+        if (lane == 0) { s_wc[warp] = gt; s_wc2[warp] = eq; }
+        if (tid == 0) s_cand_n = 0;
+        __syncthreads();
+        if (tid == 0) {
+            unsigned g = 0, e = 0;
+            for (int w = 0; w < NW; w++) { g += s_wc[w]; e += s_wc2[w]; }
+            s_pubu[ex & 1][0] = g;
+            s_pubu[ex & 1][1] = e;
+        }
+        llf_exchange(ex, C);
+        unsigned gt_all = 0, eq_before = 0;
+        for (unsigned c = 0; c < C; c++) {
+            gt_all += s_gu[c][0];
+            if (c < rank) eq_before += s_gu[c][1];
+        }
+        const unsigned need = (unsigned)n_top - gt_all;
+        const unsigned take = need > eq_before ? need - eq_before : 0u;
+        unsigned eq_run = 0;
+        for (int w = 0; w < warp; w++) eq_run += s_wc2[w];
+        for (int b = begin; b < end; b += 32) {
+            const int i = b + lane;
+            const unsigned key = i < end ? llf_key(s_x[i]) : 0u;
+            const bool is_eq = i < end && key == tau;
+            const unsigned eqs = __ballot_sync(FULL, is_eq);
+            const unsigned my_rank = eq_run + __popc(eqs & ((1u << lane) - 1u));
+            if ((i < end && key > tau) || (is_eq && my_rank < take)) {
+                const unsigned slot = atomicAdd(&s_cand_n, 1u);
+                if (slot < MAX_TOP) { s_cand_i[slot] = (int)(lo + i); s_cand_x[slot] = s_x[i]; }
+            }
+            eq_run += __popc(eqs);
+        }
+        __syncthreads();
+        if (tid == 0) s_pubu[ex & 1][0] = min(s_cand_n, (unsigned)MAX_TOP);
+        llf_exchange(ex, C);
+        if (rank == 0 && tid == 0) {
+            int ids[MAX_TOP];
+            float xs[MAX_TOP];
+            int k = 0;
+            for (unsigned c = 0; c < C; c++) {
+                const unsigned cnt = s_gu[c][0];
+                for (unsigned j = 0; j < cnt && k < MAX_TOP; j++, k++) {
+                    ids[k] = (int)llf_ld_u32(llf_map(&s_cand_i[j], c));
+                    xs[k] = llf_ld_f32(llf_map(&s_cand_x[j], c));
+                }
+            }
+            for (int a = 1; a < k; a++) {  // insertion sort: logit down, index up
+                const int ia = ids[a];
+                const float xa = xs[a];
+                int b = a - 1;
+                while (b >= 0 && (xs[b] < xa || (xs[b] == xa && ids[b] > ia))) { ids[b + 1] = ids[b]; xs[b + 1] = xs[b]; b--; }
+                ids[b + 1] = ia;
+                xs[b + 1] = xa;
+            }
+            for (int j = 0; j < top_stride; j++) {
+                const bool has = j < k && j < n_top;
+                out_top_ids[row * top_stride + j] = has ? ids[j] : -1;
+                out_top_lp[row * top_stride + j] =
+                    has ? (float)((double)__fmul_rn(__fsub_rn(xs[j], m), inv_t) - log_z) : 0.0f;
+            }
+        }
+    } else if (rank == 0 && tid < top_stride) {
+        out_top_ids[row * top_stride + tid] = -1;
+        out_top_lp[row * top_stride + tid] = 0.0f;
+    }
+
+    // 3. Top-k set, then draws until one passes top-p.
+    int token = argmax;
+    if (!greedy) {
+        LlfWeights W;
+        W.s = s_x;
+        W.m = m;
+        W.inv_t = inv_t;
+        W.stored = top_k == 0;
+        W.tau_k = 0u;
+        if (top_k > 0) {
+            W.tau_k = llf_select(s_x, n, (unsigned)top_k, lk, ex, C);
+        } else {
+            // Every token is in play: compute the exact weights once, in place.
+            for (int i = tid; i < n; i += NT) s_x[i] = llf_exp_ref(__fmul_rn(__fsub_rn(s_x[i], m), inv_t));
+            __syncthreads();
+        }
+        const float top_p = top_p_arr[row];
+        const float min_p = min_p_arr[row];
+        const unsigned long long seed = seed_arr[row];
+        llf_mass_pass(W, n, min_p, 0.0f, false, ex, C);
+        double z_k = 0.0;
+        for (unsigned c = 0; c < C; c++) z_k += s_gd[c][1];
+        const double limit = (double)top_p * z_k;
+        float piv = 0.0f;
+        bool strict = false;
+        for (unsigned long long draw = 0;; draw++) {
+            float w_j;
+            llf_draw(W, n, lo, min_p, piv, strict, llf_uniform(seed, draw), rank, ex, C, token, w_j);
+            if (top_p >= 1.0f) break;
+            piv = w_j;
+            strict = true;
+            llf_mass_pass(W, n, min_p, piv, true, ex, C);
+            double above = 0.0;
+            for (unsigned c = 0; c < C; c++) above += s_gd[c][0];
+            if (above < limit) break;
+        }
+    }
+    if (rank == 0 && tid == 0) {
+        const float d = __fmul_rn(__fsub_rn(llf_logit(logits, is_half, base + token) + 0.0f, m), inv_t);
+        out_token[row] = token;
+        out_logprob[row] = (float)((double)d - log_z);
+    }
+    llf_cluster_sync();  // no CTA leaves while another may still read its shared memory
+}
+
+extern "C" __global__ void llf_penalties(
+    void* __restrict__ logits, const int is_half, const long long vocab, const int* __restrict__ rows,
+    const int* __restrict__ tokens, const int* __restrict__ counts, const int n_entries,
+    const float* __restrict__ rep, const float* __restrict__ presence, const float* __restrict__ frequency)
+{
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n_entries) return;
+    const int r = rows[e];
+    const long long at = (long long)r * vocab + tokens[e];
+    float x = llf_logit(logits, is_half, at);
+    const float p = rep[r];
+    x = x > 0.0f ? x / p : __fmul_rn(x, p);
+    x = __fsub_rn(x, __fadd_rn(__fmul_rn((float)counts[e], frequency[r]), presence[r]));
+    if (is_half) ((unsigned short*)logits)[at] = llf_f2h(x);
+    else ((float*)logits)[at] = x;
+}
+"""
+)
+
+_SAMPLE_ARGS = (
+    "const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, "
+    "const long long row0, const float* __restrict__ inv_t, const int* __restrict__ top_k, "
+    "const float* __restrict__ top_p, const float* __restrict__ min_p, "
+    "const unsigned long long* __restrict__ seed, const int* __restrict__ n_top, int* __restrict__ out_token, "
+    "float* __restrict__ out_logprob, int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, "
+    "const int top_stride"
+)
+_SAMPLE_NAMES = (
+    "logits, is_half, vocab, slice, row0, inv_t, top_k, top_p, min_p, seed, n_top, out_token, out_logprob, "
+    "out_top_ids, out_top_lp, top_stride"
+)
+SOURCE = _SOURCE + "".join(
+    f'extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__({c}, 1, 1) llf_sample_c{c}({_SAMPLE_ARGS})'
+    f" {{ llf_sample_body({_SAMPLE_NAMES}); }}\n"
+    for c in CLUSTER_SIZES
+)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def plan_clusters(rows: int, vocab: int, sm_count: int) -> tuple[int, int]:
+    """(CTAs per row, vocabulary slice per CTA) for a batch: slices near 16k floats so
+    several CTAs share an SM, more CTAs per row when the batch alone cannot fill the GPU."""
+    c = min(8, _next_pow2(-(-vocab // _TARGET_SLICE)))
+    while c < 8 and rows * c < 2 * sm_count and vocab // (2 * c) >= _MIN_SLICE:
+        c *= 2
+    return c, _slice(vocab, c)
+
+
+def _slice(vocab: int, cluster: int) -> int:
+    # A multiple of 8 keeps every CTA's first logit 16-byte aligned.
+    return (-(-vocab // cluster) + 7) // 8 * 8
+
+
+@dataclass
+class DeviceSampleBatch:
+    """A batch whose logits and parameters are on the device, ready for :meth:`CupySampler.launch`."""
+
+    logits: Any  # cupy [rows, vocab] float32/float16
+    params: dict[str, Any]  # cupy views by name
+    out: dict[str, Any]
+    out_buffer: Any
+    n_rows: int
+    vocab: int
+    width: int
+    entry_bounds: np.ndarray  # penalty entries of rows [r0, r1) are entry_bounds[r0]:entry_bounds[r1]
+
+
+class CupySampler:
+    """Compiles the sampling kernels once and runs batches on the given streams."""
+
+    def __init__(self, cupy: Any, sm_count: int, stream: Any, copy_stream: Any) -> None:
+        self._cp = cupy
+        self._sm_count = sm_count
+        self.stream = stream
+        self._copy_stream = copy_stream
+        module = cupy.RawModule(code=SOURCE, options=("-std=c++17",))
+        self._kernels = {c: module.get_function(f"llf_sample_c{c}") for c in CLUSTER_SIZES}
+        for kernel in self._kernels.values():
+            kernel.max_dynamic_shared_size_bytes = MAX_SLICE * 4  # compiles the module now
+        self._penalties = module.get_function("llf_penalties")
+        self._pinned_params = PinnedBuffer(cupy)
+        self._params_uploaded: Any = None  # event: the pinned parameters may be rewritten after it
+        self._pinned_in = PinnedBuffer(cupy)
+        self._pinned_out = PinnedBuffer(cupy)
+
+    def kernel(self, cluster: int) -> Any:
+        """The compiled sampling kernel for ``cluster`` CTAs per row (for its attributes)."""
+        return self._kernels[cluster]
+
+    def _host_params(self, batch: SampleBatch) -> dict[str, np.ndarray]:
+        return {
+            "inv_t": batch.inv_temperature,
+            "top_k": batch.top_k,
+            "top_p": batch.top_p,
+            "min_p": batch.min_p,
+            "seed": batch.seed,
+            "n_top": batch.top_logprobs,
+            "rep": batch.repetition_penalty,
+            "presence": batch.presence_penalty,
+            "frequency": batch.frequency_penalty,
+            "pen_rows": batch.penalty_rows,
+            "pen_tokens": batch.penalty_tokens,
+            "pen_counts": batch.penalty_counts,
+        }
+
+    def prepare(self, batch: SampleBatch, *, upload_logits: bool = True) -> DeviceSampleBatch:
+        """Allocate device buffers and upload the parameters (one copy) and, unless told
+        otherwise, the logits; on the sampler's stream."""
+        cp = self._cp
+        host = self._host_params(batch)
+        offsets, size = layout({k: v.nbytes for k, v in host.items()})
+        if self._params_uploaded is not None:
+            self._params_uploaded.synchronize()
+        pinned = self._pinned_params.take(size)
+        for k, v in host.items():
+            pinned[offsets[k] : offsets[k] + v.nbytes].view(v.dtype)[:] = v
+        d_params = cp.empty(size, dtype=cp.uint8)
+        d_params.set(pinned, stream=self.stream)
+        self._params_uploaded = self.stream.record()
+        params = {k: d_params[offsets[k] : offsets[k] + v.nbytes].view(v.dtype) for k, v in host.items()}
+        width = max(1, batch.max_top_logprobs)
+        n = batch.n_rows
+        out_sizes = {"token": n * 4, "logprob": n * 4, "top_ids": n * width * 4, "top_lp": n * width * 4}
+        out_offsets, out_size = layout(out_sizes)
+        d_out = cp.empty(out_size, dtype=cp.uint8)
+        dtypes = {"token": cp.int32, "logprob": cp.float32, "top_ids": cp.int32, "top_lp": cp.float32}
+        out = {k: d_out[out_offsets[k] : out_offsets[k] + out_sizes[k]].view(dtypes[k]) for k in out_sizes}
+        logits = cp.empty(batch.logits.shape, dtype=batch.logits.dtype)
+        bounds = np.searchsorted(batch.penalty_rows, np.arange(n + 1), side="left")
+        prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds)
+        if upload_logits:
+            logits.set(batch.logits, stream=self.stream)
+        return prepared
+
+    def launch(
+        self, prepared: DeviceSampleBatch, r0: int = 0, r1: int | None = None, cluster: int | None = None
+    ) -> None:
+        """Enqueue the penalties and the sampling kernel of rows ``[r0, r1)`` on the sampler's stream."""
+        cp = self._cp
+        r1 = prepared.n_rows if r1 is None else r1
+        rows = r1 - r0
+        if rows <= 0:
+            return
+        p = prepared.params
+        is_half = np.int32(prepared.logits.dtype == cp.float16)
+        vocab = np.int64(prepared.vocab)
+        e0, e1 = int(prepared.entry_bounds[r0]), int(prepared.entry_bounds[r1])
+        with self.stream:
+            if e1 > e0:
+                self._penalties(
+                    (-(-(e1 - e0) // 256),),
+                    (256,),
+                    (
+                        prepared.logits,
+                        is_half,
+                        vocab,
+                        p["pen_rows"][e0:e1],
+                        p["pen_tokens"][e0:e1],
+                        p["pen_counts"][e0:e1],
+                        np.int32(e1 - e0),
+                        p["rep"],
+                        p["presence"],
+                        p["frequency"],
+                    ),
+                )
+            c, slice_ = plan_clusters(rows, prepared.vocab, self._sm_count)
+            if cluster is not None:
+                c, slice_ = cluster, _slice(prepared.vocab, cluster)
+            if slice_ > MAX_SLICE:
+                raise ValueError(f"vocab {prepared.vocab} needs more than {max(CLUSTER_SIZES)} CTAs per row")
+            self._kernels[c](
+                (rows * c,),
+                (NT,),
+                (
+                    prepared.logits,
+                    is_half,
+                    vocab,
+                    np.int32(slice_),
+                    np.int64(r0),
+                    p["inv_t"],
+                    p["top_k"],
+                    p["top_p"],
+                    p["min_p"],
+                    p["seed"],
+                    p["n_top"],
+                    prepared.out["token"],
+                    prepared.out["logprob"],
+                    prepared.out["top_ids"],
+                    prepared.out["top_lp"],
+                    np.int32(prepared.width),
+                ),
+                shared_mem=slice_ * 4,
+            )
+
+    def download(self, prepared: DeviceSampleBatch, width: int) -> SampleResult:
+        """Copy the results back (one DMA) and wait for the stream."""
+        pinned = self._pinned_out.take(prepared.out_buffer.nbytes)
+        prepared.out_buffer.get(stream=self.stream, out=pinned)
+        self.stream.synchronize()
+        n, w = prepared.n_rows, prepared.width
+        out = {}
+        for k, dtype in (("token", np.int32), ("logprob", np.float32), ("top_ids", np.int32), ("top_lp", np.float32)):
+            view = prepared.out[k]
+            start = view.data.ptr - prepared.out_buffer.data.ptr
+            out[k] = pinned[start : start + view.nbytes].view(dtype).copy()
+        return SampleResult(
+            token=out["token"],
+            logprob=out["logprob"],
+            top_tokens=out["top_ids"].reshape(n, w)[:, :width],
+            top_logprobs=out["top_lp"].reshape(n, w)[:, :width],
+            invalid=out["token"] < 0,
+            backend="cupy",
+        )
+
+    def sample(self, batch: SampleBatch) -> SampleResult:
+        """Sample a host batch: logits go up in chunks on the copy stream while earlier
+        chunks are already being sampled on the compute stream."""
+        prepared = self.prepare(batch, upload_logits=False)
+        row_bytes = batch.vocab * batch.logits.itemsize
+        chunk = max(1, _UPLOAD_CHUNK_BYTES // row_bytes)
+        pinned = self._pinned_in.take(batch.n_rows * row_bytes)
+        flat = batch.logits.reshape(-1).view(np.uint8)
+        d_flat = prepared.logits.reshape(-1).view(self._cp.uint8)
+        for r0 in range(0, batch.n_rows, chunk):
+            r1 = min(r0 + chunk, batch.n_rows)
+            lo, hi = r0 * row_bytes, r1 * row_bytes
+            pinned[lo:hi] = flat[lo:hi]  # the DMA of the previous chunk runs meanwhile
+            d_flat[lo:hi].set(pinned[lo:hi], stream=self._copy_stream)
+            self.stream.wait_event(self._copy_stream.record())
+            self.launch(prepared, r0, r1)
+        return self.download(prepared, batch.max_top_logprobs)

@@ -1,0 +1,52 @@
+"""`python -m benchmarks --quick` end to end: the serving suite (a real 1-worker stack and a
+direct llama-server) and the storage suite (SeaweedFS and the storage service) produce their
+CSV files with no failed request. About 35 s on 2 cores; docs/ is never touched (--quick)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.e2e
+
+
+def run_quick(suite: str, results: Path, timeout: float) -> None:
+    argv = [sys.executable, "-m", "benchmarks", "--quick", "--no-docs", "--suite", suite, "--results", str(results)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    assert path.is_file(), f"{path.name} was not written"
+    with path.open(newline="") as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+@pytest.mark.timeout(150)
+def test_quick_serving_writes_csvs(tmp_path: Path) -> None:
+    run_quick("serving", tmp_path, timeout=140)
+    inflight = rows(tmp_path / "serving_inflight.csv")
+    assert {r["target"] for r in inflight} == {"direct", "scheduler", "gateway"}
+    for r in inflight:
+        assert int(r["failed"]) == 0, r
+        assert int(r["output_tokens"]) > 0 and float(r["ttft_ms_median"]) > 0, r
+    assert rows(tmp_path / "serving_overhead.csv")
+    policies = rows(tmp_path / "serving_policies.csv")
+    assert [r["policy"] for r in policies] == ["round_robin", "least_loaded", "prefix_affinity"]
+    assert (tmp_path / "serving.md").is_file()
+
+
+@pytest.mark.timeout(90)
+def test_quick_storage_writes_csvs(tmp_path: Path) -> None:
+    run_quick("storage", tmp_path, timeout=80)
+    methods = {r["method"] for r in rows(tmp_path / "storage_throughput.csv")}
+    assert methods == {"grpc_put", "grpc_get", "filer_put", "filer_get", "sha256"}
+    assert rows(tmp_path / "storage_ratios.csv")
+    cache = rows(tmp_path / "storage_node_cache.csv")
+    assert {r["load"] for r in cache} == {"cold", "warm"}

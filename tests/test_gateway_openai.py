@@ -1,0 +1,131 @@
+"""The gateway's translations: OpenAI request bodies to GenerateRequest, chat rendering, errors
+to OpenAI's JSON shape, downstream statuses. (Against the real stack: tests/test_gateway_stack.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from llamafleet.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from services.gateway.core import retry_after_of
+from services.gateway.openai_api import completion_prompt, error_response, generate_request, render_chat
+
+
+def test_openai_fields_map_onto_the_generate_request() -> None:
+    body = {
+        "model": "demo:latest",
+        "max_tokens": 12,
+        "temperature": 0,
+        "top_p": 0.5,
+        "seed": 7,
+        "stop": "\n",
+        "top_k": 3,
+        "ignore_eos": True,
+        "presence_penalty": 1,
+    }
+    request = generate_request(body, "hi", "rid")
+    assert (request.prompt, request.model, request.request_id, request.max_tokens) == ("hi", "demo:latest", "rid", 12)
+    assert request.HasField("temperature") and request.temperature == 0
+    assert request.top_p == 0.5 and request.seed == 7 and request.top_k == 3 and request.presence_penalty == 1
+    assert list(request.stop) == ["\n"] and request.ignore_eos
+    assert not request.HasField("min_p")
+    assert generate_request({"max_completion_tokens": 5, "max_tokens": 9}, "hi", "r").max_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"max_tokens": 2**40}, "max_tokens"),
+        ({"seed": -1}, "seed"),
+        ({"stop": [1]}, "stop"),
+        ({"n": 2}, "n"),
+        ({"logprobs": 3}, "logprobs"),
+        ({"model": 5}, "model"),
+    ],
+)
+def test_malformed_fields_are_named(body: dict, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        generate_request(body, "hi", "r")
+    assert info.value.field == field
+
+
+def test_completion_prompt_is_one_string() -> None:
+    assert completion_prompt({"prompt": "a"}) == "a"
+    assert completion_prompt({"prompt": ["a"]}) == "a"
+    for prompt in (None, ["a", "b"], [1, 2, 3]):
+        with pytest.raises(InvalidArgument, match="prompt"):
+            completion_prompt({"prompt": prompt})
+
+
+def test_chat_renders_as_chatml() -> None:
+    body = {
+        "messages": [
+            {"role": "developer", "content": "Be terse."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+        ]
+    }
+    assert render_chat(body) == (
+        "<|im_start|>system\nBe terse.<|im_end|>\n"
+        "<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("messages", "field"),
+    [
+        ([], "messages"),
+        (None, "messages"),
+        ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]"),
+        ([{"role": "user", "content": 3}], "messages[0].content"),
+    ],
+)
+def test_bad_chat_messages_are_named(messages, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        render_chat({"messages": messages})
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "kind"),
+    [
+        (InvalidArgument("top_p", "must be in (0, 1]"), 400, "invalid_request_error"),
+        (Unauthenticated("invalid API key"), 401, "authentication_error"),
+        (NotFound("model: no model"), 404, "not_found_error"),
+        (ResourceExhausted("slow down", retry_after=0.2), 429, "rate_limit_error"),
+        (RuntimeError("boom"), 500, "server_error"),
+    ],
+)
+def test_errors_take_openai_shape_and_status(exc: Exception, status: int, kind: str) -> None:
+    response = error_response(exc)
+    assert response.status == status
+    error = json.loads(response.text)["error"]
+    assert error["type"] == kind and error["message"]
+    if isinstance(exc, InvalidArgument):
+        assert error["param"] == "top_p" and error["code"] == grpc.StatusCode.INVALID_ARGUMENT.name.lower()
+    if isinstance(exc, ResourceExhausted):
+        assert response.headers["Retry-After"] == "1"  # whole seconds, rounded up
+    if isinstance(exc, RuntimeError):
+        assert "boom" not in error["message"] and "error id" in error["message"]
+
+
+def test_downstream_statuses_keep_their_meaning() -> None:
+    def rpc_error(code: grpc.StatusCode, trailers: tuple = ()) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), "from the scheduler")
+
+    # The scheduler's queue-full retry-after is what the gateway passes on.
+    assert retry_after_of(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after", "1.000"),))) == 1.0
+    assert retry_after_of(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED)) is None
+    assert error_response(rpc_error(grpc.StatusCode.UNAVAILABLE)).status == 503
+    assert error_response(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED)).status == 504

@@ -1,0 +1,147 @@
+"""Embeddings: pooling against plain loops, corpus search against brute force, NumPy and CuPy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.postproc.embeddings import CorpusFullError, CorpusStore, UnknownCorpusError, pool
+from services.postproc.sampling import FieldError
+
+
+def cupy_or_skip() -> Any:
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA device")
+    except Exception:
+        pytest.skip("no CUDA device")
+    return cupy
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request: pytest.FixtureRequest) -> Any:
+    return np if request.param == "numpy" else cupy_or_skip()
+
+
+def loop_pool(hidden: npt.NDArray[np.floating], mask: npt.NDArray[np.bool_], pooling: str) -> npt.NDArray[np.float64]:
+    out = []
+    for h, m in zip(hidden.astype(np.float64), mask, strict=True):
+        idx = np.flatnonzero(m)
+        out.append(h[idx].mean(axis=0) if pooling == "mean" else h[idx[-1] if pooling == "last" else idx[0]])
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last", "cls"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_pooling_matches_plain_loops(xp: Any, pooling: str, dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(5, 7, 16)).astype(dtype)
+    mask = rng.random((5, 7)) < 0.6
+    mask[:, 3] = True  # every sequence has a token
+    want = loop_pool(hidden, mask, pooling)
+    np.testing.assert_allclose(pool(xp, hidden, mask, pooling, False), want, rtol=1e-5, atol=1e-5)
+    unit = pool(xp, hidden, mask, pooling, True)
+    np.testing.assert_allclose(unit, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+def test_no_mask_means_every_token() -> None:
+    hidden = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    np.testing.assert_allclose(pool(np, hidden, None, "mean", False), hidden.mean(axis=1))
+    np.testing.assert_array_equal(pool(np, hidden, None, "last", False), hidden[:, -1])
+
+
+@pytest.mark.parametrize(
+    ("hidden", "mask", "pooling", "field"),
+    [
+        (np.zeros((2, 3, 4), np.float32), np.zeros((2, 3), bool), "mean", "mask"),
+        (np.zeros((2, 3, 4), np.float32), np.ones((2, 4), bool), "mean", "mask"),
+        (np.zeros((2, 0, 4), np.float32), None, "mean", "hidden_states.shape"),
+        (np.full((1, 2, 2), np.nan, np.float32), None, "cls", "hidden_states"),
+        (np.zeros((1, 2, 2), np.float32), None, "max", "pooling"),
+    ],
+)
+def test_bad_pooling_inputs_name_their_field(
+    hidden: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_] | None, pooling: str, field: str
+) -> None:
+    with pytest.raises(FieldError) as info:
+        pool(np, hidden, mask, pooling, False)
+    assert info.value.field == field
+
+
+def brute_force(corpus: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.float64]:
+    c = corpus / np.linalg.norm(corpus, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    return -np.sort(-(q.astype(np.float64) @ c.T.astype(np.float64)), axis=1)[:, :k]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(1, 8), st.integers(1, 20), st.integers(0, 2**32 - 1))
+def test_search_equals_brute_force(size: int, dim: int, queries: int, k: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    corpus = rng.normal(size=(size, dim)).astype(np.float32)
+    q = rng.normal(size=(queries, dim)).astype(np.float32)
+    store = CorpusStore(np, 1 << 30)
+    store.add("c", corpus, [f"v{i}" for i in range(size)])
+    hits = store.search("c", q, k)
+    want = brute_force(corpus, q, min(k, size))
+    for h, w in zip(hits, want, strict=True):
+        np.testing.assert_allclose(h.scores, w, rtol=1e-5, atol=1e-5)
+        assert len(set(h.ids)) == len(h.ids) == min(k, size)
+
+
+def test_corpus_add_replace_remove_and_search(xp: Any) -> None:
+    rng = np.random.default_rng(3)
+    store = CorpusStore(xp, 1 << 30)
+    vectors = rng.normal(size=(2000, 32)).astype(np.float32)
+    ids = [f"doc{i}" for i in range(2000)]
+    assert store.add("docs", vectors[:1500], ids[:1500]) == 1500
+    assert store.add("docs", vectors[1000:], ids[1000:]) == 2000  # 500 replaced, 500 new
+    hits = store.search("docs", vectors[[5, 1700]], 3)
+    assert [h.ids[0] for h in hits] == ["doc5", "doc1700"]
+    np.testing.assert_allclose([h.scores[0] for h in hits], 1.0, rtol=1e-5)
+    assert store.remove("docs", ["doc5", "nope"]) == (1, 1999)
+    assert "doc5" not in store.search("docs", vectors[[5]], 5)[0].ids
+    want = brute_force(np.delete(vectors, 5, axis=0), vectors[[7]], 10)[0]
+    np.testing.assert_allclose(store.search("docs", vectors[[7]], 10)[0].scores, want, rtol=1e-5, atol=1e-5)
+    (info,) = store.info()
+    assert (info.name, info.size, info.dim) == ("docs", 1999, 32) and info.bytes >= 1999 * 32 * 4
+    assert store.remove("docs", []) == (1999, 0)
+    with pytest.raises(UnknownCorpusError):
+        store.search("docs", vectors[:1], 1)
+
+
+def test_corpus_refuses_bad_vectors_and_respects_its_memory_budget() -> None:
+    store = CorpusStore(np, 1024 * 8 * 4)  # room for 1024 vectors of dim 8
+    with pytest.raises(FieldError, match="zero norm"):
+        store.add("c", np.zeros((1, 8), np.float32), ["a"])
+    with pytest.raises(FieldError) as info:
+        store.add("c", np.ones((2, 8), np.float32), ["a", "a"])
+    assert info.value.field == "ids"
+    store.add("c", np.ones((3, 8), np.float32), ["a", "b", "c"])
+    with pytest.raises(FieldError) as info:
+        store.add("c", np.ones((1, 4), np.float32), ["d"])
+    assert info.value.field == "vectors.shape"
+    with pytest.raises(CorpusFullError):
+        store.add("c", np.ones((2000, 8), np.float32), [str(i) for i in range(2000)])
+    assert store.info()[0].size == 3
+
+
+@pytest.mark.gpu
+def test_cupy_search_matches_numpy_on_a_large_corpus() -> None:
+    cupy = cupy_or_skip()
+    rng = np.random.default_rng(4)
+    corpus = rng.normal(size=(100_000, 128)).astype(np.float32)
+    ids = [str(i) for i in range(corpus.shape[0])]
+    queries = rng.normal(size=(16, 128)).astype(np.float32)
+    got, want = CorpusStore(cupy, 1 << 32), CorpusStore(np, 1 << 32)
+    got.add("c", corpus, ids)
+    want.add("c", corpus, ids)
+    for g, w in zip(got.search("c", queries, 10), want.search("c", queries, 10), strict=True):
+        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
+        assert g.ids[:3] == w.ids[:3]

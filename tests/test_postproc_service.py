@@ -1,0 +1,222 @@
+"""The postproc gRPC server in-process on the NumPy backend: statuses, batching, embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import cache
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+import pytest_asyncio
+from prometheus_client import CollectorRegistry
+
+from llamafleet.server import GRPC_OPTIONS, ServerInterceptor
+from llamafleet.v1 import common_pb2, postproc_pb2, postproc_pb2_grpc
+from services.postproc.backends import DeviceOutOfMemoryError, NumpyBackend
+from services.postproc.config import PostprocSettings
+from services.postproc.sampling import RowParams, SampleBatch, SampleResult, make_sample_batch, sample_numpy
+from services.postproc.servicer import PostprocServicer
+
+VOCAB = 512
+
+
+class FlakyBackend(NumpyBackend):
+    """NumPy, except that the next ``fail_samples`` sample calls run out of device memory."""
+
+    fail_samples = 0
+
+    def sample(self, batch: SampleBatch) -> SampleResult:
+        if self.fail_samples:
+            self.fail_samples -= 1
+            raise DeviceOutOfMemoryError("device out of memory: test")
+        return super().sample(batch)
+
+
+@dataclass
+class Postproc:
+    stub: postproc_pb2_grpc.PostprocStub
+    registry: CollectorRegistry
+    backend: FlakyBackend
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+@cache
+def interceptor() -> ServerInterceptor:
+    # One per process: it registers its counters in the global Prometheus registry.
+    return ServerInterceptor("postproc_test")
+
+
+@pytest_asyncio.fixture
+async def postproc() -> AsyncIterator[Postproc]:
+    registry = CollectorRegistry()
+    settings = PostprocSettings(max_vocab=VOCAB * 2, max_batch_rows=16, max_batch_wait_seconds=0.05)
+    backend = FlakyBackend()
+    servicer = PostprocServicer(settings, backend, registry)
+    server = grpc.aio.server(interceptors=[interceptor()], options=GRPC_OPTIONS)
+    postproc_pb2_grpc.add_PostprocServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Postproc(postproc_pb2_grpc.PostprocStub(channel), registry, backend)
+    finally:
+        await servicer.aclose()
+        await server.stop(None)
+
+
+def tensor(array: npt.NDArray[np.floating], dtype: int = postproc_pb2.TENSOR_DTYPE_FLOAT32) -> postproc_pb2.Tensor:
+    np_dtype = "<f4" if dtype == postproc_pb2.TENSOR_DTYPE_FLOAT32 else "<f2"
+    return postproc_pb2.Tensor(dtype=dtype, shape=list(array.shape), data=array.astype(np_dtype).tobytes())
+
+
+def logits(rows: int, seed: int = 0, vocab: int = VOCAB) -> npt.NDArray[np.float32]:
+    return (np.random.default_rng(seed).normal(size=(rows, vocab)) * 3).astype(np.float32)
+
+
+def sample_request(x: npt.NDArray[np.float32], **params: object) -> postproc_pb2.SampleRequest:
+    rows = [postproc_pb2.SamplingParams(**params) for _ in range(x.shape[0])]  # type: ignore[arg-type]
+    return postproc_pb2.SampleRequest(logits=tensor(x), rows=rows)
+
+
+async def status_of(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value.code(), info.value.details() or ""
+
+
+@pytest.mark.asyncio
+async def test_sample_returns_the_reference_tokens_and_logprobs(postproc: Postproc) -> None:
+    x = logits(3)
+    response = await postproc.stub.Sample(sample_request(x, top_k=40, top_p=0.9, seed=7, top_logprobs=3))
+    want = sample_numpy(make_sample_batch(x, [RowParams(top_k=40, top_p=0.9, seed=7, top_logprobs=3)] * 3))
+    assert [t.token for t in response.tokens] == want.token.tolist()
+    assert [t.seed for t in response.tokens] == [7, 7, 7]
+    np.testing.assert_allclose([t.logprob for t in response.tokens], want.logprob, rtol=1e-6)
+    assert [[top.token for top in t.top] for t in response.tokens] == want.top_tokens.tolist()
+    unseeded = await postproc.stub.Sample(sample_request(x[:1]))
+    assert unseeded.tokens[0].seed != 0  # drawn by the server and reported
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: sample_request(np.full((1, 8), np.nan, np.float32)), "logits"),
+        (lambda: sample_request(logits(1), top_p=0.0), "rows[0].top_p"),
+        (lambda: sample_request(logits(1), top_p=1.5), "rows[0].top_p"),
+        (lambda: sample_request(logits(1), top_k=-1), "rows[0].top_k"),
+        (lambda: sample_request(logits(1, vocab=VOCAB * 2 + 1)), "logits.shape"),
+        (lambda: sample_request(logits(17)), "logits.shape"),
+        (lambda: sample_request(np.zeros((1, 0), np.float32)), "logits.shape"),
+        (lambda: postproc_pb2.SampleRequest(logits=tensor(logits(2)), rows=[postproc_pb2.SamplingParams()]), "rows"),
+        (
+            lambda: postproc_pb2.SampleRequest(
+                logits=postproc_pb2.Tensor(dtype=postproc_pb2.TENSOR_DTYPE_FLOAT32, shape=[2, 4], data=b"\0" * 12),
+                rows=[postproc_pb2.SamplingParams()] * 2,
+            ),
+            "logits.data",
+        ),
+        (lambda: postproc_pb2.SampleRequest(logits=postproc_pb2.Tensor(shape=[1, 1], data=b"\0" * 4)), "logits.dtype"),
+    ],
+)
+async def test_bad_sample_requests_are_invalid_arguments_naming_the_field(
+    postproc: Postproc, build: object, field: str
+) -> None:
+    code, details = await status_of(postproc.stub.Sample(build()))  # type: ignore[operator]
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(f"{field}:"), details
+
+
+@pytest.mark.asyncio
+async def test_concurrent_calls_are_batched_and_each_gets_its_own_rows(postproc: Postproc) -> None:
+    xs = [logits(2, seed=i) for i in range(12)]
+    responses = await asyncio.gather(*(postproc.stub.Sample(sample_request(x, seed=i)) for i, x in enumerate(xs)))
+    for i, (x, response) in enumerate(zip(xs, responses, strict=True)):
+        want = sample_numpy(make_sample_batch(x, [RowParams(seed=i)] * 2)).token.tolist()
+        assert [t.token for t in response.tokens] == want
+    calls = postproc.metric("llamafleet_postproc_batch_requests_sum", operation="sample")
+    batches = postproc.metric("llamafleet_postproc_batch_requests_count", operation="sample")
+    assert calls == 12 and batches < 12, (calls, batches)
+    assert postproc.metric("llamafleet_postproc_batch_rows_sum", operation="sample") == 24
+
+
+@pytest.mark.asyncio
+async def test_concurrent_token_stats_are_batched_and_split_back(postproc: Postproc) -> None:
+    def request(i: int) -> postproc_pb2.ComputeTokenStatsRequest:
+        tokens = [
+            common_pb2.TokenLogprobs(logprob=-0.1 * (i + 1), top=[common_pb2.TopLogprob(logprob=-0.1 * (i + 1))])
+        ] * (i + 1)
+        return postproc_pb2.ComputeTokenStatsRequest(responses=[postproc_pb2.ResponseLogprobs(tokens=tokens)])
+
+    responses = await asyncio.gather(*(postproc.stub.ComputeTokenStats(request(i)) for i in range(8)))
+    for i, response in enumerate(responses):
+        (stats,) = response.stats
+        assert stats.tokens == i + 1
+        assert stats.mean_logprob == pytest.approx(-0.1 * (i + 1), rel=1e-6)
+        assert stats.perplexity == pytest.approx(math.exp(0.1 * (i + 1)), rel=1e-6)
+    assert postproc.metric("llamafleet_postproc_batch_requests_count", operation="token_stats") < 8
+
+
+@pytest.mark.asyncio
+async def test_out_of_device_memory_is_resource_exhausted_and_the_service_keeps_serving(postproc: Postproc) -> None:
+    postproc.backend.fail_samples = 1
+    code, details = await status_of(postproc.stub.Sample(sample_request(logits(1), seed=1)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in details
+    response = await postproc.stub.Sample(sample_request(logits(1), seed=1))
+    assert len(response.tokens) == 1
+
+
+@pytest.mark.asyncio
+async def test_embeddings_pool_add_search_remove(postproc: Postproc) -> None:
+    rng = np.random.default_rng(2)
+    hidden = rng.normal(size=(3, 4, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], np.uint8)
+    pooled = await postproc.stub.PoolEmbeddings(
+        postproc_pb2.PoolEmbeddingsRequest(
+            hidden_states=tensor(hidden), mask=mask.tobytes(), pooling=postproc_pb2.POOLING_MEAN, normalize=True
+        )
+    )
+    vectors = np.frombuffer(pooled.embeddings.data, np.float32).reshape(list(pooled.embeddings.shape))
+    want = np.stack([hidden[0, :2].mean(0), hidden[1].mean(0), hidden[2, 0]])
+    np.testing.assert_allclose(vectors, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-5)
+
+    added = await postproc.stub.AddToCorpus(
+        postproc_pb2.AddToCorpusRequest(corpus="docs", vectors=tensor(vectors), ids=["a", "b", "c"])
+    )
+    assert added.size == 3
+    found = await postproc.stub.SearchCorpus(
+        postproc_pb2.SearchCorpusRequest(corpus="docs", queries=tensor(vectors[1:2]), top_k=2)
+    )
+    assert found.results[0].hits[0].id == "b" and found.results[0].hits[0].score == pytest.approx(1.0, rel=1e-5)
+    status = await postproc.stub.DeviceStatus(postproc_pb2.DeviceStatusRequest())
+    assert status.backend == "numpy" and status.max_vocab == VOCAB * 2 and status.max_batch_rows == 16
+    assert [(c.name, c.size, c.dim) for c in status.corpora] == [("docs", 3, 8)]
+    assert 0 < status.corpus_bytes_used <= status.corpus_bytes_limit
+    removed = await postproc.stub.RemoveFromCorpus(postproc_pb2.RemoveFromCorpusRequest(corpus="docs", ids=["b"]))
+    assert (removed.removed, removed.size) == (1, 2)
+
+    code, details = await status_of(
+        postproc.stub.SearchCorpus(postproc_pb2.SearchCorpusRequest(corpus="nope", queries=tensor(vectors), top_k=1))
+    )
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+    code, details = await status_of(
+        postproc.stub.PoolEmbeddings(
+            postproc_pb2.PoolEmbeddingsRequest(
+                hidden_states=tensor(hidden), mask=b"\0" * 12, pooling=postproc_pb2.POOLING_CLS
+            )
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("mask:")
+    code, details = await status_of(
+        postproc.stub.AddToCorpus(
+            postproc_pb2.AddToCorpusRequest(corpus="docs", vectors=tensor(np.zeros((1, 8), np.float32)), ids=["z"])
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("vectors:")
