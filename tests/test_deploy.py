@@ -7,8 +7,8 @@ the code and the tools that read them. Nothing here starts Docker; everything ru
 - docker-compose.yml validates against the Compose Specification schema
   (deploy/schema/compose-spec.json) and runs the commands, with the variables, that
   `service_commands()` gives `llamafleet up`.
-- Every llamafleet_* metric the dashboards and alerts read is exported by the code (or listed
-  in PENDING_METRICS), and docs/METRICS.md is what scripts/metrics_catalog.py generates.
+- Every llamafleet_* metric the dashboards and alerts read is exported by the code, and
+  docs/METRICS.md is what scripts/metrics_catalog.py generates.
 """
 
 from __future__ import annotations
@@ -47,18 +47,6 @@ needs_promtool = pytest.mark.skipif(
     reason="promtool not installed (Debian: apt-get install -y --no-install-recommends prometheus)",
 )
 
-# Read by dashboards or alerts, not exported by any code yet: storage's metrics and the
-# workers' node-cache counters are being written. A name here that the code now exports is
-# fine; a name read by a dashboard that is neither exported nor listed here is a typo.
-PENDING_METRICS = {
-    "llamafleet_storage_bytes_total",
-    "llamafleet_storage_operation_duration_seconds_bucket",
-    "llamafleet_storage_dedup_hits_total",
-    "llamafleet_storage_verification_failures_total",
-    "llamafleet_scheduler_worker_cache_hits_total",
-    "llamafleet_scheduler_worker_cache_misses_total",
-    "llamafleet_scheduler_worker_cache_evictions_total",
-}
 
 # LLAMAFLEET_* variables compose sets that service_commands() does not, and why.
 COMPOSE_ONLY_ENV = {
@@ -708,12 +696,10 @@ def test_dashboards_and_alerts_read_only_exported_metrics(catalog: dict[str, Any
     series = [s for metric in catalog["metrics"] for s in metric["series"]]
     unknown = {}
     for reference, places in referenced_metrics().items():
-        if reference in PENDING_METRICS:
-            continue
         if not any(s == reference or re.fullmatch(reference, s) for s in series):
             unknown[reference] = places
-    assert not unknown, f"names no code exports (typo, or add to PENDING_METRICS): {json.dumps(unknown, indent=1)}"
-    assert set(catalog["missing"]) <= PENDING_METRICS
+    assert not unknown, f"names no code exports (a typo, or a metric the code lost): {json.dumps(unknown, indent=1)}"
+    assert not catalog["missing"]
 
 
 def test_metric_names_follow_prometheus_conventions(catalog: dict[str, Any]) -> None:

@@ -99,10 +99,13 @@ class WorkerCounters:
     generated_tokens_total: float = 0
     cached_prompt_tokens_total: float = 0
     restarts_total: float = 0
+    cache_hits_total: float = 0
+    cache_misses_total: float = 0
+    cache_evictions_total: float = 0
     # Latency histogram of time-to-first-token at the worker, cumulative counts per bucket.
     ttft_buckets: list[float] = field(default_factory=list)
 
-    FIELDS = 8
+    FIELDS = 11
 
     def to_row(self, n_buckets: int) -> np.ndarray:
         row = np.zeros(self.FIELDS + n_buckets, dtype=np.float64)
@@ -115,6 +118,9 @@ class WorkerCounters:
             self.generated_tokens_total,
             self.cached_prompt_tokens_total,
             self.restarts_total,
+            self.cache_hits_total,
+            self.cache_misses_total,
+            self.cache_evictions_total,
         )
         row[self.FIELDS : self.FIELDS + len(self.ttft_buckets)] = self.ttft_buckets
         return row

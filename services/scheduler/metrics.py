@@ -84,6 +84,9 @@ class WorkerCollector(Collector):
                 "cached_prompt_tokens_total",
             ),
             "llama_server_restarts": ("Times the worker restarted its llama-server.", "restarts_total"),
+            "cache_hits": ("Model loads served from the worker's node cache.", "cache_hits_total"),
+            "cache_misses": ("Model loads that fetched from storage into the node cache.", "cache_misses_total"),
+            "cache_evictions": ("Node cache entries evicted to stay under the size cap.", "cache_evictions_total"),
         }
         families = {
             key: CounterMetricFamily(f"llamafleet_scheduler_worker_{key}", doc, labels=["worker"])

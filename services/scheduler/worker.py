@@ -241,6 +241,10 @@ class Worker:
         self.counters.in_flight = len(self._requests)
         self.counters.slots_busy = min(len(self._requests), self.settings.slots)
         self.counters.ttft_buckets = self.ttft.row()
+        cache = self.cache.counters
+        self.counters.cache_hits_total = cache.hits
+        self.counters.cache_misses_total = cache.misses
+        self.counters.cache_evictions_total = cache.evictions
         return self.counters.to_row(width - WorkerCounters.FIELDS)
 
     # --- one request ---

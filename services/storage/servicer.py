@@ -9,7 +9,6 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
-from prometheus_client import Counter
 
 from llamafleet import errors
 from llamafleet.storage_client import UPLOADER_METADATA
@@ -17,6 +16,7 @@ from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 from services.storage import errors as storage_errors
 from services.storage.blobstore import BlobStore, Manifest
 from services.storage.gc import DEFAULT_MIN_AGE, collect_garbage
+from services.storage.metrics import StorageMetrics
 from services.storage.runs import FINISHED, OPEN, RunManifest, RunStore
 
 KINDS = {
@@ -104,17 +104,6 @@ def _metrics(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise errors.InvalidArgument("metrics_json", f"must be a JSON object, not {type(value).__name__}")
     return value
-
-
-class StorageMetrics:
-    def __init__(self) -> None:
-        self.bytes = Counter("llamafleet_storage_bytes", "Blob bytes moved, by direction (in, out).", ["direction"])
-        self.dedup_hits = Counter("llamafleet_storage_dedup_hits", "Uploads skipped because the content was stored.")
-        self.verification_failures = Counter(
-            "llamafleet_storage_verification_failures",
-            "Reads or uploads whose bytes did not hash to the expected digest.",
-            ["operation"],
-        )
 
 
 class StorageServicer(storage_pb2_grpc.StorageServicer):
