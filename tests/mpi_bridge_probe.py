@@ -17,6 +17,7 @@ from services.scheduler.mpi_bridge import MpiBridge
 
 WIDTH = 3
 PINGS = 50
+POLL = float(os.environ.get("MPI_POLL_MAX_S", "0.001"))
 
 
 async def rank0(comm: MPI.Comm) -> None:
@@ -31,7 +32,9 @@ async def rank0(comm: MPI.Comm) -> None:
         else:
             replies.put_nowait((source, payload))
 
-    bridge = MpiBridge(comm, loop, on_message, stats_width=WIDTH, on_stats=gathers.append, stats_period_s=0.05)
+    bridge = MpiBridge(
+        comm, loop, on_message, stats_width=WIDTH, on_stats=gathers.append, stats_period_s=0.05, poll_max_s=POLL
+    )
     bridge.start()
     workers = range(1, comm.Get_size())
     latencies = []
@@ -83,7 +86,9 @@ async def worker(comm: MPI.Comm) -> None:
             done.set()
 
     rank = comm.Get_rank()
-    bridge = MpiBridge(comm, loop, on_message, stats_width=WIDTH, stats_row=lambda: np.full(WIDTH, float(rank)))
+    bridge = MpiBridge(
+        comm, loop, on_message, stats_width=WIDTH, stats_row=lambda: np.full(WIDTH, float(rank)), poll_max_s=POLL
+    )
     bridge.start()
     await asyncio.wait_for(done.wait(), 60)
     await asyncio.to_thread(bridge.stop)
