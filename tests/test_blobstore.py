@@ -43,20 +43,6 @@ from services.storage.filer import FilerClient
 MB = 1 << 20
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def seaweed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SeaweedServer]:
-    server = SeaweedServer.on_free_ports(tmp_path_factory.mktemp("seaweed"), volume_size_limit_mb=64)
-    await server.start()
-    try:
-        await server.wait_ready(60)
-        yield server
-    finally:
-        started = time.monotonic()
-        # A short grace: the data is thrown away, and weed's filer can take 15 s to stop.
-        await server.stop(grace=5)
-        print(f"\nweed stopped in {time.monotonic() - started:.1f}s")
-
-
 @pytest_asyncio.fixture(loop_scope="module")
 async def filer(seaweed: SeaweedServer) -> AsyncIterator[FilerClient]:
     async with FilerClient(seaweed.filer_url, timeout=30) as client:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import pytest_asyncio
 from storage_service import storage_service
 
 from llamafleet.seaweed import SeaweedServer
@@ -25,26 +24,6 @@ from services.storage.filer import FilerClient
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MB = 1 << 20
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def seaweed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SeaweedServer]:
-    server = SeaweedServer.on_free_ports(tmp_path_factory.mktemp("seaweed"), volume_size_limit_mb=64)
-    async with server:
-        yield server
-        await server.stop(grace=1)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def address(seaweed: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    async with storage_service(seaweed.filer_url, tmp_path_factory.mktemp("logs")) as running:
-        yield running
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def client(address: str) -> AsyncIterator[StorageClient]:
-    async with StorageClient(address) as storage:
-        yield storage
 
 
 def header(**fields: object) -> storage_pb2.PutBlobRequest:

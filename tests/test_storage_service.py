@@ -15,7 +15,6 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
-from storage_service import storage_service
 from typer.testing import CliRunner, Result
 
 from llamafleet.cli import app
@@ -32,27 +31,6 @@ from services.storage.runs import PARTS, run_path
 MB = 1 << 20
 Code = grpc.StatusCode
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def seaweed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SeaweedServer]:
-    server = SeaweedServer.on_free_ports(tmp_path_factory.mktemp("seaweed"), volume_size_limit_mb=64)
-    async with server:
-        yield server
-        # A short grace: the data is thrown away, and weed's filer can take 15 s to stop.
-        await server.stop(grace=1)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def address(seaweed: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    async with storage_service(seaweed.filer_url, tmp_path_factory.mktemp("logs")) as running:
-        yield running
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def client(address: str) -> AsyncIterator[StorageClient]:
-    async with StorageClient(address) as storage:
-        yield storage
 
 
 @pytest_asyncio.fixture(loop_scope="module")
