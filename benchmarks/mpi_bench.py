@@ -197,7 +197,9 @@ def measure(comm: Any, kind: str, size: int, cp: Any | None, cuda_aware: bool, o
         return None
     one_way = np.asarray(times) / 2
     copy_s = buffers.copy_seconds(max(3, min(iterations, 50)))
-    bandwidth = size / float(one_way.mean())
+    # From the median: a rank descheduled by other work on the machine makes a few round
+    # trips very slow, and the mean would report the machine's load rather than the transport.
+    bandwidth = size / float(np.median(one_way))
     return Row(
         kind=kind,
         transfer=buffers.transfer,
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(HEADER, flush=True)
     rows: list[Row] = []
     library = MPI.Get_library_version().splitlines()[0].replace("\0", "").split(",")[0].strip()
-    comment = f"device={describe_device(cp)}; mpi={library}; cuda_aware={cuda_aware} ({how})"
+    comment = f"device={describe_device(cp)}; mpi={library}; cuda_aware={cuda_aware} ({how}); bandwidth_from=median"
     for kind in kinds:
         for size in sizes_up_to(opts.max_size):
             row = measure(comm, kind, size, cp, cuda_aware, opts)
@@ -300,6 +302,9 @@ def report_from_csv(path: Path, title: str) -> Any:
     from benchmarks.common import Report, format_size, read_csv
 
     rows = read_csv(path)
+    comment = csv_comment(path)
+    # Runs before bandwidth_from=median was recorded computed it from the mean.
+    basis = "median" if "bandwidth_from=median" in comment else "mean"
     table = [
         [
             r["kind"],
@@ -324,7 +329,7 @@ def report_from_csv(path: Path, title: str) -> Any:
             "ratio",
         ],
         table,
-        note=f"Run: {csv_comment(path)}. Latency = half the median round trip; bandwidth = size / mean one-way time; "
+        note=f"Run: {comment}. Latency = half the median round trip; bandwidth = size / {basis} one-way time; "
         "GB = 10⁹ bytes.",
         labels=3,
     )

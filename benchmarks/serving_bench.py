@@ -73,10 +73,12 @@ class ServingOptions:
 
     workers: tuple[int, ...] = (1, 2, 4)
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    max_tokens: int = 64
+    max_tokens: int = 128
     prompt_words: int = 32
-    # Requests per level: at least this many, and at least 2 per stream.
-    min_requests: int = 24
+    # Requests per level: at least this many, and at least 4 per stream (each level runs seconds,
+    # not a fraction of one: other work on a shared 2-core machine then averages out more).
+    min_requests: int = 48
+    per_stream: int = 4
     slots: int = 4
     ctx_size: int = 8192
     policies: bool = True
@@ -95,6 +97,7 @@ class ServingOptions:
             concurrency=(1, 4),
             max_tokens=16,
             min_requests=4,
+            per_stream=1,
             policy_model="tiny",
             prefix_tokens=64,
             groups=2,
@@ -350,7 +353,7 @@ async def warm_up(target: Target, streams: int) -> None:
 
 
 async def measure(ctx: BenchContext, target: Target, workers: int, concurrency: int, opts: ServingOptions) -> dict:
-    count = max(opts.min_requests, 2 * concurrency)
+    count = max(opts.min_requests, opts.per_stream * concurrency)
     prompts = decode_prompts(count, opts.prompt_words, seed=concurrency)
     outcomes, wall = await run_load(target, prompts, decode_params(opts.max_tokens), concurrency)
     row = {"workers": workers, "target": target.name, "concurrency": concurrency, **summarize(outcomes, wall)}
@@ -685,7 +688,7 @@ def fragment_body(
         f"- **Setup**: {opts.slots} slots per llama-server, context {opts.ctx_size}, llama.cpp threads = "
         f"{CPU_COUNT} cores / servers (at least 1), the xllamacpp llama-server; demo model sha256 `{digest[:12]}`. "
         f"Closed loop: each of N streams sends its next request when one ends; "
-        f"max({opts.min_requests}, 2·N) requests per level. TTFT is measured by the client (first chunk with a "
+        f"max({opts.min_requests}, {opts.per_stream}·N) requests per level. TTFT is measured by the client (first chunk with a "
         "token); TPOT = (latency − TTFT) / (tokens − 1); ITL = the gaps between token chunks.\n"
         "- **Caveat**: 2 cores run the load generator, the gateway, the scheduler's MPI ranks and every "
         "llama-server; the fabric's processes take CPU from llama-server, so the ratios include that "

