@@ -26,12 +26,12 @@ suites:
   serving   tokens/s, TTFT, TPOT, ITL through the scheduler (Submit) and the gateway (Generate)
             with 1, 2 and 4 workers at 1-32 concurrent streams, against as many direct
             llama-servers; then round_robin vs least_loaded vs prefix_affinity on a shared-prefix
-            workload (4 workers, the 100 MB "bench" demo model).            (~9 min on 2 cores)
+            workload (16 prefixes of ~1k tokens, 4 workers, the "bench" demo model). (~7 min on 2 cores)
   storage   PutBlob/GetBlob MB/s and p50/p95/p99 for 64 MiB, 256 MiB and 1 GiB objects against
             plain HTTP PUT/GET to the SeaweedFS filer and hashlib SHA-256 over the same bytes;
-            cold vs warm model load through the node cache (1 GiB).         (~3 min)
+            cold vs warm model load through the node cache (1 GiB).         (~2 min)
   mpi       MPI ping-pong (mpi4py Send/Recv, 2 ranks) bandwidth and latency, 1 KiB-256 MiB,
-            host buffers here; pinned and CuPy device buffers where CuPy finds a GPU. (~30 s)
+            host buffers here; pinned and CuPy device buffers where CuPy finds a GPU. (~10 s)
   postproc  the NumPy (CPU) part of benchmarks/postproc_bench.py, when that file is present.
   all       every suite above, in that order (the default).
 
@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     serving = parser.add_argument_group("serving")
     serving.add_argument("--workers", type=parse_list(int), help="worker counts (default: 1,2,4)")
     serving.add_argument("--concurrency", type=parse_list(int), help="concurrent streams (default: 1,2,4,8,16,32)")
-    serving.add_argument("--max-tokens", type=int, help="output tokens per request of the sweep (default: 64)")
+    serving.add_argument("--max-tokens", type=int, help="output tokens per request of the sweep (default: 128)")
     serving.add_argument("--slots", type=int, help="llama-server slots per worker and direct server (default: 4)")
     serving.add_argument("--no-policies", action="store_true", help="skip the scheduling-policy comparison")
     serving.add_argument("--prefix-tokens", type=int, help="shared prefix of the policy workload (default: 1024)")
+    serving.add_argument("--policy-streams", type=int, help="concurrent streams of the policy workload (default: 4)")
     storage = parser.add_argument_group("storage")
     storage.add_argument(
         "--storage-sizes", type=parse_list(parse_size), help="object sizes, e.g. 64M,256M,1G (the default)"
@@ -106,6 +107,7 @@ def serving_options(args: argparse.Namespace):  # -> ServingOptions
         "max_tokens": args.max_tokens,
         "slots": args.slots,
         "prefix_tokens": args.prefix_tokens,
+        "policy_concurrency": args.policy_streams,
     }
     opts = replace(opts, **{k: v for k, v in overrides.items() if v is not None})
     return replace(opts, policies=False) if args.no_policies else opts

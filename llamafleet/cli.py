@@ -55,6 +55,9 @@ def up(
     model: Annotated[Path | None, typer.Option(help="A GGUF to serve instead of the demo model.")] = None,
     model_name: Annotated[str, typer.Option(help="The name:tag it is served as.")] = defaults.DEFAULT_MODEL,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Start in the background and return.")] = False,
+    with_prometheus: Annotated[
+        bool, typer.Option("--with-prometheus", help="Also run a local Prometheus (port 9090) with deploy/'s rules.")
+    ] = False,
 ) -> None:
     """Start SeaweedFS, storage, scheduler (MPI) with its workers, postproc and gateway.
 
@@ -70,9 +73,10 @@ def up(
         model_path=model.resolve() if model else None,
         model_name=model_name,
         llama_server=os.environ.get("LLAMA_SERVER", ""),
+        with_prometheus=with_prometheus,
     )
     if detach:
-        _up_detached(workers, slots, model, model_name)
+        _up_detached(workers, slots, model, model_name, with_prometheus)
         return
     stack = Stack(cfg, report=lambda msg: console.print(f"[dim]…[/dim] {msg}"))
     try:
@@ -123,11 +127,12 @@ def _print_endpoints(endpoints: dict[str, str]) -> None:
     console.print(table)
 
 
-def _up_detached(workers: int, slots: int, model: Path | None, model_name: str) -> None:
+def _up_detached(workers: int, slots: int, model: Path | None, model_name: str, with_prometheus: bool) -> None:
     ROOT.mkdir(exist_ok=True)
     log_path = ROOT / "up.log"
     argv = [sys.executable, "-m", "llamafleet.cli", "up", "--workers", str(workers), "--slots", str(slots)]
     argv += ["--model-name", model_name] + (["--model", str(model.resolve())] if model else [])
+    argv += ["--with-prometheus"] if with_prometheus else []
     STATE_FILE.unlink(missing_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llamafleet import config as defaults
@@ -57,6 +59,10 @@ class StackConfig:
     llama_server: str = ""
     postproc_backend: str = "auto"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Also run a local Prometheus (Debian's `prometheus`) with deploy/'s scrape jobs and alert rules.
+    with_prometheus: bool = False
+    prometheus_port: int = 9090
+    scrape_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         # Children run in other working directories (weed does): every path they get is absolute.
@@ -161,6 +167,39 @@ async def wait_serving(address: str, timeout: float, process: ManagedProcess | N
             await asyncio.sleep(0.2)
 
 
+ALERT_RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
+
+
+def prometheus_config(cfg: StackConfig, rules: Path = ALERT_RULES) -> dict:
+    """deploy/prometheus's jobs and rules, with this stack's metrics endpoints as targets."""
+    interval = f"{cfg.scrape_interval_s:g}s"
+    return {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(rules)],
+        "scrape_configs": [
+            {"job_name": name, "static_configs": [{"targets": [cfg.address(getattr(cfg, f"{name}_metrics_port"))]}]}
+            for name in ("gateway", "scheduler", "storage", "postproc")
+        ],
+    }
+
+
+def prometheus_process(cfg: StackConfig) -> ManagedProcess:
+    """A Prometheus scraping the stack, its data and log under the stack's root."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus is not installed (Debian: apt-get install --no-install-recommends prometheus)")
+    root = cfg.root / "prometheus"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(cfg)))
+    argv = [
+        binary,
+        f"--config.file={root / 'prometheus.yml'}",
+        f"--storage.tsdb.path={root / 'data'}",
+        f"--web.listen-address={cfg.address(cfg.prometheus_port)}",
+    ]
+    return ManagedProcess("prometheus", argv, log_path=cfg.root / "logs" / "prometheus.log")
+
+
 class Stack:
     """Start with `await stack.start()`, stop with `await stack.stop()` (always safe to call)."""
 
@@ -181,7 +220,8 @@ class Stack:
         taken = [
             f"{name.removesuffix('_port').replace('_', ' ')} port {getattr(self.cfg, name)}"
             for name in StackConfig.port_fields()
-            if not port_is_free(self.cfg.host, getattr(self.cfg, name))
+            if (name != "prometheus_port" or self.cfg.with_prometheus)
+            and not port_is_free(self.cfg.host, getattr(self.cfg, name))
         ]
         if taken:
             raise RuntimeError(
@@ -208,6 +248,10 @@ class Stack:
                     await self._ensure_model()
             self.report("waiting for the workers' llama-servers")
             await self.wait_workers_ready(timeout)
+            if self.cfg.with_prometheus:
+                self.report("starting Prometheus")
+                self.processes["prometheus"] = prometheus_process(self.cfg)
+                await self.processes["prometheus"].start()
         except BaseException:
             await self.stop()
             raise
@@ -257,6 +301,7 @@ class Stack:
             "storage (gRPC)": c.address(c.storage_port),
             "postproc (gRPC)": c.address(c.postproc_port),
             **{f"{name} metrics": url for name, url in c.metrics_urls().items()},
+            **({"Prometheus": f"http://{c.address(c.prometheus_port)}"} if c.with_prometheus else {}),
             "SeaweedFS filer": c.filer_url,
             "SeaweedFS master": f"http://{c.host}:{c.weed_master_port}",
         }

@@ -8,6 +8,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llamafleet.server import LATENCY_BUCKETS
 
+# Every reason a generation can be refused for, exported at 0 from the start so that "none"
+# reads as 0 on a dashboard rather than as no data.
+REJECTION_REASONS = ("auth", "request_too_large", "requests_per_min", "tokens_per_min", "capacity", "fair_share")
+
 # From 1 ms (a toy model's first token) to a minute (a long prompt on a large model).
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # From well under a millisecond per token (tiny models) to 0.5 s per token (large ones on CPU).
@@ -42,6 +46,8 @@ class GatewayMetrics:
             "Generations refused before dispatch, by reason (auth, rate limits, capacity, fair share).",
             ["reason"],
         )
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
         self.http_requests = Counter(
             "llamafleet_gateway_http_requests",
             "Requests to the OpenAI-compatible HTTP face, by route and HTTP status.",

@@ -53,6 +53,9 @@ class SchedulerMetrics:
             "llamafleet_scheduler_retries", "Requests retried on another worker after a failure before any token."
         )
         self.rejected = Counter("llamafleet_scheduler_rejected_requests", "Requests refused, by reason.", ["reason"])
+        # Exported at 0 from the start: "none refused" reads as 0, not as no data.
+        for reason in ("queue_full", "no_healthy_worker"):
+            self.rejected.labels(reason)
 
 
 class WorkerCollector(Collector):

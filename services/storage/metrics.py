@@ -14,3 +14,6 @@ class StorageMetrics:
             "Reads or uploads whose bytes did not hash to the expected digest.",
             ["operation"],
         )
+        # Exported at 0 from the start: "no failures" reads as 0, not as no data.
+        for operation in ("get", "put"):
+            self.verification_failures.labels(operation)
