@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--slots", type=int, help="llama-server slots per worker and direct server (default: 4)")
     serving.add_argument("--no-policies", action="store_true", help="skip the scheduling-policy comparison")
     serving.add_argument("--prefix-tokens", type=int, help="shared prefix of the policy workload (default: 1024)")
-    serving.add_argument("--policy-streams", type=int, help="concurrent streams of the policy workload (default: 4)")
+    serving.add_argument(
+        "--policy-streams", type=parse_list(int), help="concurrent streams of the policy workload (default: 2,4)"
+    )
     storage = parser.add_argument_group("storage")
     storage.add_argument(
         "--storage-sizes", type=parse_list(parse_size), help="object sizes, e.g. 64M,256M,1G (the default)"
