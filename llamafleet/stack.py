@@ -201,7 +201,8 @@ def prometheus_process(cfg: StackConfig) -> ManagedProcess:
 
 
 class Stack:
-    """Start with `await stack.start()`, stop with `await stack.stop()` (always safe to call)."""
+    """Start with `await stack.start()`, stop with `await stack.stop()` (always safe to call),
+    or both with `async with Stack(cfg) as stack:`."""
 
     def __init__(self, cfg: StackConfig, report: Report = lambda _msg: None) -> None:
         self.cfg = cfg
@@ -291,6 +292,13 @@ class Stack:
             await self.processes[name].stop(grace)
         self.processes.clear()
         await self.seaweed.stop()
+
+    async def __aenter__(self) -> Stack:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     def endpoints(self) -> dict[str, str]:
         c = self.cfg

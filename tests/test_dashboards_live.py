@@ -33,12 +33,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     cfg = StackConfig.on_free_ports(
         tmp_path_factory.mktemp("stack"), workers=2, slots=2, with_prometheus=True, scrape_interval_s=SCRAPE_INTERVAL_S
     )
-    stack = Stack(cfg)
-    await stack.start(timeout=180)
-    try:
+    async with Stack(cfg) as stack:
         yield stack
-    finally:
-        await stack.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -35,12 +35,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) ->
     # Every service exports its spans to the test's receiver, flushed within 100 ms.
     tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     cfg = StackConfig.on_free_ports(tmp_path_factory.mktemp("stack"), workers=2, slots=2, extra_env=tracing)
-    stack = Stack(cfg)
-    await stack.start(timeout=180)
-    try:
+    async with Stack(cfg) as stack:
         yield stack
-    finally:
-        await stack.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -77,14 +77,10 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
     cfg = StackConfig.on_free_ports(
         root, workers=2, slots=2, extra_env={"LLAMAFLEET_GATEWAY_API_KEYS_FILE": str(store.path)}
     )
-    stack = Stack(cfg)
-    await stack.start(timeout=180)
-    try:
+    async with Stack(cfg) as stack:
         async with grpc.aio.insecure_channel(cfg.address(cfg.scheduler_port)) as channel:
             status = await scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(scheduler_pb2.ClusterStatusRequest())
         yield Fleet(stack, keys, [w.llama_server_url for w in status.workers])
-    finally:
-        await stack.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

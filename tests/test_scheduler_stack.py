@@ -32,12 +32,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         slots=2,
         extra_env={"LLAMAFLEET_SCHEDULER_QUEUE_LIMIT": str(QUEUE_LIMIT)},
     )
-    stack = Stack(cfg)
-    await stack.start(timeout=180)
-    try:
+    async with Stack(cfg) as stack:
         yield stack
-    finally:
-        await stack.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
