@@ -126,7 +126,9 @@ async def test_reflection_lets_a_foreign_client_call_generate(stack: Stack) -> N
         "grpc",
         "--http2-prior-knowledge",
         "-d",
-        '{"prompt":"hello","max_tokens":24}',
+        # Long enough that the stream spans several reads even on a loaded machine (a lagging
+        # reader gets pending tokens merged into one chunk, by design).
+        '{"prompt":"hello","max_tokens":160,"ignore_eos":true}',
         f"http://{address}/llamafleet.v1.Gateway/Generate",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
