@@ -58,6 +58,7 @@ from services.scheduler.llama_server import (
     LlamaServerError,
     LlamaServerProcess,
     LlamaServerUnavailable,
+    default_threads,
     llama_server_command,
 )
 
@@ -110,9 +111,10 @@ class ServingOptions:
         )
 
     def threads(self, servers: int) -> int:
-        """llama.cpp threads per server: the cores split between the servers. Its default (every
-        core per server) makes 4 servers spin 8 threads on 2 cores: prefill took twice as long."""
-        return max(1, CPU_COUNT // servers)
+        """llama.cpp threads per server, as a worker picks them by default (one core left to
+        the fabric and the load generator, the rest split between the servers). llama.cpp's own
+        default (every core per server) makes 4 servers spin 8 threads on 2 cores."""
+        return default_threads(servers, CPU_COUNT)
 
 
 @dataclass
@@ -712,7 +714,7 @@ def fragment_body(
 ) -> str:
     settings = (
         f"- **Setup**: {opts.slots} slots per llama-server, context {opts.ctx_size}, llama.cpp threads = "
-        f"{CPU_COUNT} cores / servers (at least 1), the xllamacpp llama-server; demo model sha256 `{digest[:12]}`. "
+        f"({CPU_COUNT} cores − 1) / servers (at least 1; the workers' default), the xllamacpp llama-server; demo model sha256 `{digest[:12]}`. "
         f"Closed loop: each of N streams sends its next request when one ends; "
         f"max({opts.min_requests}, {opts.per_stream}·N) requests per level. TTFT is measured by the client (first chunk with a "
         "token); TPOT = (latency − TTFT) / (tokens − 1); ITL = the gaps between token chunks.\n"

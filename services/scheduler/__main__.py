@@ -22,6 +22,7 @@ from llamafleet.telemetry import configure_logging, setup_tracing, shutdown_trac
 from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.dispatch import Dispatcher
+from services.scheduler.llama_server import default_threads
 from services.scheduler.messages import WorkerCounters
 from services.scheduler.metrics import HISTOGRAM_WIDTH, SchedulerMetrics, register_worker_collector
 from services.scheduler.mpi_bridge import MpiBridge
@@ -72,6 +73,8 @@ async def run_rank0(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: s
             on_stats=dispatcher.on_stats,
             stats_period_s=settings.stats_period_s,
             poll_max_s=settings.mpi_poll_max_s,
+            poll_active_s=settings.mpi_poll_active_s,
+            active_window_s=settings.mpi_active_window_s,
         )
         bridge.start()
 
@@ -102,6 +105,8 @@ async def run_worker(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: 
         stats_width=STATS_WIDTH,
         stats_row=lambda: worker.stats_row(STATS_WIDTH),
         poll_max_s=settings.mpi_poll_max_s,
+        poll_active_s=settings.mpi_poll_active_s,
+        active_window_s=settings.mpi_active_window_s,
     )
     bridge.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -112,6 +117,15 @@ async def run_worker(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: 
     finally:
         await asyncio.to_thread(bridge.stop)
         shutdown_tracing()
+
+
+def node_worker_count(comm: MPI.Comm) -> int:
+    """How many worker ranks share this rank's node (collective: every rank calls it)."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return sum(1 for rank in node.allgather(comm.Get_rank()) if rank != 0)
+    finally:
+        node.Free()
 
 
 def main() -> None:
@@ -133,6 +147,9 @@ def main() -> None:
     settings = SchedulerSettings.model_validate(config["settings"])
     if comm.Get_size() < 2:
         raise SystemExit("scheduler: needs at least one worker rank (mpiexec -n 2 or more)")
+    workers_here = node_worker_count(comm)
+    if settings.threads is None:
+        settings.threads = default_threads(workers_here)
     runner = run_rank0 if rank == 0 else run_worker
     asyncio.run(runner(comm, settings, config["model_sha256"]))
 

@@ -38,7 +38,10 @@ class SchedulerSettings(ServiceSettings):
     # How long LoadModel waits for each worker to come back on the new model.
     rollout_worker_timeout_s: float = Field(default=600.0, gt=0)
     stats_period_s: float = Field(default=0.5, gt=0)
+    # MPI thread polling: every 100 µs within 50 ms of the last message, else every 1 ms.
     mpi_poll_max_s: float = Field(default=0.001, gt=0)
+    mpi_poll_active_s: float = Field(default=100e-6, gt=0)
+    mpi_active_window_s: float = Field(default=0.05, ge=0)
 
     # Per worker: its node cache, its llama-server and where the logs go.
     cache_dir: Path = Path(".llamafleet/cache")
@@ -47,6 +50,7 @@ class SchedulerSettings(ServiceSettings):
     # llama-server slots (-np) and total context (-c, shared by the slots).
     slots: int = Field(default=2, ge=1)
     ctx_size: int = Field(default=4096, ge=64)
+    # llama.cpp threads per llama-server; unset: (cores − 1) / worker ranks on the node, at least 1.
     threads: int | None = None
     # A llama-server binary; empty means the xllamacpp launcher. LLAMA_SERVER is read too.
     llama_server: str = Field(

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,17 @@ def llama_server_command(
     if threads:
         argv += ["-t", str(threads)]
     return argv
+
+
+def default_threads(servers: int, cores: int | None = None) -> int:
+    """llama.cpp threads for each of `servers` llama-servers sharing this node's cores.
+
+    One core is left to the fabric (MPI ranks, gateway, clients): llama.cpp's threads meet at
+    a barrier after every operation, so one of them preempted by another process stalls the
+    whole token. On 2 cores, 1 thread served the tiny model faster than 2, even alone.
+    """
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, (cores - 1) // max(1, servers))
 
 
 class LlamaServerProcess:

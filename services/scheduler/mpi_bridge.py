@@ -2,9 +2,11 @@
 
 MPI is called from this thread only (after the initial broadcast), with non-blocking calls:
 `improbe`/`isend` for point-to-point messages and `Igather` for the periodic statistics
-round. When nothing moves, the thread sleeps with an exponential backoff capped at
-`poll_max_s` (default 1 ms), so an idle rank costs well under 1% of a core, while a queued
-send wakes it at once.
+round. A queued send wakes the thread at once; incoming messages are polled for. Within
+`active_window_s` of the last message in or out the thread polls every `poll_active_s`
+(default 100 µs: a token stream, or the first token after a SUBMIT, is not held up by the
+backoff); after that it backs off to `poll_max_s` (default 1 ms), so an idle rank costs
+well under 1% of a core.
 
 Statistics rounds are started by rank 0: it sends STATS_ROUND to every worker, then posts
 its Igather; each worker posts its own Igather when the message arrives. Because MPI keeps
@@ -46,6 +48,8 @@ class MpiBridge:
         on_stats: Callable[[np.ndarray], None] | None = None,
         stats_period_s: float = 0.5,
         poll_max_s: float = 0.001,
+        poll_active_s: float = 100e-6,
+        active_window_s: float = 0.05,
     ) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -57,6 +61,9 @@ class MpiBridge:
         self._on_stats = on_stats
         self._stats_period_s = stats_period_s
         self._poll_max_s = poll_max_s
+        self._poll_active_s = min(poll_active_s, poll_max_s)
+        self._active_window_s = active_window_s
+        self._last_traffic = 0.0
         self._outbox: queue.SimpleQueue[tuple[int, Tag, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -91,23 +98,26 @@ class MpiBridge:
 
     def _run(self) -> None:
         status = MPI.Status()
-        idle = 0
         while True:
-            busy = self._flush_outbox()
+            # Requests and their tokens keep the fast polling on; statistics rounds do not.
+            traffic = self._flush_outbox()
             while (message := self.comm.improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)) is not None:
                 payload = message.recv()
-                busy = True
-                self._route(status.Get_source(), Tag(status.Get_tag()), payload)
-            busy |= self._progress_stats()
+                tag = Tag(status.Get_tag())
+                traffic |= tag is not Tag.STATS_ROUND
+                self._route(status.Get_source(), tag, payload)
+            stats = self._progress_stats()
             self._pending_sends = [r for r in self._pending_sends if not r.Test()]
             if self._stopping.is_set() and not self._pending_sends and self._gather is None and self._outbox.empty():
                 return
-            if busy:
-                idle = 0
+            now = time.monotonic()
+            if traffic:
+                self._last_traffic = now
+            if traffic or stats:
                 continue
-            idle += 1
             self.idle_wakeups += 1
-            self._wake.wait(min(self._poll_max_s, 20e-6 * (1 << min(idle, 12))))
+            active = now - self._last_traffic < self._active_window_s
+            self._wake.wait(self._poll_active_s if active else self._poll_max_s)
             self._wake.clear()
 
     def _flush_outbox(self) -> bool:
