@@ -292,6 +292,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="directory for postproc.csv")
     parser.add_argument("--quick", action="store_true", help="sampling only, fp32, no NumPy or search")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to leave out: fp16, token_stats, search, numpy"
+    )
     args = parser.parse_args()
 
     import cupy as cp
@@ -316,11 +319,16 @@ def main() -> None:
     print(header)
     rows: list[Row] = []
     bench_sampling(cp, backend, d2d, np.float32, rows, torch)
+    skip = set(filter(None, args.skip.split(",")))
     if not args.quick:
-        bench_sampling(cp, backend, d2d, np.float16, rows, None)
-        bench_token_stats(cp, backend, rows, d2d)
-        bench_search(cp, backend, rows, d2d)
-        bench_numpy_sampling(rows, d2d)
+        if "fp16" not in skip:
+            bench_sampling(cp, backend, d2d, np.float16, rows, None)
+        if "token_stats" not in skip:
+            bench_token_stats(cp, backend, rows, d2d)
+        if "search" not in skip:
+            bench_search(cp, backend, rows, d2d)
+        if "numpy" not in skip:
+            bench_numpy_sampling(rows, d2d)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "postproc.csv"
     with path.open("w", newline="") as f:
