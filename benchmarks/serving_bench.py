@@ -69,6 +69,16 @@ CPU_COUNT = max(1, len(os.sched_getaffinity(0)))
 
 
 @dataclass(frozen=True)
+class Workload:
+    """One decode sweep: the demo model size, worker counts, stream counts, output tokens."""
+
+    model: str
+    workers: tuple[int, ...]
+    concurrency: tuple[int, ...]
+    max_tokens: int
+
+
+@dataclass(frozen=True)
 class ServingOptions:
     """What the suite runs; `quick()` is the seconds-long smoke-test variant."""
 
@@ -82,6 +92,11 @@ class ServingOptions:
     per_stream: int = 4
     slots: int = 4
     ctx_size: int = 8192
+    # The same sweep with the "bench" demo model (~3 ms a token instead of ~0.3 ms): what the
+    # fabric costs when a token takes a realistic amount of work. Empty: skipped.
+    bench_model_workers: tuple[int, ...] = (1,)
+    bench_model_concurrency: tuple[int, ...] = (1, 8, 32)
+    bench_model_max_tokens: int = 64
     policies: bool = True
     policy_model: str = "bench"
     prefix_tokens: int = 1024
@@ -108,7 +123,13 @@ class ServingOptions:
             groups=2,
             per_group=2,
             policy_concurrency=(2,),
+            bench_model_workers=(),
         )
+
+    def workloads(self) -> list[Workload]:
+        tiny = Workload("tiny", self.workers, self.concurrency, self.max_tokens)
+        bench = Workload("bench", self.bench_model_workers, self.bench_model_concurrency, self.bench_model_max_tokens)
+        return [tiny, bench] if bench.workers else [tiny]
 
     def threads(self, servers: int) -> int:
         """llama.cpp threads per server, as a worker picks them by default (one core left to
@@ -282,7 +303,7 @@ def words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def decode_prompts(count: int, n_words: int, seed: int) -> list[str]:
+def decode_prompts(count: int, n_words: int, seed: int | str) -> list[str]:
     rng = random.Random(seed)
     return [words(rng, n_words) for _ in range(count)]
 
@@ -323,13 +344,17 @@ async def direct_servers(
 
 
 @contextlib.asynccontextmanager
-async def running_stack(ctx: BenchContext, root: Path, workers: int, opts: ServingOptions) -> AsyncIterator[Stack]:
+async def running_stack(
+    ctx: BenchContext, root: Path, workers: int, opts: ServingOptions, model: Path | None = None
+) -> AsyncIterator[Stack]:
     env = {
         "LLAMAFLEET_SCHEDULER_THREADS": str(opts.threads(workers)),
         "LLAMAFLEET_SCHEDULER_CTX_SIZE": str(opts.ctx_size),
     }
     for attempt in range(1, STACK_ATTEMPTS + 1):
-        cfg = StackConfig.on_free_ports(root / f"try-{attempt}", workers=workers, slots=opts.slots, extra_env=env)
+        cfg = StackConfig.on_free_ports(
+            root / f"try-{attempt}", workers=workers, slots=opts.slots, extra_env=env, model_path=model
+        )
         stack = Stack(cfg, report=lambda message: ctx.progress(f"  stack: {message}"))
         try:
             await stack.start(timeout=300.0)
@@ -358,20 +383,28 @@ async def warm_up(target: Target, streams: int) -> None:
         raise RuntimeError(f"{target.name} failed its warm-up: {errors[0]}")
 
 
-async def measure(ctx: BenchContext, target: Target, workers: int, concurrency: int, opts: ServingOptions) -> dict:
+async def measure(
+    ctx: BenchContext, target: Target, workload: Workload, workers: int, concurrency: int, opts: ServingOptions
+) -> dict:
     count = max(opts.min_requests, opts.per_stream * concurrency)
-    prompts = decode_prompts(count, opts.prompt_words, seed=concurrency)
-    outcomes, wall = await run_load(target, prompts, decode_params(opts.max_tokens), concurrency)
-    row = {"workers": workers, "target": target.name, "concurrency": concurrency, **summarize(outcomes, wall)}
+    # Prompts of their own per target: the scheduler and gateway runs share one llama-server,
+    # and the second would find the first's prompts in its cache (prefill is real work for
+    # the bench model).
+    prompts = decode_prompts(count, opts.prompt_words, seed=f"{target.name}-{concurrency}")
+    outcomes, wall = await run_load(target, prompts, decode_params(workload.max_tokens), concurrency)
+    row = {"model": workload.model, "workers": workers, "target": target.name, "concurrency": concurrency}
+    row |= summarize(outcomes, wall)
     failed = f", [red]{row['failed']} failed[/red]" if row["failed"] else ""
     ctx.progress(
-        f"  {target.name:<9} {workers}w x{concurrency:<3} {row['output_tokens_per_s']:8.0f} tok/s  "
+        f"  {target.name:<9} {workload.model} {workers}w x{concurrency:<3} {row['output_tokens_per_s']:8.0f} tok/s  "
         f"TTFT p50 {row['ttft_ms_median']:7.1f} ms{failed}"
     )
     return row
 
 
-async def sweep(ctx: BenchContext, opts: ServingOptions, workers: int, model: Path, root: Path) -> list[dict]:
+async def sweep(
+    ctx: BenchContext, opts: ServingOptions, workload: Workload, workers: int, model: Path, root: Path
+) -> list[dict]:
     """Direct llama-servers first (stack down), then the stack's scheduler and gateway."""
     rows: list[dict] = []
     ctx.progress(f"serving: {workers} direct llama-server(s), {opts.slots} slots, {opts.threads(workers)} thread(s)")
@@ -379,14 +412,16 @@ async def sweep(ctx: BenchContext, opts: ServingOptions, workers: int, model: Pa
         target = DirectTarget([s.base_url for s in servers])
         try:
             await warm_up(target, workers * opts.slots)
-            for c in opts.concurrency:
-                rows.append(await measure(ctx, target, workers, c, opts))
+            for c in workload.concurrency:
+                rows.append(await measure(ctx, target, workload, workers, c, opts))
         finally:
             await target.aclose()
     return rows
 
 
-async def sweep_stack(ctx: BenchContext, opts: ServingOptions, stack: Stack, workers: int) -> list[dict]:
+async def sweep_stack(
+    ctx: BenchContext, opts: ServingOptions, workload: Workload, stack: Stack, workers: int
+) -> list[dict]:
     rows: list[dict] = []
     cfg = stack.cfg
     targets: list[Target] = [
@@ -396,9 +431,9 @@ async def sweep_stack(ctx: BenchContext, opts: ServingOptions, stack: Stack, wor
     try:
         for target in targets:
             await warm_up(target, workers * opts.slots)
-        for c in opts.concurrency:
+        for c in workload.concurrency:
             for target in targets:
-                rows.append(await measure(ctx, target, workers, c, opts))
+                rows.append(await measure(ctx, target, workload, workers, c, opts))
     finally:
         for target in targets:
             await target.aclose()
@@ -499,12 +534,12 @@ def policy_row(
 LATENCY_COLUMNS = ("ttft_ms", "tpot_ms", "itl_ms")
 
 
-def sweep_report(rows: Sequence[dict], workers: int, opts: ServingOptions) -> Report:
+def sweep_report(rows: Sequence[dict], workers: int, workload: Workload, opts: ServingOptions) -> Report:
     headers = ["target", "streams", "req/s", "out tok/s", "× direct"]
     headers += [f"{m.split('_')[0].upper()} {s} ms" for m in LATENCY_COLUMNS for s in ("mean", "median", "p99")]
     direct = {r["concurrency"]: r for r in rows if r["target"] == "direct"}
     table = []
-    for c in opts.concurrency:
+    for c in workload.concurrency:
         for r in (r for r in rows if r["concurrency"] == c):
             peer = direct.get(c, {}).get("output_tokens_per_s", float("nan"))
             cells = [r["target"], str(c), fmt(r["request_throughput"], 2), fmt(r["output_tokens_per_s"], 0)]
@@ -512,8 +547,8 @@ def sweep_report(rows: Sequence[dict], workers: int, opts: ServingOptions) -> Re
             cells += [fmt(r[f"{m}_{s}"], 1) for m in LATENCY_COLUMNS for s in ("mean", "median", "p99")]
             table.append(cells)
     return Report(
-        f"Serving sweep, {workers} worker(s) — workload: {opts.prompt_words}-word prompts, {opts.max_tokens} output "
-        f"tokens (ignore_eos), tiny demo model; peer: {workers} direct llama-server(s), client round robin",
+        f"Serving sweep, {workers} worker(s) — workload: {opts.prompt_words}-word prompts, {workload.max_tokens} output "
+        f"tokens (ignore_eos), {workload.model} demo model; peer: {workers} direct llama-server(s), client round robin",
         headers,
         table,
         labels=2,
@@ -522,15 +557,20 @@ def sweep_report(rows: Sequence[dict], workers: int, opts: ServingOptions) -> Re
 
 def overhead_rows(rows: Sequence[dict]) -> list[dict]:
     """Per (workers, streams): the fabric's tokens/s as a fraction of direct, and added TTFT."""
-    index = {(r["workers"], r["target"], r["concurrency"]): r for r in rows}
+    index = {(r["model"], r["workers"], r["target"], r["concurrency"]): r for r in rows}
     out = []
-    for (workers, target, c), direct in sorted(index.items()):
+    for (model, workers, target, c), direct in sorted(index.items(), key=lambda kv: (kv[0][0] != "tiny", kv[0])):
         if target != "direct":
             continue
-        row: dict = {"workers": workers, "concurrency": c, "direct_tok_s": direct["output_tokens_per_s"]}
+        row: dict = {
+            "model": model,
+            "workers": workers,
+            "concurrency": c,
+            "direct_tok_s": direct["output_tokens_per_s"],
+        }
         row["direct_ttft_p50_ms"] = direct["ttft_ms_median"]
         for name in ("scheduler", "gateway"):
-            r = index.get((workers, name, c))
+            r = index.get((model, workers, name, c))
             if r is None:
                 continue
             row[f"{name}_tok_s"] = r["output_tokens_per_s"]
@@ -541,10 +581,11 @@ def overhead_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def overhead_report(rows: Sequence[dict]) -> Report:
-    headers = ["workers", "streams", "direct tok/s", "scheduler tok/s", "sched/direct", "gateway tok/s"]
+    headers = ["model", "workers", "streams", "direct tok/s", "scheduler tok/s", "sched/direct", "gateway tok/s"]
     headers += ["gw/direct", "direct TTFT p50 ms", "TTFT p50 added: scheduler", "gateway"]
     table = [
         [
+            r["model"],
             str(r["workers"]),
             str(r["concurrency"]),
             fmt(r["direct_tok_s"], 0),
@@ -612,7 +653,11 @@ def plot(rows: Sequence[dict], opts: ServingOptions, path: Path) -> Path | None:
     fig, axes = plt.subplots(2, len(opts.workers), figsize=(4.2 * len(opts.workers), 6.5), squeeze=False)
     for col, workers in enumerate(opts.workers):
         for target, style in (("direct", "o-"), ("scheduler", "s-"), ("gateway", "^-")):
-            points = sorted((r["concurrency"], r) for r in rows if r["workers"] == workers and r["target"] == target)
+            points = sorted(
+                (r["concurrency"], r)
+                for r in rows
+                if r["model"] == "tiny" and r["workers"] == workers and r["target"] == target
+            )
             xs = [c for c, _r in points]
             axes[0][col].plot(xs, [r["output_tokens_per_s"] for _c, r in points], style, label=target)
             axes[1][col].plot(xs, [r["ttft_ms_median"] for _c, r in points], style, label=target)
@@ -637,13 +682,13 @@ def signed_ms(value: float | None) -> str:
 
 def headline(overhead: Sequence[dict], policies: Sequence[dict]) -> list[str]:
     lines = []
-    for workers in sorted({r["workers"] for r in overhead}):
-        mine = [r for r in overhead if r["workers"] == workers and "scheduler_ratio" in r]
+    for model, workers in dict.fromkeys((r["model"], r["workers"]) for r in overhead):
+        mine = [r for r in overhead if (r["model"], r["workers"]) == (model, workers) and "scheduler_ratio" in r]
         if not mine:
             continue
         lo, hi = mine[0], mine[-1]
         lines.append(
-            f"- {workers} worker(s): the scheduler gives {fmt(lo['scheduler_ratio'], 2)}× direct tokens/s at "
+            f"- {model} model, {workers} worker(s): the scheduler gives {fmt(lo['scheduler_ratio'], 2)}× direct tokens/s at "
             f"{lo['concurrency']} stream(s) and {fmt(hi['scheduler_ratio'], 2)}× at {hi['concurrency']} "
             f"(gateway {fmt(lo.get('gateway_ratio'), 2)}× / {fmt(hi.get('gateway_ratio'), 2)}×); TTFT p50 "
             f"{signed_ms(lo['scheduler_added_ttft_p50_ms'])} / {signed_ms(hi['scheduler_added_ttft_p50_ms'])} "
@@ -680,17 +725,26 @@ async def run(ctx: BenchContext, opts: ServingOptions) -> None:
     rows: list[dict] = []
     policies: list[dict] = []
     policy_model = ""
-    for workers in opts.workers:
-        rows += await sweep(ctx, opts, workers, model, root / f"direct-{workers}")
-        ctx.progress(f"serving: starting a stack with {workers} worker(s)")
-        async with running_stack(ctx, root / f"stack-{workers}", workers, opts) as stack:
-            rows += await sweep_stack(ctx, opts, stack, workers)
-            if opts.policies and workers == max(opts.workers):
-                policies, policy_model = await run_policies(ctx, opts, stack, root)
+    workloads = opts.workloads()
+    for workload in workloads:
+        path = model if workload.model == "tiny" else write_demo_model(root / "models" / "bench.gguf", size="bench")
+        for workers in workload.workers:
+            where = f"{workload.model}-{workers}"
+            rows += await sweep(ctx, opts, workload, workers, path, root / f"direct-{where}")
+            ctx.progress(f"serving: starting a stack with {workers} worker(s), {workload.model} model")
+            stack_model = None if workload.model == "tiny" else path
+            async with running_stack(ctx, root / f"stack-{where}", workers, opts, stack_model) as stack:
+                rows += await sweep_stack(ctx, opts, workload, stack, workers)
+                if opts.policies and workload.model == "tiny" and workers == max(opts.workers):
+                    policies, policy_model = await run_policies(ctx, opts, stack, root)
     overhead = overhead_rows(rows)
     write_csv(ctx.csv_path("serving_inflight.csv"), rows)
     write_csv(ctx.csv_path("serving_overhead.csv"), overhead)
-    reports = [sweep_report([r for r in rows if r["workers"] == w], w, opts) for w in opts.workers]
+    reports = [
+        sweep_report([r for r in rows if (r["model"], r["workers"]) == (wl.model, w)], w, wl, opts)
+        for wl in workloads
+        for w in wl.workers
+    ]
     reports.append(overhead_report(overhead))
     if policies:
         write_csv(ctx.csv_path("serving_policies.csv"), policies)

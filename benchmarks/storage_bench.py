@@ -2,6 +2,9 @@
 SeaweedFS filer and against hashlib SHA-256 over the same bytes; then a model load through
 a worker's node cache, cold (fetched, hashed, written, fsynced) and warm (a hit).
 
+GetBlob is also set against a GetBlob that streams the same number of bytes from memory
+(benchmarks/grpc_ceiling.py, its own process): what gRPC Python alone moves on this machine.
+
 Every object is a file of random bytes written once in 4 MiB chunks; every method streams
 that file in 1 MiB chunks (the page cache serves it), so no object is ever held in memory.
 The gRPC path hashes every byte in the storage service (content addressing) and the client
@@ -11,15 +14,18 @@ sends the digest first, as `StorageClient.upload` does; the filer path stores by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 
@@ -34,7 +40,7 @@ from benchmarks.common import (
     write_csv,
     write_fragment,
 )
-from llamafleet.processes import ManagedProcess, ProcessExited
+from llamafleet.processes import ManagedProcess, ProcessExited, free_port
 from llamafleet.stack import Stack, StackConfig, service_commands, wait_serving
 from llamafleet.storage_client import CHUNK_BYTES, StorageClient
 from llamafleet.v1 import storage_pb2
@@ -95,8 +101,9 @@ async def file_chunks(path: Path) -> AsyncIterator[bytes]:
 class Methods:
     """The timed operations, each on one object; gRPC and filer clients are kept open."""
 
-    def __init__(self, storage: StorageClient, filer_url: str) -> None:
+    def __init__(self, storage: StorageClient, filer_url: str, ceiling: StorageClient) -> None:
         self.storage = storage
+        self.ceiling = ceiling
         self.http = httpx.AsyncClient(base_url=filer_url, timeout=httpx.Timeout(300.0, connect=10.0), trust_env=False)
         self.filer_paths: list[str] = []
 
@@ -116,6 +123,12 @@ class Methods:
         async for chunk in self.storage.stream(src.sha256):
             received += len(chunk)
         _check_size("GetBlob", received, src.size)
+
+    async def grpc_memory(self, src: Source) -> None:
+        received = 0
+        async for chunk in self.ceiling.stream("memory", length=src.size):
+            received += len(chunk)
+        _check_size("GetBlob from memory", received, src.size)
 
     async def filer_put(self, src: Source) -> None:
         path = f"/bench/{uuid.uuid4().hex}.bin"
@@ -158,12 +171,14 @@ async def timed(op: Callable[[], Awaitable[None]]) -> float:
 
 async def bench_size(ctx: BenchContext, methods: Methods, src: Source, repeats: int) -> dict[str, list[float]]:
     """Seconds per operation, the methods interleaved per repeat so that drift hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in ("grpc_put", "filer_put", "grpc_get", "filer_get", "sha256")}
+    names = ("grpc_put", "filer_put", "grpc_get", "filer_get", "grpc_memory", "sha256")
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         times["grpc_put"].append(await timed(lambda: methods.grpc_put(src)))
         times["filer_put"].append(await timed(lambda: methods.filer_put(src)))
         times["grpc_get"].append(await timed(lambda: methods.grpc_get(src)))
         times["filer_get"].append(await timed(lambda: methods.filer_get(src)))
+        times["grpc_memory"].append(await timed(lambda: methods.grpc_memory(src)))
         times["sha256"].append(await timed(lambda: methods.sha256(src)))
         # Deleted so that the next PutBlob transfers again instead of deduplicating; the
         # last one stays for the node-cache test.
@@ -222,6 +237,24 @@ async def _ensure(cache: NodeCache, storage: StorageClient, src: Source) -> None
     await cache.ensure(src.sha256, lambda: storage.stream(src.sha256))
 
 
+@contextlib.asynccontextmanager
+async def ceiling_server(root: Path) -> AsyncIterator[StorageClient]:
+    """benchmarks/grpc_ceiling.py in its own process, and a client of it."""
+    port = free_port()
+    argv = [sys.executable, "-m", "benchmarks.grpc_ceiling", "--port", str(port)]
+    repo = Path(__file__).resolve().parent.parent
+    process = ManagedProcess("grpc-ceiling", argv, log_path=root / "logs" / "grpc-ceiling.log", cwd=repo)
+    await process.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30.0)
+        async with StorageClient(address) as client:
+            yield client
+    finally:
+        await process.stop()
+
+
 async def start_storage(ctx: BenchContext, root: Path, attempts: int = 3) -> Stack:
     """SeaweedFS and the storage service only, started as the stack starts them. Retried on
     fresh ports: another program on the machine may bind a port between its pick and its use."""
@@ -266,7 +299,8 @@ def throughput_report(rows: Sequence[dict]) -> Report:
     ]
     return Report(
         "Storage throughput — workload: one object of random bytes per size, streamed in 1 MiB chunks; "
-        "peers: HTTP PUT/GET straight to the SeaweedFS filer (httpx) and hashlib SHA-256 of the same bytes",
+        "peers: HTTP PUT/GET straight to the SeaweedFS filer (httpx), a GetBlob streamed from memory "
+        "(grpc_memory) and hashlib SHA-256 of the same bytes",
         headers,
         table,
         note="p95/p99 of 2–5 repeats are interpolated between the slowest ones (≈ max).",
@@ -285,9 +319,22 @@ def ratio_rows(rows: Sequence[dict]) -> list[dict]:
                 "get_ratio": ratio(by[(size, "grpc_get")], by[(size, "filer_get")]),
                 "put_vs_sha256": ratio(by[(size, "grpc_put")], by[(size, "sha256")]),
                 "get_vs_sha256": ratio(by[(size, "grpc_get")], by[(size, "sha256")]),
+                "get_vs_grpc_memory": ratio(by[(size, "grpc_get")], by[(size, "grpc_memory")]),
+                "grpc_memory_vs_filer_get": ratio(by[(size, "grpc_memory")], by[(size, "filer_get")]),
             }
         )
     return out
+
+
+RATIO_HEADERS = [
+    "size",
+    "PutBlob / filer PUT",
+    "GetBlob / filer GET",
+    "PutBlob / SHA-256",
+    "GetBlob / SHA-256",
+    "GetBlob / gRPC from memory",
+    "gRPC from memory / filer GET",
+]
 
 
 def ratio_report(rows: Sequence[dict]) -> Report:
@@ -301,13 +348,17 @@ def ratio_report(rows: Sequence[dict]) -> Report:
             verdict(r["get_ratio"]),
             f"{fmt(r['put_vs_sha256'], 2)}×",
             f"{fmt(r['get_vs_sha256'], 2)}×",
+            f"{fmt(r['get_vs_grpc_memory'], 2)}×",
+            f"{fmt(r['grpc_memory_vs_filer_get'], 2)}×",
         ]
         for r in rows
     ]
     return Report(
         f"Storage gRPC vs peers (median MiB/s ratios; goal ≥ {GOAL_RATIO}× the direct filer)",
-        ["size", "PutBlob / filer PUT", "GetBlob / filer GET", "PutBlob / SHA-256", "GetBlob / SHA-256"],
+        RATIO_HEADERS,
         table,
+        note="gRPC from memory: a GetBlob server that streams the same bytes from RAM (no filer, no hashing), "
+        "its own process: the most any GetBlob can reach on this machine.",
     )
 
 
@@ -342,8 +393,11 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     rows: list[dict] = []
     cache_rows: list[dict] = []
     try:
-        async with StorageClient(stack.cfg.address(stack.cfg.storage_port)) as storage:
-            methods = Methods(storage, stack.cfg.filer_url)
+        async with (
+            StorageClient(stack.cfg.address(stack.cfg.storage_port)) as storage,
+            ceiling_server(root) as ceiling,
+        ):
+            methods = Methods(storage, stack.cfg.filer_url, ceiling)
             try:
                 kept: Source | None = None
                 for i, size in enumerate(opts.sizes):

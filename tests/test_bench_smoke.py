@@ -46,7 +46,7 @@ def test_quick_serving_writes_csvs(tmp_path: Path) -> None:
 def test_quick_storage_writes_csvs(tmp_path: Path) -> None:
     run_quick("storage", tmp_path, timeout=80)
     methods = {r["method"] for r in rows(tmp_path / "storage_throughput.csv")}
-    assert methods == {"grpc_put", "grpc_get", "filer_put", "filer_get", "sha256"}
+    assert methods == {"grpc_put", "grpc_get", "filer_put", "filer_get", "grpc_memory", "sha256"}
     assert rows(tmp_path / "storage_ratios.csv")
     cache = rows(tmp_path / "storage_node_cache.csv")
     assert {r["load"] for r in cache} == {"cold", "warm"}

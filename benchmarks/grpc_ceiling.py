@@ -1,0 +1,48 @@
+"""A Storage server whose GetBlob streams `length` bytes from memory: what gRPC Python alone
+moves on this machine, the ceiling of any GetBlob here. The storage suite runs it as a
+process of its own (`python -m benchmarks.grpc_ceiling --port N`) beside the real service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llamafleet.server import GRPC_OPTIONS
+from llamafleet.storage_client import CHUNK_BYTES
+from llamafleet.v1 import storage_pb2, storage_pb2_grpc
+
+
+class MemoryStorage(storage_pb2_grpc.StorageServicer):
+    def __init__(self) -> None:
+        self._chunk = os.urandom(CHUNK_BYTES)
+
+    async def GetBlob(
+        self, request: storage_pb2.GetBlobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[storage_pb2.GetBlobResponse]:
+        left = request.length
+        while left:
+            n = min(left, CHUNK_BYTES)
+            yield storage_pb2.GetBlobResponse(data=self._chunk[:n])
+            left -= n
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    storage_pb2_grpc.add_StorageServicer_to_server(MemoryStorage(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    asyncio.run(serve(parser.parse_args().port))
+
+
+if __name__ == "__main__":
+    main()
