@@ -1,23 +1,10 @@
-"""CuPy path of :mod:`services.postproc.sampling`: no sort, two kernel designs.
+"""CuPy path of :mod:`services.postproc.sampling`: one fused kernel per batch, no sort.
 
-**Two-phase (the default, for greedy rows and rows with 1 <= top_k <= 64).**  Phase 1
-(``llf_chunks_v*``) splits every row into chunks of 2k/4k/8k logits, one independent CTA
-per (chunk, row) with no inter-CTA barrier: it loads its chunk into registers (16-byte
-loads), and writes a small record (max, first argmax, online softmax sum, NaN/inf flag)
-plus the chunk's ``K = max(top_k, top_n)`` best logits in the total order (logit down,
-index up).  The K-th largest thread maximum bounds that selection, so only a few dozen
-logits per chunk are ranked.  Phase 2 (``llf_finish_rows``, one CTA per row) merges the
-records into the row max and log-normaliser; the row's top-n and every logit of the
-top-k set are among the chunks' lists (a chunk whose list cut a run of ties at the k-th
-largest logit is detected and the row flagged), so the top-k set is ranked, put in
-vocabulary order with exact weights and sampled by one thread exactly as the NumPy
-reference does it (same draws, same float64 cumulative sums).
-
-**Cluster kernel (every other row, and flagged rows).**  Each row is read once by a
-thread-block cluster of ``C`` CTAs (``C`` in 1, 2, 4, 8; Hopper's distributed shared
-memory joins them): CTA ``c`` keeps vocabulary slice ``c`` in shared memory and every
-later step works there.  Per-row reductions go through the cluster (each CTA publishes a
-few words, one cluster barrier, everyone reads all of them).  Steps:
+Each row is read from device memory once, by a thread-block cluster of ``C`` CTAs
+(``C`` in 1, 2, 4, 8; Hopper's distributed shared memory joins them): CTA ``c`` keeps
+vocabulary slice ``c`` in shared memory and every later step works there.  Per-row
+reductions go through the cluster (each CTA publishes a few words, one cluster barrier,
+everyone reads all of them), so every CTA of a row takes the same decisions.  Steps:
 
 1. load the slice (16-byte loads) with the row max, first argmax, softmax sum (online,
    rescaled as the max moves) and a NaN/inf flag; each thread's largest logit bounds
@@ -30,10 +17,8 @@ few words, one cluster barrier, everyone reads all of them).  Steps:
    and the acceptance test of the previous draw against top-p.  Exact weights are
    computed only for the top-k set (for every token, once and in place, without top-k).
 
-In a mixed batch the two-phase kernels run first and the cluster kernel then samples only
-the rows they flagged (it reads the flag in ``out_token``).  The penalties run first as a
-tiny kernel, one thread per distinct (row, token), in place.  Only this module's
-:class:`CupySampler` touches CuPy; it is imported without it.
+The penalties run first as a tiny kernel, one thread per distinct (row, token), in place.
+Only this module's :class:`CupySampler` touches CuPy; it is imported without it.
 """
 
 from __future__ import annotations
@@ -46,7 +31,7 @@ import numpy as np
 from services.postproc.sampling import EXP2_COEFFS, EXP2_MIN, SampleBatch, SampleResult
 from services.postproc.staging import PinnedBuffer, layout
 
-__all__ = ["CLUSTER_SIZES", "KC", "MAX_SLICE", "CupySampler", "DeviceSampleBatch", "plan_chunks", "plan_clusters"]
+__all__ = ["CLUSTER_SIZES", "MAX_SLICE", "CupySampler", "DeviceSampleBatch", "plan_clusters"]
 
 NT = 512  # threads per CTA
 MAX_SLICE = 32768  # floats of one row a CTA keeps in shared memory (128 KiB)
@@ -55,15 +40,6 @@ MAX_TOP = 32  # top-logprobs buffer per row in the kernel
 _TARGET_SLICE = 16384  # 64 KiB: three CTAs fit on an SM, so loads of one overlap work of another
 _MIN_SLICE = 4096
 _UPLOAD_CHUNK_BYTES = 4 << 20
-# Two-phase path (must match the CUDA defines): values per thread of the chunk kernels
-# (256 threads, so chunks of 2k/4k/8k logits), chunk-list length, chunks per row, record words.
-CHUNK_VPT = (8, 16, 32)
-CHUNK_THREADS = 256
-KC = 64
-MAX_CHUNKS = 32
-REC_WORDS = 8
-_MAX_GRID_Y = 65535  # rows of one chunk-kernel launch
-FLAGGED = -2  # a row the two-phase kernels leave to the cluster kernel
 
 
 def _f32_bits(x: float | np.floating[Any]) -> str:
@@ -81,7 +57,6 @@ _SOURCE = (
 #define CAND_CAP 256
 #define NEG_INF __int_as_float(0xff800000)
 #define INT_MAX_ 0x7fffffff
-#define LLF_FLAGGED (-2)
 
 // ---- cluster primitives (PTX, as CUTLASS writes them) ------------------------------------
 __device__ __forceinline__ unsigned llf_rank() {
@@ -495,15 +470,12 @@ __device__ void llf_sample_body(
     const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr, const float* __restrict__ top_p_arr,
     const float* __restrict__ min_p_arr, const unsigned long long* __restrict__ seed_arr,
     const int* __restrict__ n_top_arr, int* __restrict__ out_token, float* __restrict__ out_logprob,
-    int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, const int top_stride, const int only_flagged)
+    int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, const int top_stride)
 {
     extern __shared__ float s_x[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const unsigned C = llf_nranks(), rank = llf_rank();
     const long long row = row0 + blockIdx.x / C;
-    // As the fallback of the two-phase kernels: only the rows they flagged (every CTA of a
-    // cluster reads the flag before its first cluster barrier, rank 0 rewrites it after).
-    if (only_flagged && out_token[row] != LLF_FLAGGED) return;
     const long long lo = (long long)rank * slice;
     const int n = (int)max(0LL, min((long long)slice, vocab - lo));
     const long long base = row * vocab;
@@ -728,363 +700,6 @@ __device__ void llf_sample_body(
     llf_cluster_sync();  // no CTA leaves while another may still read its shared memory
 }
 
-// ==== two-phase sampling: independent chunk CTAs, then one small CTA per row ==============
-// Phase 1 (llf_chunks_v*): CTA (chunk, row) reads CH = P1_NT * VPT logits into registers and
-// writes a record: max, first argmax, softmax sum relative to that max, flags, and the
-// chunk's K best logits in the total order (logit down, index up), K = max(top_k, top_n).
-// Phase 2 (llf_finish_rows): the K best of a row are among the union of its chunks' lists,
-// and so is every logit above the k-th largest, unless a chunk cut a run of ties at it
-// (flagged: the cluster kernel redoes such rows).  The top-k set is then a few dozen
-// logits, sampled in vocabulary order by one thread exactly as the NumPy reference does.
-#define P1_NT 256
-#define KC 64
-#define P1_CAP 1024
-#define MAX_CHUNKS 32
-#define F_CAP (MAX_CHUNKS * KC)
-#define T_CAP 1024
-#define REC 8
-#define FLAG_BAD 1u
-#define FLAG_OVERFLOW 2u
-#define FLAG_TRUNC 4u
-
-__device__ __forceinline__ float llf_unkey(const unsigned k) {
-    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
-
-// Position in the chunk of a thread's v-th value: mode 1 = float4 loads, 2 = 8 halves, 0 = scalar.
-__device__ __forceinline__ int llf_pos(const int mode, const int v, const int tid) {
-    if (mode == 1) return (v >> 2) * (P1_NT * 4) + tid * 4 + (v & 3);
-    if (mode == 2) return (v >> 3) * (P1_NT * 8) + tid * 8 + (v & 7);
-    return v * P1_NT + tid;
-}
-
-template <int VPT>
-__device__ __forceinline__ void llf_chunk_body(
-    const void* __restrict__ logits, const int is_half, const long long vocab, const long long row0,
-    const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr, const int* __restrict__ n_top_arr,
-    int* __restrict__ rec, float* __restrict__ cand_x, int* __restrict__ cand_i)
-{
-    constexpr int CH = P1_NT * VPT;
-    __shared__ unsigned s_key[P1_NT];
-    __shared__ unsigned s_ck[P1_CAP];
-    __shared__ int s_ci[P1_CAP];
-    __shared__ int s_cr[P1_CAP];
-    __shared__ float s_rf[P1_NT / 32];
-    __shared__ int s_ri[P1_NT / 32];
-    __shared__ float s_rz[P1_NT / 32];
-    __shared__ unsigned s_ru[P1_NT / 32];
-    __shared__ unsigned s_cnt, s_trunc, s_vc;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int chunk = blockIdx.x;
-    const long long row = row0 + blockIdx.y;
-    const long long lo = (long long)chunk * CH;
-    const int n = (int)min((long long)CH, vocab - lo);
-    const float inv_t_row = inv_t_arr[row];
-    const bool greedy = !(inv_t_row > 0.0f);
-    const float inv_t = greedy ? 1.0f : inv_t_row;
-    const int K = min(KC, max(greedy ? 0 : top_k_arr[row], n_top_arr[row]));
-    const long long base = row * vocab + lo;
-    const int mode = is_half ? (((vocab & 7) == 0) ? 2 : 0) : (((vocab & 3) == 0) ? 1 : 0);
-
-    float x[VPT];
-    if (mode == 1) {
-        const float4* s4 = (const float4*)((const float*)logits + base);
-        #pragma unroll
-        for (int j = 0; j < VPT / 4; j++) {
-            const int q = j * P1_NT + tid;
-            float4 v = make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
-            if (4 * q < n) v = __ldcs(s4 + q);
-            x[4 * j] = v.x; x[4 * j + 1] = v.y; x[4 * j + 2] = v.z; x[4 * j + 3] = v.w;
-        }
-    } else if (mode == 2) {
-        const uint4* s8 = (const uint4*)((const unsigned short*)logits + base);
-        #pragma unroll
-        for (int j = 0; j < VPT / 8; j++) {
-            const int q = j * P1_NT + tid;
-            uint4 u = make_uint4(0xfc00fc00u, 0xfc00fc00u, 0xfc00fc00u, 0xfc00fc00u);
-            if (8 * q < n) u = __ldcs(s8 + q);
-            const unsigned words[4] = {u.x, u.y, u.z, u.w};
-            #pragma unroll
-            for (int h = 0; h < 4; h++) {
-                x[8 * j + 2 * h] = llf_h2f((unsigned short)(words[h] & 0xffffu));
-                x[8 * j + 2 * h + 1] = llf_h2f((unsigned short)(words[h] >> 16));
-            }
-        }
-    } else {
-        #pragma unroll
-        for (int v = 0; v < VPT; v++) {
-            const int p = v * P1_NT + tid;
-            x[v] = p < n ? llf_logit(logits, is_half, base + p) : NEG_INF;
-        }
-    }
-
-    float tm = NEG_INF, tz = 0.0f;
-    int ti = INT_MAX_;
-    unsigned bad = 0;
-    bool any = false;
-    #pragma unroll
-    for (int v = 0; v < VPT; v++) {
-        const int p = llf_pos(mode, v, tid);
-        if (p < n) {
-            const float xv = x[v] + 0.0f;  // -0 -> +0 (and subnormals -> 0 under flush-to-zero)
-            x[v] = xv;
-            any = true;
-            bad |= !(fabsf(xv) <= 3.402823466e38f);
-            if (xv > tm) {
-                tz = tz * __expf((tm - xv) * inv_t) + 1.0f;
-                tm = xv;
-                ti = (int)(lo + p);
-            } else {
-                tz += __expf((xv - tm) * inv_t);
-            }
-        }
-    }
-    const unsigned my_key = any ? llf_key(tm) : 0u;
-    for (int s = 16; s > 0; s >>= 1) {
-        const float m2 = __shfl_xor_sync(FULL, tm, s);
-        const int i2 = __shfl_xor_sync(FULL, ti, s);
-        const float z2 = __shfl_xor_sync(FULL, tz, s);
-        llf_merge(tm, ti, tz, m2, i2, z2, inv_t);
-    }
-    bad = __reduce_or_sync(FULL, bad);
-    if (lane == 0) { s_rf[warp] = tm; s_ri[warp] = ti; s_rz[warp] = tz; s_ru[warp] = bad; }
-
-    unsigned flags = 0, count = 0, vc = 0;
-    if (K > 0) {
-        // Bound: the K-th largest thread maximum leaves at least K logits at or above it.
-        s_key[tid] = my_key;
-        for (int k = 2; k <= P1_NT; k <<= 1) {
-            for (int j = k >> 1; j > 0; j >>= 1) {
-                __syncthreads();
-                const int p = tid ^ j;
-                if (p > tid) {
-                    const unsigned a = s_key[tid], b = s_key[p];
-                    if (((tid & k) == 0) ? (a < b) : (a > b)) { s_key[tid] = b; s_key[p] = a; }
-                }
-            }
-        }
-        if (tid == 0) { s_cnt = 0; s_trunc = 0; s_vc = 0; }
-        __syncthreads();
-        const unsigned bound = s_key[K - 1];
-        #pragma unroll
-        for (int v = 0; v < VPT; v++) {
-            const int p = llf_pos(mode, v, tid);
-            const unsigned key = llf_key(x[v]);
-            const bool take = p < n && key >= bound;
-            const unsigned hits = __ballot_sync(FULL, take);
-            if (hits) {
-                unsigned first = 0;
-                if (lane == 0) first = atomicAdd(&s_cnt, __popc(hits));
-                first = __shfl_sync(FULL, first, 0);
-                const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
-                if (take && slot < P1_CAP) { s_ck[slot] = key; s_ci[slot] = (int)(lo + p); }
-            }
-        }
-        __syncthreads();
-        const unsigned total = s_cnt;
-        if (total > P1_CAP) {
-            flags |= FLAG_OVERFLOW;
-        } else {
-            const int nc = (int)total;
-            float* ox = cand_x + (row * gridDim.x + chunk) * KC;
-            int* oi = cand_i + (row * gridDim.x + chunk) * KC;
-            for (int a = tid; a < nc; a += P1_NT) {
-                const unsigned ka = s_ck[a];
-                const int ia = s_ci[a];
-                int r = 0;
-                for (int b = 0; b < nc; b++) {
-                    const unsigned kb = s_ck[b];
-                    r += (kb > ka) || (kb == ka && s_ci[b] < ia);
-                }
-                s_cr[a] = r;
-                if (r < K) { ox[r] = llf_unkey(ka); oi[r] = ia; }
-                if (r == K - 1) s_vc = ka;
-            }
-            __syncthreads();
-            for (int a = tid; a < nc; a += P1_NT)
-                if (s_cr[a] >= K && s_ck[a] == s_vc) s_trunc = 1;
-            __syncthreads();
-            count = (unsigned)min(nc, K);
-            vc = s_vc;
-            if (s_trunc) flags |= FLAG_TRUNC;
-        }
-    } else {
-        __syncthreads();
-    }
-    if (tid == 0) {
-        for (int w = 1; w < P1_NT / 32; w++) { llf_merge(tm, ti, tz, s_rf[w], s_ri[w], s_rz[w], inv_t); bad |= s_ru[w]; }
-        if (bad) flags |= FLAG_BAD;
-        int* o = rec + (row * gridDim.x + chunk) * REC;
-        o[0] = __float_as_int(tm);
-        o[1] = ti;
-        o[2] = __float_as_int(tz);
-        o[3] = (int)flags;
-        o[4] = (int)count;
-        o[5] = (int)vc;
-    }
-}
-
-#define P2_NT 256
-
-extern "C" __global__ void __launch_bounds__(P2_NT) llf_finish_rows(
-    const long long vocab, const int nchunks, const long long row0, const float* __restrict__ inv_t_arr,
-    const int* __restrict__ top_k_arr, const float* __restrict__ top_p_arr, const float* __restrict__ min_p_arr,
-    const unsigned long long* __restrict__ seed_arr, const int* __restrict__ n_top_arr,
-    const int* __restrict__ rec, const float* __restrict__ cand_x, const int* __restrict__ cand_i,
-    int* __restrict__ out_token, float* __restrict__ out_logprob, int* __restrict__ out_top_ids,
-    float* __restrict__ out_top_lp, const int top_stride)
-{
-    __shared__ float s_fx[F_CAP];
-    __shared__ int s_fi[F_CAP];
-    __shared__ float s_tw[T_CAP];
-    __shared__ float s_tx[T_CAP];
-    __shared__ int s_ti[T_CAP];
-    __shared__ float s_cm[MAX_CHUNKS];
-    __shared__ int s_cn[MAX_CHUNKS];
-    __shared__ unsigned s_cf[MAX_CHUNKS], s_cv[MAX_CHUNKS];
-    __shared__ double s_logz;
-    __shared__ unsigned s_fn, s_tn, s_bound, s_tau, s_fallback;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const long long row = row0 + blockIdx.x;
-    const int* r = rec + row * nchunks * REC;
-    const float inv_t_row = inv_t_arr[row];
-    const bool greedy = !(inv_t_row > 0.0f);
-    const float inv_t = greedy ? 1.0f : inv_t_row;
-    const int top_k = greedy ? 0 : top_k_arr[row];
-    const int n_top = min(n_top_arr[row], min(MAX_TOP, (int)min(vocab, (long long)top_stride)));
-    const int K = min(KC, max(top_k, n_top_arr[row]));
-    int* top_ids = out_top_ids + row * top_stride;
-    float* top_lp = out_top_lp + row * top_stride;
-
-    if (tid < nchunks) {
-        s_cm[tid] = __int_as_float(r[tid * REC]);
-        s_cf[tid] = (unsigned)r[tid * REC + 3];
-        s_cn[tid] = r[tid * REC + 4];
-        s_cv[tid] = (unsigned)r[tid * REC + 5];
-    }
-    if (tid == 0) { s_fn = 0; s_tn = 0; s_bound = 0; s_tau = 0; s_fallback = 0; }
-    __syncthreads();
-    float m = NEG_INF;
-    int argmax = INT_MAX_;
-    unsigned flags = 0;
-    for (int c = 0; c < nchunks; c++) {
-        const float mc = s_cm[c];
-        const int ic = r[c * REC + 1];
-        if (mc > m || (mc == m && ic < argmax)) { m = mc; argmax = ic; }
-        flags |= s_cf[c];
-    }
-    if (flags & FLAG_BAD) {
-        if (tid == 0) { out_token[row] = -1; out_logprob[row] = 0.0f; }
-        for (int j = tid; j < top_stride; j += P2_NT) { top_ids[j] = -1; top_lp[j] = 0.0f; }
-        return;
-    }
-    if ((!greedy && (top_k <= 0 || top_k > KC)) || (K > 0 && (flags & FLAG_OVERFLOW))) {
-        if (tid == 0) out_token[row] = LLF_FLAGGED;
-        return;
-    }
-    if (warp == 0) {
-        double z = 0.0;
-        if (lane < nchunks) {
-            const float mc = s_cm[lane];
-            if (mc != NEG_INF) z = (double)__int_as_float(r[lane * REC + 2]) * exp((double)(mc - m) * (double)inv_t);
-        }
-        z = llf_warp_sum(z);
-        if (lane == 0) s_logz = log(z);
-    }
-    const float* cx = cand_x + row * nchunks * KC;
-    const int* ci = cand_i + row * nchunks * KC;
-    if (K > 0) {
-        if (tid < nchunks && s_cn[tid] >= K) atomicMax(&s_bound, llf_key(cx[tid * KC + K - 1]));
-        __syncthreads();
-        const unsigned bound = s_bound;
-        for (int e = tid; e < nchunks * K; e += P2_NT) {
-            const int c = e / K, j = e - c * K;
-            if (j < s_cn[c]) {
-                const float xv = cx[c * KC + j];
-                if (llf_key(xv) >= bound) {
-                    const unsigned slot = atomicAdd(&s_fn, 1u);
-                    s_fx[slot] = xv;
-                    s_fi[slot] = ci[c * KC + j];
-                }
-            }
-        }
-    }
-    __syncthreads();
-    const double log_z = s_logz;
-    const int nf = (int)s_fn;
-    for (int a = tid; a < nf; a += P2_NT) {
-        const unsigned ka = llf_key(s_fx[a]);
-        const int ia = s_fi[a];
-        int rank = 0;
-        for (int b = 0; b < nf; b++) {
-            const unsigned kb = llf_key(s_fx[b]);
-            rank += (kb > ka) || (kb == ka && s_fi[b] < ia);
-        }
-        if (rank < n_top) {
-            top_ids[rank] = ia;
-            top_lp[rank] = (float)((double)__fmul_rn(__fsub_rn(s_fx[a], m), inv_t) - log_z);
-        }
-        if (rank == top_k - 1) s_tau = ka;
-    }
-    for (int j = n_top + tid; j < top_stride; j += P2_NT) { top_ids[j] = -1; top_lp[j] = 0.0f; }
-    if (greedy) {
-        if (tid == 0) { out_token[row] = argmax; out_logprob[row] = (float)(0.0 - log_z); }
-        return;
-    }
-    __syncthreads();
-    const unsigned tau = s_tau;
-    // A chunk that cut a run of ties at the k-th largest logit hides members of the top-k set.
-    if (tid < nchunks && (s_cf[tid] & FLAG_TRUNC) && s_cv[tid] == tau) s_fallback = 1;
-    // The top-k set in vocabulary order, with exact weights.
-    for (int a = tid; a < nf; a += P2_NT) {
-        const unsigned ka = llf_key(s_fx[a]);
-        if (ka < tau) continue;
-        const int ia = s_fi[a];
-        int pos = 0;
-        for (int b = 0; b < nf; b++) pos += llf_key(s_fx[b]) >= tau && s_fi[b] < ia;
-        atomicAdd(&s_tn, 1u);
-        if (pos < T_CAP) {
-            s_tx[pos] = s_fx[a];
-            s_ti[pos] = ia;
-            s_tw[pos] = llf_exp_ref(__fmul_rn(__fsub_rn(s_fx[a], m), inv_t));
-        }
-    }
-    __syncthreads();
-    if (tid != 0) return;
-    const int nt = (int)s_tn;
-    if (s_fallback || nt > T_CAP) { out_token[row] = LLF_FLAGGED; return; }
-    const float top_p = top_p_arr[row], min_p = min_p_arr[row];
-    const unsigned long long seed = seed_arr[row];
-    double z_k = 0.0, z = 0.0;
-    for (int t = 0; t < nt; t++) { const float w = s_tw[t]; z_k += (double)w; z += (double)llf_in_draw_set(w, min_p, 0.0f, false); }
-    const double limit = (double)top_p * z_k;
-    float piv = 0.0f;
-    bool strict = false;
-    int j = 0;
-    for (unsigned long long draw = 0;; draw++) {
-        const double target = llf_uniform(seed, draw) * z;
-        double run = 0.0;
-        int found = -1, last = 0;
-        for (int t = 0; t < nt; t++) {
-            const float v = llf_in_draw_set(s_tw[t], min_p, piv, strict);
-            if (v > 0.0f) {
-                run += (double)v;
-                last = t;
-                if (run > target) { found = t; break; }
-            }
-        }
-        j = found >= 0 ? found : last;
-        if (top_p >= 1.0f) break;
-        piv = s_tw[j];
-        strict = true;
-        z = 0.0;
-        for (int t = 0; t < nt; t++) z += (double)llf_in_draw_set(s_tw[t], min_p, piv, true);
-        if (z < limit) break;
-    }
-    out_token[row] = s_ti[j];
-    out_logprob[row] = (float)((double)__fmul_rn(__fsub_rn(s_tx[j], m), inv_t) - log_z);
-}
-
 extern "C" __global__ void llf_penalties(
     void* __restrict__ logits, const int is_half, const long long vocab, const int* __restrict__ rows,
     const int* __restrict__ tokens, const int* __restrict__ counts, const int n_entries,
@@ -1110,30 +725,16 @@ _SAMPLE_ARGS = (
     "const float* __restrict__ top_p, const float* __restrict__ min_p, "
     "const unsigned long long* __restrict__ seed, const int* __restrict__ n_top, int* __restrict__ out_token, "
     "float* __restrict__ out_logprob, int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, "
-    "const int top_stride, const int only_flagged"
+    "const int top_stride"
 )
-_CHUNK_ARGS = (
-    "const void* __restrict__ logits, const int is_half, const long long vocab, const long long row0, "
-    "const float* __restrict__ inv_t, const int* __restrict__ top_k, const int* __restrict__ n_top, "
-    "int* __restrict__ rec, float* __restrict__ cand_x, int* __restrict__ cand_i"
-)
-_CHUNK_NAMES = "logits, is_half, vocab, row0, inv_t, top_k, n_top, rec, cand_x, cand_i"
 _SAMPLE_NAMES = (
     "logits, is_half, vocab, slice, row0, inv_t, top_k, top_p, min_p, seed, n_top, out_token, out_logprob, "
-    "out_top_ids, out_top_lp, top_stride, only_flagged"
+    "out_top_ids, out_top_lp, top_stride"
 )
-SOURCE = (
-    _SOURCE
-    + "".join(
-        f'extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__({c}, 1, 1) llf_sample_c{c}({_SAMPLE_ARGS})'
-        f" {{ llf_sample_body({_SAMPLE_NAMES}); }}\n"
-        for c in CLUSTER_SIZES
-    )
-    + "".join(
-        f'extern "C" __global__ void __launch_bounds__(256) llf_chunks_v{v}({_CHUNK_ARGS})'
-        f" {{ llf_chunk_body<{v}>({_CHUNK_NAMES}); }}\n"
-        for v in CHUNK_VPT
-    )
+SOURCE = _SOURCE + "".join(
+    f'extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__({c}, 1, 1) llf_sample_c{c}({_SAMPLE_ARGS})'
+    f" {{ llf_sample_body({_SAMPLE_NAMES}); }}\n"
+    for c in CLUSTER_SIZES
 )
 
 
@@ -1148,20 +749,6 @@ def plan_clusters(rows: int, vocab: int, sm_count: int) -> tuple[int, int]:
     while c < 8 and rows * c < 2 * sm_count and vocab // (2 * c) >= _MIN_SLICE:
         c *= 2
     return c, _slice(vocab, c)
-
-
-def plan_chunks(rows: int, vocab: int, sm_count: int) -> int | None:
-    """Values per thread of the two-phase chunk kernel (chunks of 256 of them), or None when a
-    row needs more than :data:`MAX_CHUNKS` chunks: large chunks, smaller while the grid is thin."""
-    vpt = CHUNK_VPT[-1]
-    if -(-vocab // (CHUNK_THREADS * vpt)) > MAX_CHUNKS:
-        return None
-    for smaller in reversed(CHUNK_VPT[:-1]):
-        chunks = -(-vocab // (CHUNK_THREADS * vpt))
-        if rows * chunks >= 4 * sm_count or -(-vocab // (CHUNK_THREADS * smaller)) > MAX_CHUNKS:
-            break
-        vpt = smaller
-    return vpt
 
 
 def _slice(vocab: int, cluster: int) -> int:
@@ -1181,8 +768,6 @@ class DeviceSampleBatch:
     vocab: int
     width: int
     entry_bounds: np.ndarray  # penalty entries of rows [r0, r1) are entry_bounds[r0]:entry_bounds[r1]
-    two_phase: np.ndarray  # rows the two-phase kernels can sample (greedy, or 1 <= top_k <= KC)
-    scratch: dict[str, Any]  # the chunk records and candidate lists of the two-phase kernels
 
 
 class CupySampler:
@@ -1197,8 +782,6 @@ class CupySampler:
         self._kernels = {c: module.get_function(f"llf_sample_c{c}") for c in CLUSTER_SIZES}
         for kernel in self._kernels.values():
             kernel.max_dynamic_shared_size_bytes = MAX_SLICE * 4  # compiles the module now
-        self._chunk_kernels = {v: module.get_function(f"llf_chunks_v{v}") for v in CHUNK_VPT}
-        self._finish = module.get_function("llf_finish_rows")
         self._penalties = module.get_function("llf_penalties")
         self._pinned_params = PinnedBuffer(cupy)
         self._params_uploaded: Any = None  # event: the pinned parameters may be rewritten after it
@@ -1249,14 +832,7 @@ class CupySampler:
         out = {k: d_out[out_offsets[k] : out_offsets[k] + out_sizes[k]].view(dtypes[k]) for k in out_sizes}
         logits = cp.empty(batch.logits.shape, dtype=batch.logits.dtype)
         bounds = np.searchsorted(batch.penalty_rows, np.arange(n + 1), side="left")
-        two_phase = (batch.inv_temperature == 0) | ((batch.top_k >= 1) & (batch.top_k <= KC))
-        slots = n * min(MAX_CHUNKS, -(-batch.vocab // (CHUNK_THREADS * CHUNK_VPT[0])))
-        scratch = {
-            "rec": cp.empty(slots * REC_WORDS, dtype=cp.int32),
-            "cand_x": cp.empty(slots * KC, dtype=cp.float32),
-            "cand_i": cp.empty(slots * KC, dtype=cp.int32),
-        }
-        prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds, two_phase, scratch)
+        prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds)
         if upload_logits:
             logits.set(batch.logits, stream=self.stream)
         return prepared
@@ -1292,80 +868,18 @@ class CupySampler:
                         p["frequency"],
                     ),
                 )
-            two_phase_ok = cluster is None and rows <= _MAX_GRID_Y
-            vpt = plan_chunks(rows, prepared.vocab, self._sm_count) if two_phase_ok else None
-            fast = prepared.two_phase[r0:r1]
-            if vpt is not None and fast.any():
-                self._launch_two_phase(prepared, r0, r1, vpt)
-                if not fast.all():
-                    self._launch_cluster(prepared, r0, r1, None, only_flagged=True)
-            else:
-                self._launch_cluster(prepared, r0, r1, cluster, only_flagged=False)
-
-    def _launch_two_phase(self, prepared: DeviceSampleBatch, r0: int, r1: int, vpt: int) -> None:
-        p, sc, out = prepared.params, prepared.scratch, prepared.out
-        is_half = np.int32(prepared.logits.dtype == self._cp.float16)
-        vocab = np.int64(prepared.vocab)
-        chunks = -(-prepared.vocab // (CHUNK_THREADS * vpt))
-        self._chunk_kernels[vpt](
-            (chunks, r1 - r0),
-            (CHUNK_THREADS,),
-            (
-                prepared.logits,
-                is_half,
-                vocab,
-                np.int64(r0),
-                p["inv_t"],
-                p["top_k"],
-                p["n_top"],
-                sc["rec"],
-                sc["cand_x"],
-                sc["cand_i"],
-            ),
-        )
-        self._finish(
-            (r1 - r0,),
-            (256,),
-            (
-                vocab,
-                np.int32(chunks),
-                np.int64(r0),
-                p["inv_t"],
-                p["top_k"],
-                p["top_p"],
-                p["min_p"],
-                p["seed"],
-                p["n_top"],
-                sc["rec"],
-                sc["cand_x"],
-                sc["cand_i"],
-                out["token"],
-                out["logprob"],
-                out["top_ids"],
-                out["top_lp"],
-                np.int32(prepared.width),
-            ),
-        )
-
-    def _launch_cluster(
-        self, prepared: DeviceSampleBatch, r0: int, r1: int, cluster: int | None, *, only_flagged: bool
-    ) -> None:
-        """The cluster kernel over rows ``[r0, r1)`` (only those the two-phase kernels flagged, if told)."""
-        p = prepared.params
-        rows = r1 - r0
-        c, slice_ = plan_clusters(rows, prepared.vocab, self._sm_count)
-        if cluster is not None:
-            c, slice_ = cluster, _slice(prepared.vocab, cluster)
-        if slice_ > MAX_SLICE:
-            raise ValueError(f"vocab {prepared.vocab} needs more than {max(CLUSTER_SIZES)} CTAs per row")
-        with self.stream:
+            c, slice_ = plan_clusters(rows, prepared.vocab, self._sm_count)
+            if cluster is not None:
+                c, slice_ = cluster, _slice(prepared.vocab, cluster)
+            if slice_ > MAX_SLICE:
+                raise ValueError(f"vocab {prepared.vocab} needs more than {max(CLUSTER_SIZES)} CTAs per row")
             self._kernels[c](
                 (rows * c,),
                 (NT,),
                 (
                     prepared.logits,
-                    np.int32(prepared.logits.dtype == self._cp.float16),
-                    np.int64(prepared.vocab),
+                    is_half,
+                    vocab,
                     np.int32(slice_),
                     np.int64(r0),
                     p["inv_t"],
@@ -1379,7 +893,6 @@ class CupySampler:
                     prepared.out["top_ids"],
                     prepared.out["top_lp"],
                     np.int32(prepared.width),
-                    np.int32(only_flagged),
                 ),
                 shared_mem=slice_ * 4,
             )
@@ -1390,12 +903,6 @@ class CupySampler:
         prepared.out_buffer.get(stream=self.stream, out=pinned)
         self.stream.synchronize()
         n, w = prepared.n_rows, prepared.width
-        if (pinned[: n * 4].view(np.int32) == FLAGGED).any():
-            # Rows whose chunks cut a run of ties at the top-k threshold (rare): the cluster
-            # kernel redoes exactly those (the penalties are already in the logits).
-            self._launch_cluster(prepared, 0, n, None, only_flagged=True)
-            prepared.out_buffer.get(stream=self.stream, out=pinned)
-            self.stream.synchronize()
         out = {}
         for k, dtype in (("token", np.int32), ("logprob", np.float32), ("top_ids", np.int32), ("top_lp", np.float32)):
             view = prepared.out[k]
