@@ -27,6 +27,7 @@ from llamafleet.telemetry import (
     setup_tracing,
     shutdown_tracing,
     start_metrics_endpoint,
+    trace_exemplar,
 )
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 if code is not grpc.StatusCode.OK:
                     span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
                 self._requests.labels(method, code.name).inc()
-                self._latency.labels(method).observe(time.perf_counter() - start)
+                self._latency.labels(method).observe(time.perf_counter() - start, trace_exemplar(span))
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, error: FleetError) -> None:

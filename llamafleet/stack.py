@@ -196,6 +196,8 @@ def prometheus_process(cfg: StackConfig) -> ManagedProcess:
         f"--config.file={root / 'prometheus.yml'}",
         f"--storage.tsdb.path={root / 'data'}",
         f"--web.listen-address={cfg.address(cfg.prometheus_port)}",
+        # Keeps the trace ids the gateway attaches to its latency buckets.
+        "--enable-feature=exemplar-storage",
     ]
     return ManagedProcess("prometheus", argv, log_path=cfg.root / "logs" / "prometheus.log")
 

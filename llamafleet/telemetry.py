@@ -62,6 +62,16 @@ def shutdown_tracing() -> None:
         _provider.shutdown()
 
 
+def trace_exemplar(span: trace.Span | None = None) -> dict[str, str] | None:
+    """The trace id of `span` (default: the current span) as a Prometheus exemplar, so that a
+    latency bucket links to a trace that fell in it. Prometheus keeps exemplars from
+    OpenMetrics scrapes (with --enable-feature=exemplar-storage); Grafana follows them to Tempo."""
+    context = (span or trace.get_current_span()).get_span_context()
+    if not context.is_valid or not context.trace_flags.sampled:
+        return None
+    return {"trace_id": trace.format_trace_id(context.trace_id)}
+
+
 def inject_context() -> dict[str, str]:
     """The current trace context as W3C headers, for carrying across gRPC metadata or MPI messages."""
     carrier: dict[str, str] = {}

@@ -293,6 +293,10 @@ def render(catalog: list[MetricDoc], missing: list[str]) -> str:
         "- Where an OpenTelemetry semantic convention covers a metric (GenAI: `gen_ai.server.*`,",
         "  `gen_ai.client.token.usage`; RPC: `rpc.server.call.duration`), the note names it.",
         "- prometheus_client also exports a `_created` series per counter and histogram.",
+        "- Exemplars: the gateway's TTFT, TPOT and request-duration histograms and every",
+        "  `*_grpc_request_duration_seconds` bucket carry the `trace_id` of a request that fell in",
+        "  them, in the OpenMetrics exposition (`Accept: application/openmetrics-text`, as Prometheus",
+        "  scrapes with `--enable-feature=exemplar-storage`); Grafana links them to Tempo.",
         "",
     ]
     titles = {"gateway": "Gateway", "scheduler": "Scheduler", "storage": "Storage", "postproc": "Postproc"}

@@ -159,3 +159,28 @@ async def test_one_trace_covers_every_hop_mpi_included(gateway, otlp: OtlpReceiv
     # Parent links: gateway -> scheduler rank 0 -> (MPI) worker -> llama-server call.
     assert by_name["worker.generate"].parent_span_id == by_name["Submit"].span_id
     assert by_name["llama-server POST /completion"].parent_span_id == by_name["worker.generate"].span_id
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_latency_buckets_link_to_the_trace_of_a_request(gateway, stack: Stack, otlp: OtlpReceiver) -> None:
+    request_id = "exemplar-me"
+    await generate(gateway, prompt="exemplar", max_tokens=4, request_id=request_id)
+
+    def generate_span(spans) -> list:
+        return [
+            s
+            for s in spans
+            if s.name == "Generate"
+            and s.attributes.get("llamafleet.request_id")
+            and s.attributes["llamafleet.request_id"].string_value == request_id
+        ]
+
+    trace_id = generate_span(await otlp.wait_for(lambda spans: bool(generate_span(spans)), timeout=20))[0].trace_id
+    async with httpx.AsyncClient(timeout=5) as client:
+        # Exemplars exist only in the OpenMetrics exposition, which Prometheus asks for.
+        response = await client.get(
+            stack.cfg.metrics_urls()["gateway"], headers={"Accept": "application/openmetrics-text"}
+        )
+    exemplars = [line for line in response.text.splitlines() if f'# {{trace_id="{trace_id}"}}' in line]
+    assert any(line.startswith("llamafleet_gateway_time_to_first_token_seconds_bucket") for line in exemplars)
+    assert any(line.startswith("llamafleet_gateway_request_duration_seconds_bucket") for line in exemplars), exemplars

@@ -25,6 +25,7 @@ from llamafleet.generation import (
 )
 from llamafleet.keys import KeyStore
 from llamafleet.storage_client import StorageClient
+from llamafleet.telemetry import trace_exemplar
 from llamafleet.v1 import (
     common_pb2,
     gateway_pb2,
@@ -150,7 +151,7 @@ class GatewayCore:
                     chunk = event.chunk
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
-                        self.metrics.ttft.observe(first_token_at - start)
+                        self.metrics.ttft.observe(first_token_at - start, trace_exemplar(span))
                     if request.include_stats:
                         collected.extend(chunk.logprobs)
                         if not request.n_probs:
@@ -161,7 +162,7 @@ class GatewayCore:
                 used_tokens = result.usage.prompt_tokens + result.usage.completion_tokens
                 if request.include_stats:
                     result.stats.CopyFrom(await self._token_stats(collected, deadline))
-                self._observe(result, start, first_token_at)
+                self._observe(result, start, first_token_at, span)
                 span.set_attribute("gen_ai.usage.output_tokens", result.usage.completion_tokens)
                 span.set_attribute("llamafleet.worker", result.worker)
                 outcome = "ok"
@@ -178,7 +179,7 @@ class GatewayCore:
             call.cancel()
             self.admission.release(ticket, used_tokens)
             self.metrics.in_flight.dec()
-            self.metrics.e2e.labels(outcome).observe(time.perf_counter() - start)
+            self.metrics.e2e.labels(outcome).observe(time.perf_counter() - start, trace_exemplar(span))
 
     async def _token_stats(
         self, tokens: list[common_pb2.TokenLogprobs], deadline: float | None
@@ -190,11 +191,13 @@ class GatewayCore:
         )
         return response.stats[0]
 
-    def _observe(self, result: common_pb2.GenerationResult, start: float, first_token_at: float | None) -> None:
+    def _observe(
+        self, result: common_pb2.GenerationResult, start: float, first_token_at: float | None, span: trace.Span
+    ) -> None:
         self.metrics.tokens.labels("input").inc(result.usage.prompt_tokens)
         self.metrics.tokens.labels("output").inc(result.usage.completion_tokens)
         if result.usage.completion_tokens > 1:
-            self.metrics.tpot.observe(result.timings.per_token_ms / 1000)
+            self.metrics.tpot.observe(result.timings.per_token_ms / 1000, trace_exemplar(span))
         # The gateway's own view of TTFT and total, which include admission and the hop to the scheduler.
         now = time.perf_counter()
         result.timings.ttft_ms = ((first_token_at or now) - start) * 1000
