@@ -105,8 +105,6 @@ async def run_worker(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: 
         stats_width=STATS_WIDTH,
         stats_row=lambda: worker.stats_row(STATS_WIDTH),
         poll_max_s=settings.mpi_poll_max_s,
-        poll_active_s=settings.mpi_poll_active_s,
-        active_window_s=settings.mpi_active_window_s,
     )
     bridge.start()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -38,7 +38,7 @@ class SchedulerSettings(ServiceSettings):
     # How long LoadModel waits for each worker to come back on the new model.
     rollout_worker_timeout_s: float = Field(default=600.0, gt=0)
     stats_period_s: float = Field(default=0.5, gt=0)
-    # MPI thread polling: every 100 µs within 50 ms of the last message, else every 1 ms.
+    # MPI thread polling: every 1 ms; on rank 0 every 100 µs within 50 ms of a worker's message.
     mpi_poll_max_s: float = Field(default=0.001, gt=0)
     mpi_poll_active_s: float = Field(default=100e-6, gt=0)
     mpi_active_window_s: float = Field(default=0.05, ge=0)

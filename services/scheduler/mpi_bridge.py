@@ -2,11 +2,12 @@
 
 MPI is called from this thread only (after the initial broadcast), with non-blocking calls:
 `improbe`/`isend` for point-to-point messages and `Igather` for the periodic statistics
-round. A queued send wakes the thread at once; incoming messages are polled for. Within
-`active_window_s` of the last message in or out the thread polls every `poll_active_s`
-(default 100 µs: a token stream, or the first token after a SUBMIT, is not held up by the
-backoff); after that it backs off to `poll_max_s` (default 1 ms), so an idle rank costs
-well under 1% of a core.
+round. A queued send wakes the thread at once; incoming messages are polled for, every
+`poll_max_s` (default 1 ms: an idle rank costs a few percent of a core), and every
+`poll_active_s` (default 100 µs, about 10% of a core) within `active_window_s` of the last
+message received. Rank 0 uses that window while token streams arrive; workers, which only
+receive requests and cancels, run without it (a window after each request would burn
+CPU beside their llama-server's prefill).
 
 Statistics rounds are started by rank 0: it sends STATS_ROUND to every worker, then posts
 its Igather; each worker posts its own Igather when the message arrives. Because MPI keeps
@@ -49,7 +50,7 @@ class MpiBridge:
         stats_period_s: float = 0.5,
         poll_max_s: float = 0.001,
         poll_active_s: float = 100e-6,
-        active_window_s: float = 0.05,
+        active_window_s: float = 0.0,
     ) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -63,7 +64,7 @@ class MpiBridge:
         self._poll_max_s = poll_max_s
         self._poll_active_s = min(poll_active_s, poll_max_s)
         self._active_window_s = active_window_s
-        self._last_traffic = 0.0
+        self._last_received = 0.0
         self._outbox: queue.SimpleQueue[tuple[int, Tag, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -99,24 +100,24 @@ class MpiBridge:
     def _run(self) -> None:
         status = MPI.Status()
         while True:
-            # Requests and their tokens keep the fast polling on; statistics rounds do not.
-            traffic = self._flush_outbox()
+            sent = self._flush_outbox()
+            received = False
             while (message := self.comm.improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)) is not None:
                 payload = message.recv()
                 tag = Tag(status.Get_tag())
-                traffic |= tag is not Tag.STATS_ROUND
+                received |= tag is not Tag.STATS_ROUND  # statistics rounds keep no polling fast
                 self._route(status.Get_source(), tag, payload)
             stats = self._progress_stats()
             self._pending_sends = [r for r in self._pending_sends if not r.Test()]
             if self._stopping.is_set() and not self._pending_sends and self._gather is None and self._outbox.empty():
                 return
             now = time.monotonic()
-            if traffic:
-                self._last_traffic = now
-            if traffic or stats:
+            if received:
+                self._last_received = now
+            if sent or received or stats:
                 continue
             self.idle_wakeups += 1
-            active = now - self._last_traffic < self._active_window_s
+            active = now - self._last_received < self._active_window_s
             self._wake.wait(self._poll_active_s if active else self._poll_max_s)
             self._wake.clear()
 
