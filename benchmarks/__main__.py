@@ -23,10 +23,11 @@ DESCRIPTION = """\
 Benchmarks of llamafleet, each against a peer measured in the same run.
 
 suites:
-  serving   tokens/s, TTFT, TPOT, ITL through the scheduler (Submit) and the gateway (Generate)
-            with 1, 2 and 4 workers at 1-32 concurrent streams, against as many direct
-            llama-servers; then round_robin vs least_loaded vs prefix_affinity on a shared-prefix
-            workload (16 prefixes of ~1k tokens, 4 workers, the "bench" demo model). (~7 min on 2 cores)
+  serving   tokens/s, TTFT, TPOT, ITL through the scheduler (Submit), the gateway (Generate) and
+            its OpenAI HTTP face with 1, 2 and 4 workers at 1-32 concurrent streams, against as
+            many direct llama-servers (again with the "bench" demo model, 1 worker); then
+            round_robin vs least_loaded vs prefix_affinity on a shared-prefix workload (16
+            prefixes of ~1k tokens, 4 workers, the "bench" demo model). (~12 min on 2 cores)
   storage   PutBlob/GetBlob MB/s and p50/p95/p99 for 64 MiB, 256 MiB and 1 GiB objects against
             plain HTTP PUT/GET to the SeaweedFS filer and hashlib SHA-256 over the same bytes;
             cold vs warm model load through the node cache (1 GiB).         (~2 min)

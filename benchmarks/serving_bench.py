@@ -1,5 +1,6 @@
-"""Serving: token streams through the scheduler (Submit) and the gateway (Generate) against
-llama-server alone, and the scheduler's placement policies on a shared-prefix workload.
+"""Serving: token streams through the scheduler (Submit), the gateway (Generate) and its OpenAI
+HTTP face against llama-server alone, and the scheduler's placement policies on a
+shared-prefix workload.
 
 Throughput sweep (decode-bound, the tiny demo model): for 1, 2 and 4 workers, a closed loop of
 1–32 concurrent streams is sent to
@@ -7,7 +8,9 @@ Throughput sweep (decode-bound, the tiny demo model): for 1, 2 and 4 workers, a 
   threads), the client spreading requests round robin over them; measured while the stack
   is down, so it does not pay for the fabric's idle processes;
 - **scheduler**: `Scheduler.Submit` of a stack with that many workers;
-- **gateway**: `Gateway.Generate` of the same stack (gateway → scheduler → worker).
+- **gateway**: `Gateway.Generate` of the same stack (gateway → scheduler → worker);
+- **http**: the gateway's OpenAI face, `POST /v1/completions` with SSE streaming.
+The same sweep runs again, shorter, with the "bench" demo model (~4 ms a token).
 
 Policies (prefill-bound, the "bench" demo model): 16 groups of requests share a ~1k-token
 prefix each, with a short unique suffix and a few output tokens, sent in a shuffled order
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import json
 import os
 import random
 import shutil
@@ -66,6 +70,8 @@ from services.scheduler.llama_server import (
 REQUEST_TIMEOUT_S = 300.0
 STACK_ATTEMPTS = 3
 CPU_COUNT = max(1, len(os.sched_getaffinity(0)))
+# The fabric's faces, each set against the direct llama-servers.
+FABRIC_TARGETS = ("scheduler", "gateway", "http")
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,53 @@ class GatewayTarget:
 
     async def aclose(self) -> None:
         await self._channel.close()
+
+
+class OpenAITarget:
+    """The gateway's OpenAI-compatible face: POST /v1/completions, SSE, usage in the last event."""
+
+    name = "http"
+
+    def __init__(self, base_url: str) -> None:
+        timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False)
+
+    async def stream(self, prompt: str, params: common_pb2.GenerationParams, policy: str) -> AsyncIterator[Event]:
+        body = {
+            "prompt": prompt,
+            "max_tokens": params.max_tokens,
+            "ignore_eos": params.ignore_eos,
+            "seed": params.seed,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if policy:
+            body["policy"] = policy
+        async with self._http.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                if usage := event.get("usage"):
+                    yield (
+                        0,
+                        common_pb2.GenerationResult(
+                            usage=common_pb2.Usage(
+                                prompt_tokens=usage["prompt_tokens"],
+                                completion_tokens=usage["completion_tokens"],
+                                cached_prompt_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                            )
+                        ),
+                    )
+                elif any(choice.get("text") for choice in event.get("choices") or ()):
+                    # One event per gateway chunk; the exact token count comes with the usage.
+                    yield 1, None
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
 
 class DirectTarget:
@@ -427,6 +480,7 @@ async def sweep_stack(
     targets: list[Target] = [
         SchedulerTarget(cfg.address(cfg.scheduler_port)),
         GatewayTarget(cfg.address(cfg.gateway_port)),
+        OpenAITarget(f"http://{cfg.address(cfg.gateway_http_port)}"),
     ]
     try:
         for target in targets:
@@ -569,7 +623,7 @@ def overhead_rows(rows: Sequence[dict]) -> list[dict]:
             "direct_tok_s": direct["output_tokens_per_s"],
         }
         row["direct_ttft_p50_ms"] = direct["ttft_ms_median"]
-        for name in ("scheduler", "gateway"):
+        for name in FABRIC_TARGETS:
             r = index.get((model, workers, name, c))
             if r is None:
                 continue
@@ -581,21 +635,18 @@ def overhead_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def overhead_report(rows: Sequence[dict]) -> Report:
-    headers = ["model", "workers", "streams", "direct tok/s", "scheduler tok/s", "sched/direct", "gateway tok/s"]
-    headers += ["gw/direct", "direct TTFT p50 ms", "TTFT p50 added: scheduler", "gateway"]
+    headers = ["model", "workers", "streams", "direct tok/s"]
+    headers += [f"{name} tok/s (× direct)" for name in FABRIC_TARGETS]
+    headers += ["direct TTFT p50 ms", *(f"TTFT p50 added: {name}" for name in FABRIC_TARGETS)]
     table = [
         [
             r["model"],
             str(r["workers"]),
             str(r["concurrency"]),
             fmt(r["direct_tok_s"], 0),
-            fmt(r.get("scheduler_tok_s"), 0),
-            fmt(r.get("scheduler_ratio"), 2),
-            fmt(r.get("gateway_tok_s"), 0),
-            fmt(r.get("gateway_ratio"), 2),
+            *(f"{fmt(r.get(f'{name}_tok_s'), 0)} ({fmt(r.get(f'{name}_ratio'), 2)})" for name in FABRIC_TARGETS),
             fmt(r["direct_ttft_p50_ms"], 1),
-            signed_ms(r.get("scheduler_added_ttft_p50_ms")),
-            signed_ms(r.get("gateway_added_ttft_p50_ms")),
+            *(signed_ms(r.get(f"{name}_added_ttft_p50_ms")) for name in FABRIC_TARGETS),
         ]
         for r in rows
     ]
@@ -603,7 +654,9 @@ def overhead_report(rows: Sequence[dict]) -> Report:
         "Fabric overhead — output tokens/s relative to direct llama-server(s) and TTFT p50 added",
         headers,
         table,
-        note="Peer: the same number of direct llama-servers, same model, slots and threads, same requests.",
+        note="Peer: the same number of direct llama-servers, same model, slots and threads, same requests. "
+        "scheduler: Scheduler.Submit; gateway: Gateway.Generate (gRPC); http: the gateway's OpenAI face "
+        "(POST /v1/completions, SSE).",
     )
 
 
@@ -652,7 +705,7 @@ def plot(rows: Sequence[dict], opts: ServingOptions, path: Path) -> Path | None:
 
     fig, axes = plt.subplots(2, len(opts.workers), figsize=(4.2 * len(opts.workers), 6.5), squeeze=False)
     for col, workers in enumerate(opts.workers):
-        for target, style in (("direct", "o-"), ("scheduler", "s-"), ("gateway", "^-")):
+        for target, style in (("direct", "o-"), ("scheduler", "s-"), ("gateway", "^-"), ("http", "v-")):
             points = sorted(
                 (r["concurrency"], r)
                 for r in rows
@@ -690,10 +743,13 @@ def headline(overhead: Sequence[dict], policies: Sequence[dict]) -> list[str]:
         lines.append(
             f"- {model} model, {workers} worker(s): the scheduler gives {fmt(lo['scheduler_ratio'], 2)}× direct tokens/s at "
             f"{lo['concurrency']} stream(s) and {fmt(hi['scheduler_ratio'], 2)}× at {hi['concurrency']} "
-            f"(gateway {fmt(lo.get('gateway_ratio'), 2)}× / {fmt(hi.get('gateway_ratio'), 2)}×); TTFT p50 "
+            f"(gateway {fmt(lo.get('gateway_ratio'), 2)}× / {fmt(hi.get('gateway_ratio'), 2)}×, OpenAI HTTP "
+            f"{fmt(lo.get('http_ratio'), 2)}× / {fmt(hi.get('http_ratio'), 2)}×); TTFT p50 "
             f"{signed_ms(lo['scheduler_added_ttft_p50_ms'])} / {signed_ms(hi['scheduler_added_ttft_p50_ms'])} "
             f"through the scheduler, {signed_ms(lo.get('gateway_added_ttft_p50_ms'))} / "
-            f"{signed_ms(hi.get('gateway_added_ttft_p50_ms'))} through the gateway."
+            f"{signed_ms(hi.get('gateway_added_ttft_p50_ms'))} through the gateway, "
+            f"{signed_ms(lo.get('http_added_ttft_p50_ms'))} / {signed_ms(hi.get('http_added_ttft_p50_ms'))} "
+            "through its HTTP face."
         )
     for streams in dict.fromkeys(r["streams"] for r in policies):
         by_name = {r["policy"]: r for r in policies if r["streams"] == streams}

@@ -32,7 +32,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 def test_quick_serving_writes_csvs(tmp_path: Path) -> None:
     run_quick("serving", tmp_path, timeout=140)
     inflight = rows(tmp_path / "serving_inflight.csv")
-    assert {r["target"] for r in inflight} == {"direct", "scheduler", "gateway"}
+    assert {r["target"] for r in inflight} == {"direct", "scheduler", "gateway", "http"}
     for r in inflight:
         assert int(r["failed"]) == 0, r
         assert int(r["output_tokens"]) > 0 and float(r["ttft_ms_median"]) > 0, r
