@@ -33,7 +33,9 @@ suites:
             cold vs warm model load through the node cache (1 GiB).         (~2 min)
   mpi       MPI ping-pong (mpi4py Send/Recv, 2 ranks) bandwidth and latency, 1 KiB-256 MiB,
             host buffers here; pinned and CuPy device buffers where CuPy finds a GPU. (~10 s)
-  postproc  the NumPy (CPU) part of benchmarks/postproc_bench.py, when that file is present.
+  postproc  the NumPy sampler (CPU) of benchmarks/postproc_bench.py; the postproc service end to
+            end (Sample rows/s, p50/p99) with micro-batching off, wait 0 and wait 2 ms at
+            1-256 concurrent callers. (~1 min; the GPU run is benchmarks/postproc_bench.py)
   all       every suite above, in that order (the default).
 
 --quick runs tiny sizes in seconds (the smoke test) and leaves docs/ untouched.
@@ -142,6 +144,7 @@ async def run_suite(name: str, ctx: BenchContext, args: argparse.Namespace) -> N
 
         await mpi_bench.run(ctx, max_size=args.mpi_max_size)
     elif name == "postproc":
+        # In a thread: run_postproc runs its own event loop for the service benchmark.
         await asyncio.to_thread(run_postproc, ctx)
 
 
@@ -166,24 +169,17 @@ def postproc_cells(r: dict) -> list[str]:
 
 
 def run_postproc(ctx: BenchContext) -> None:
-    """The NumPy part of the postproc engineer's benchmarks/postproc_bench.py, if present."""
-    if not Path(__file__).with_name("postproc_bench.py").is_file():
-        ctx.progress("postproc: benchmarks/postproc_bench.py is not there; skipped")
-        return
-    from benchmarks import postproc_bench
-
-    entry = getattr(postproc_bench, "bench_numpy_sampling", None)
-    if entry is None:
-        ctx.progress("postproc: postproc_bench.py has no bench_numpy_sampling (its CPU entry); skipped")
-        return
+    """The NumPy sampler of benchmarks/postproc_bench.py, then the service end to end on NumPy."""
     from dataclasses import asdict
 
+    from benchmarks import postproc_bench
     from benchmarks.common import Report, write_csv, write_fragment
+    from benchmarks.postproc_service_bench import SERVICE_NOTE, ServiceOptions, run_service_bench, service_table
 
     copy = host_copy_bandwidth()
     ctx.progress(f"postproc: NumPy sampling (CPU); peer: np.copyto at {copy / 1e9:.1f} GB/s (read + written)")
     rows: list = []
-    entry(rows, copy)
+    postproc_bench.bench_numpy_sampling(rows, copy, quick=ctx.quick)
     records = [asdict(r) for r in rows]
     write_csv(ctx.csv_path("postproc_cpu.csv"), records)
     report = Report(
@@ -196,7 +192,27 @@ def run_postproc(ctx: BenchContext) -> None:
         labels=2,
     )
     report.show(ctx.console)
-    body = "- **Setup**: the NumPy sampler of `services/postproc/sampling.py`, one thread.\n\n" + report.markdown()
+
+    opts = ServiceOptions.quick() if ctx.quick else ServiceOptions(backend="numpy")
+    ctx.progress(f"postproc: the service end to end (NumPy), Sample of 1 row × {opts.vocab} logits per call")
+    points = asyncio.run(run_service_bench(opts))
+    write_csv(ctx.csv_path("postproc_service_cpu.csv"), [asdict(p) for p in points])
+    headers, cells = service_table(points)
+    service = Report(
+        f"Postproc service on the CPU (NumPy) — workload: Sample, 1 row × {opts.vocab} float32 logits per call, "
+        "top-k 50 + top-p 0.9, closed loop; peer: the same service with micro-batching off",
+        headers,
+        cells,
+        note=SERVICE_NOTE,
+    )
+    service.show(ctx.console)
+    body = (
+        "- **Setup**: the NumPy sampler of `services/postproc/sampling.py`, one thread; the service as its own "
+        "process (`python -m services.postproc`, NumPy backend) called by one asyncio client process.\n\n"
+        + report.markdown()
+        + "\n"
+        + service.markdown()
+    )
     write_fragment(ctx, "postproc-cpu", "Postproc on the CPU (NumPy)", body)
 
 

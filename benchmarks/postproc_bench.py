@@ -1,6 +1,7 @@
 """Postproc kernels on a GPU: time, achieved bandwidth and its fraction of the device-to-device copy.
 
-Run from the repository root on a CUDA machine (needs numpy and cupy; torch optional):
+Run from the repository root on a CUDA machine (needs numpy and cupy; torch optional; the
+`service` part also needs the services' own dependencies: grpcio, pydantic-settings, OpenTelemetry):
 
     PYTHONPATH=. python -m benchmarks.postproc_bench --out docs/bench
 
@@ -179,10 +180,10 @@ def bench_torch(torch: Any, logits: np.ndarray, n_inputs: int) -> float:
     return statistics.median(samples)
 
 
-def bench_numpy_sampling(rows_out: list[Row], d2d: float) -> None:
+def bench_numpy_sampling(rows_out: list[Row], d2d: float, *, quick: bool = False) -> None:
     rng = np.random.default_rng(1)
-    for vocab in VOCABS:
-        for batch in (1, 8, 64):
+    for vocab in (4096,) if quick else VOCABS:
+        for batch in (1, 8) if quick else (1, 8, 64):
             logits = (rng.normal(size=(batch, vocab)) * 2.5).astype(np.float32)
             host = make_sample_batch(logits, [sample_params("topk_topp", vocab, rng, s) for s in range(batch)])
             times = []
@@ -266,6 +267,26 @@ def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float)
     store.remove("bench", [])
 
 
+def bench_service(out: Path) -> None:
+    """The service end to end on CuPy: micro-batching off / wait 0 / wait 2 ms at 1-256 callers."""
+    import asyncio
+
+    from benchmarks.postproc_service_bench import ServiceOptions, run_service_bench, service_table
+
+    for vocab in (32000, 131072):
+        points = asyncio.run(run_service_bench(ServiceOptions(backend="cupy", vocab=vocab)))
+        headers, cells = service_table(points)
+        print(f"\nservice, Sample of 1 row x {vocab} float32 logits per call (CuPy)")
+        print(" | ".join(headers))
+        for line in cells:
+            print(" | ".join(line))
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / f"postproc_service_{vocab}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
+            writer.writeheader()
+            writer.writerows(asdict(p) for p in points)
+
+
 def _row(op: str, impl: str, dtype: type, batch: int, vocab: int, us: float, nbytes: int, d2d: float) -> Row:
     bandwidth = nbytes / (us * 1e-6)
     return Row(
@@ -293,7 +314,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="directory for postproc.csv")
     parser.add_argument("--quick", action="store_true", help="sampling only, fp32, no NumPy or search")
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to leave out: fp16, token_stats, search, numpy"
+        "--skip", default="", help="comma-separated parts to leave out: fp16, token_stats, search, numpy, service"
     )
     args = parser.parse_args()
 
@@ -329,6 +350,8 @@ def main() -> None:
             bench_search(cp, backend, rows, d2d)
         if "numpy" not in skip:
             bench_numpy_sampling(rows, d2d)
+        if "service" not in skip:
+            bench_service(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "postproc.csv"
     with path.open("w", newline="") as f:

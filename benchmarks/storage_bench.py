@@ -40,8 +40,9 @@ from benchmarks.common import (
     write_csv,
     write_fragment,
 )
+from llamafleet.channels import wait_serving
 from llamafleet.processes import ManagedProcess, ProcessExited, free_port
-from llamafleet.stack import Stack, StackConfig, service_commands, wait_serving
+from llamafleet.stack import Stack, StackConfig, service_commands
 from llamafleet.storage_client import CHUNK_BYTES, StorageClient
 from llamafleet.v1 import storage_pb2
 from services.storage.node_cache import NodeCache

@@ -1,14 +1,21 @@
-"""Client channels between services: message limits and trace-context propagation."""
+"""Client channels between services: message limits, trace-context propagation, and
+waiting for a service to come up."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llamafleet.server import GRPC_OPTIONS
 from llamafleet.telemetry import inject_context
+
+if TYPE_CHECKING:
+    from llamafleet.processes import ManagedProcess
 
 
 def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
@@ -55,3 +62,27 @@ def open_channel(address: str) -> grpc.aio.Channel:
             _StreamStreamTraceContext(),
         ],
     )
+
+
+async def wait_serving(
+    address: str,
+    timeout: float,
+    process: ManagedProcess | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Poll grpc.health.v1 until the server says SERVING; fail fast if its process died."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    channel = grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address)
+    async with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None:
+                process.check_running()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if loop.time() > give_up:
+                raise TimeoutError(f"{address} did not report SERVING within {timeout:.0f}s")
+            await asyncio.sleep(0.2)

@@ -9,7 +9,6 @@ environment); docker-compose.yml runs the same commands with the same variables.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llamafleet import config as defaults
+from llamafleet.channels import wait_serving
 from llamafleet.models import ensure_model
 from llamafleet.processes import ManagedProcess, free_port, mpiexec_argv, port_is_free
 from llamafleet.seaweed import SeaweedServer
@@ -147,24 +146,6 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
             },
         ),
     }
-
-
-async def wait_serving(address: str, timeout: float, process: ManagedProcess | None = None) -> None:
-    """Poll grpc.health.v1 until the server says SERVING; fail fast if its process died."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process is not None:
-                process.check_running()
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            if loop.time() > give_up:
-                raise TimeoutError(f"{address} did not report SERVING within {timeout:.0f}s")
-            await asyncio.sleep(0.2)
 
 
 ALERT_RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"

@@ -13,8 +13,8 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from llamafleet.channels import wait_serving
 from llamafleet.processes import ManagedProcess, free_port
-from llamafleet.stack import wait_serving
 
 
 @contextlib.asynccontextmanager

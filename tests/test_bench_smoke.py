@@ -1,6 +1,7 @@
 """`python -m benchmarks --quick` end to end: the serving suite (a real 1-worker stack and a
-direct llama-server) and the storage suite (SeaweedFS and the storage service) produce their
-CSV files with no failed request. About 35 s on 2 cores; docs/ is never touched (--quick)."""
+direct llama-server), the storage suite (SeaweedFS and the storage service) and the postproc
+suite (NumPy sampler and the postproc service) produce their CSV files with no failed request.
+About 45 s on 2 cores; docs/ is never touched (--quick)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,18 @@ def test_quick_storage_writes_csvs(tmp_path: Path) -> None:
     assert rows(tmp_path / "storage_ratios.csv")
     cache = rows(tmp_path / "storage_node_cache.csv")
     assert {r["load"] for r in cache} == {"cold", "warm"}
+
+
+@pytest.mark.timeout(90)
+def test_quick_postproc_batches_concurrent_callers(tmp_path: Path) -> None:
+    run_quick("postproc", tmp_path, timeout=80)
+    assert rows(tmp_path / "postproc_cpu.csv")
+    points = rows(tmp_path / "postproc_service_cpu.csv")
+    assert {r["mode"] for r in points} == {"off", "wait 0", "wait 2 ms"}
+    for r in points:
+        assert int(r["calls"]) > 0 and float(r["rows_per_s"]) > 0, r
+        if r["mode"] == "off":
+            assert float(r["calls_per_batch"]) == 1.0, r
+    # Eight callers and a 2 ms wait: the histogram shows calls merged into batches.
+    merged = [r for r in points if r["mode"] == "wait 2 ms" and int(r["concurrency"]) == 8]
+    assert merged and float(merged[0]["calls_per_batch"]) > 1.5, merged

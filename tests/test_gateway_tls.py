@@ -4,7 +4,6 @@ answer over TLS without starting a stack."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import ssl
@@ -21,6 +20,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
+from llamafleet.channels import wait_serving
 from llamafleet.processes import ManagedProcess, free_port
 from llamafleet.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.config import GatewaySettings
@@ -57,23 +57,6 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-async def wait_serving_tls(gateway: TlsGateway, process: ManagedProcess, timeout: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout
-    async with grpc.aio.secure_channel(gateway.grpc_address, gateway.credentials()) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            process.check_running()
-            try:
-                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            assert loop.time() < give_up, "the TLS gateway did not come up"
-            await asyncio.sleep(0.2)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway(
     certificate: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
@@ -96,7 +79,7 @@ async def gateway(
     tls = TlsGateway(f"localhost:{ports['PORT']}", f"https://localhost:{ports['HTTP_PORT']}", cert)
     await process.start()
     try:
-        await wait_serving_tls(tls, process)
+        await wait_serving(tls.grpc_address, 30, process, tls.credentials())
         yield tls
     finally:
         await process.stop(5)
