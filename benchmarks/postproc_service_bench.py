@@ -38,7 +38,7 @@ MODES = (("off", 1, 0.0), ("wait 0", 256, 0.0), ("wait 2 ms", 256, 0.002))
 SERVICE_NOTE = (
     "off: every call is its own backend call (max_batch_requests 1); wait 0: calls that queued while the "
     "backend was busy form the next batch; wait 2 ms: the first call of a batch also waits up to 2 ms for "
-    "company (the default). calls/batch is read from the service's llamafleet_postproc_batch_requests "
+    "company (the default), unless the last batch held a single call. calls/batch is read from the service's llamafleet_postproc_batch_requests "
     "histogram. p50/p99 are per-call latencies seen by the client."
 )
 
