@@ -3,9 +3,9 @@
 The first call of a batch waits at most ``max_wait`` seconds for company; a batch closes
 earlier once it holds ``max_requests`` calls or ``max_size`` units (rows, tokens).  One
 worker per operation runs batches one after the other in a thread, so calls that arrive
-while a batch computes form the next one.  The wait is skipped while the last batch held a
-single call: a lone caller would only pay it (it halved one caller's rows/s on NumPy), and
-the first batch that finds company queued turns the wait back on.
+while a batch computes form the next one.  The wait is skipped until calls overlap (one is
+submitted while another is still unanswered), and again once a batch finds itself alone: a
+lone caller would only pay it (it halved one caller's rows/s on NumPy).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class MicroBatcher(Generic[T, R]):
         self._pending: deque[tuple[T, int, asyncio.Future[R]]] = deque()
         self._pending_size = 0
         self._wake = asyncio.Event()
-        self._company_seen = False  # the last batch merged several calls
+        self._outstanding = 0  # calls submitted and not yet answered
+        self._overlapping = False  # calls overlapped since the last batch that ran alone
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
@@ -59,9 +60,14 @@ class MicroBatcher(Generic[T, R]):
         self._pending.append((item, size, future))
         self._pending_size += size
         self._wake.set()
+        self._outstanding += 1
+        self._overlapping |= self._outstanding > 1
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._worker())
-        return await future
+        try:
+            return await future
+        finally:
+            self._outstanding -= 1
 
     async def aclose(self) -> None:
         """Stop the worker; calls still queued are cancelled."""
@@ -80,7 +86,7 @@ class MicroBatcher(Generic[T, R]):
         while not self._pending:
             self._wake.clear()
             await self._wake.wait()
-        if not self._company_seen:
+        if not self._overlapping:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._max_wait
@@ -114,7 +120,7 @@ class MicroBatcher(Generic[T, R]):
             batch = self._take()
             if not batch:
                 continue
-            self._company_seen = len(batch) > 1
+            self._overlapping = len(batch) > 1 or bool(self._pending)
             items = [item for item, _ in batch]
             try:
                 results: Sequence[R | BaseException] = await asyncio.to_thread(self._run, items)
