@@ -218,8 +218,10 @@ def bench_token_stats(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: f
 
         stats_us = wall_us(lambda p=packed: backend.token_stats(p))
         base_us = wall_us(empty_kernel_and_copies(cp, in_bytes, out_bytes))
+        pageable_us = wall_us(empty_kernel_and_copies(cp, in_bytes, out_bytes, pageable=True))
         np_us = wall_us(lambda p=packed: token_stats_numpy(p))
-        for impl, us in (("cupy", stats_us), ("empty+copies", base_us), ("numpy", np_us)):
+        rows = (("cupy", stats_us), ("empty+copies", base_us), ("empty+pageable", pageable_us), ("numpy", np_us))
+        for impl, us in rows:
             row = _row("token_stats", impl, np.float32, responses, width, us, in_bytes, d2d)
             if impl == "cupy":
                 row.vs_torch = f"{stats_us / base_us:.2f}x of empty+copies"
@@ -227,9 +229,11 @@ def bench_token_stats(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: f
             print(_fmt(row), flush=True)
 
 
-def empty_kernel_and_copies(cp: Any, in_bytes: int, out_bytes: int) -> Callable[[], None]:
-    """The floor of a TokenStats call: the same pinned upload and download around an empty kernel."""
-    pin_in, pin_out = PinnedBuffer(cp).take(in_bytes), PinnedBuffer(cp).take(out_bytes)
+def empty_kernel_and_copies(cp: Any, in_bytes: int, out_bytes: int, *, pageable: bool = False) -> Callable[[], None]:
+    """The floor of a TokenStats call: the same upload and download around an empty kernel, from
+    pinned memory (the DMA alone), or from pageable memory as callers hand their arrays over."""
+    pin_in = np.ones(in_bytes, np.uint8) if pageable else PinnedBuffer(cp).take(in_bytes)
+    pin_out = PinnedBuffer(cp).take(out_bytes)
     d_in, d_out = cp.empty(in_bytes, cp.uint8), cp.empty(out_bytes, cp.uint8)
     empty = cp.RawKernel('extern "C" __global__ void llf_empty() {}', "llf_empty")
     stream = cp.cuda.Stream(non_blocking=True)
@@ -252,18 +256,25 @@ def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float)
     for start in range(0, size, chunk):
         vectors = rng.normal(size=(chunk, dim)).astype(np.float32)
         store.add("bench", vectors, [str(i) for i in range(start, start + chunk)])
+    fast = store.fast_scores
     for queries in (1, 8, 64, 256):
         q = rng.normal(size=(queries, dim)).astype(np.float32)
-        store.search("bench", q, 10)
-        cp.cuda.Device().synchronize()
-        samples = []
-        for _ in range(7):
-            start_t = time.perf_counter()
+        for impl, scores in (("cupy", None), ("cupy_tf32", fast)):
+            if impl == "cupy_tf32" and fast is None:
+                continue
+            store.fast_scores = scores  # exact products, then TF32-filtered with exact rescoring
             store.search("bench", q, 10)
-            samples.append((time.perf_counter() - start_t) * 1e6)
-        row = _row("search_top10", "cupy", np.float32, queries, size, statistics.median(samples), size * dim * 4, d2d)
-        rows_out.append(row)
-        print(_fmt(row), flush=True)
+            cp.cuda.Device().synchronize()
+            samples = []
+            for _ in range(7):
+                start_t = time.perf_counter()
+                store.search("bench", q, 10)
+                samples.append((time.perf_counter() - start_t) * 1e6)
+            us = statistics.median(samples)
+            row = _row("search_top10", impl, np.float32, queries, size, us, size * dim * 4, d2d)
+            rows_out.append(row)
+            print(_fmt(row), flush=True)
+    store.fast_scores = fast
     store.remove("bench", [])
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.postproc.embeddings import CorpusFullError, CorpusStore, UnknownCorpusError, pool
+from services.postproc.embeddings import SCORE_ERROR, CorpusFullError, CorpusStore, UnknownCorpusError, pool
 from services.postproc.sampling import FieldError
 
 
@@ -95,6 +95,34 @@ def test_search_equals_brute_force(size: int, dim: int, queries: int, k: int, se
         assert len(set(h.ids)) == len(h.ids) == min(k, size)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3000), st.integers(2, 24), st.integers(1, 6), st.integers(1, 20), st.integers(0, 2**32 - 1))
+def test_a_fast_product_within_the_error_bound_gives_the_exact_results(
+    size: int, dim: int, queries: int, k: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    # Few distinct directions: many exact ties and near-ties across the top-k cut.
+    corpus = rng.normal(size=(size, dim)).astype(np.float32)
+    corpus[rng.random(size) < 0.5] = corpus[0]
+    q = np.vstack([corpus[:1], rng.normal(size=(queries, dim))]).astype(np.float32)
+
+    def noisy(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        exact = a @ b
+        return (exact + rng.uniform(-0.99, 0.99, exact.shape) * SCORE_ERROR).astype(np.float32)
+
+    fast, exact = CorpusStore(np, 1 << 30, fast_scores=noisy), CorpusStore(np, 1 << 30)
+    ids = [f"v{i}" for i in range(size)]
+    fast.add("c", corpus, ids)
+    exact.add("c", corpus, ids)
+    unit = corpus.astype(np.float64) / np.linalg.norm(corpus.astype(np.float64), axis=1, keepdims=True)
+    for i, (got, want) in enumerate(zip(fast.search("c", q, k), exact.search("c", q, k), strict=True)):
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-6)
+        # Rows of equal scores may stand in for each other at the cut; their true scores may not.
+        true = unit[[int(id_[1:]) for id_ in got.ids]] @ (q[i] / np.linalg.norm(q[i]))
+        np.testing.assert_allclose(true, brute_force(corpus, q[i : i + 1], min(k, size))[0], rtol=1e-5, atol=1e-5)
+        assert len(set(got.ids)) == len(got.ids)
+
+
 def test_corpus_add_replace_remove_and_search(xp: Any) -> None:
     rng = np.random.default_rng(3)
     store = CorpusStore(xp, 1 << 30)
@@ -133,15 +161,23 @@ def test_corpus_refuses_bad_vectors_and_respects_its_memory_budget() -> None:
 
 
 @pytest.mark.gpu
-def test_cupy_search_matches_numpy_on_a_large_corpus() -> None:
+@pytest.mark.parametrize("tf32", [False, True], ids=["exact", "tf32-filtered"])
+def test_cupy_search_matches_numpy_on_a_large_corpus(tf32: bool) -> None:
     cupy = cupy_or_skip()
+    from services.postproc.backends import _tf32_matmul
+
+    fast = _tf32_matmul(cupy) if tf32 else None
+    if tf32 and fast is None:
+        pytest.skip("this CuPy cannot switch float32 products to TF32")
     rng = np.random.default_rng(4)
     corpus = rng.normal(size=(100_000, 128)).astype(np.float32)
+    corpus[1000:1100] = corpus[7]  # exact ties at the top for the first query
     ids = [str(i) for i in range(corpus.shape[0])]
-    queries = rng.normal(size=(16, 128)).astype(np.float32)
-    got, want = CorpusStore(cupy, 1 << 32), CorpusStore(np, 1 << 32)
+    queries = np.vstack([corpus[7:8], rng.normal(size=(16, 128))]).astype(np.float32)
+    got, want = CorpusStore(cupy, 1 << 32, fast_scores=fast), CorpusStore(np, 1 << 32)
     got.add("c", corpus, ids)
     want.add("c", corpus, ids)
     for g, w in zip(got.search("c", queries, 10), want.search("c", queries, 10), strict=True):
         np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
-        assert g.ids[:3] == w.ids[:3]
+        if g.scores[0] < 0.999:  # distinct scores: the same rows
+            assert g.ids[:3] == w.ids[:3]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -175,97 +177,25 @@ class NumpyBackend(_Embeddings):
         return (0, 0)
 
 
-# Two kernels per batch: a warp per token row (entropy needs a max and two sums over the
-# row, which a warp does with shuffles while reading the row coalesced), then a block per
-# response for the segmented means.  A second launch keeps the means deterministic
-# (no atomics) and costs a few microseconds.  expf/logf (not the fast intrinsics) keep
+# One kernel per batch: a CTA per response and a thread per token (entropy, surprise, the
+# confident flag), then the response's sums reduced in the CTA, so the means need neither
+# a second launch nor atomics (deterministic).  expf/logf (not the fast intrinsics) keep
 # the results within a few ulp of NumPy's.
 _KERNEL_SOURCE = r"""
 #define FULL_MASK 0xffffffffu
 
-__device__ __forceinline__ void llf_finish_row(
-    const long long row, const int lane, const float m, float z, float wd, const float* __restrict__ chosen,
-    const float log_threshold, float* __restrict__ entropy, float* __restrict__ surprise,
-    unsigned char* __restrict__ confident)
+extern "C" __global__ void llf_token_stats(
+    const float* __restrict__ top, const float* __restrict__ chosen, const long long* __restrict__ offsets,
+    const long long n_tokens, const int width, const long long n_responses, const float log_threshold,
+    float* __restrict__ entropy, float* __restrict__ surprise, unsigned char* __restrict__ confident,
+    double* __restrict__ out)
 {
-    for (int s = 16; s > 0; s >>= 1) {
-        z += __shfl_xor_sync(FULL_MASK, z, s);
-        wd += __shfl_xor_sync(FULL_MASK, wd, s);
-    }
-    if (lane == 0) {
-        // H = log Z - sum(w d) / Z with d = l - max, w = exp(d): no overflow, no cancellation.
-        entropy[row] = m > __int_as_float(0xff800000) ? logf(z) - wd / z : __int_as_float(0x7fc00000);
-        const float c = chosen[row];
-        surprise[row] = 0.0f - c;  // +0 rather than -0 for a logprob of 0, as in NumPy
-        confident[row] = c >= log_threshold ? 1 : 0;
-    }
-}
-
-__device__ __forceinline__ float llf_warp_max(float m)
-{
-    for (int s = 16; s > 0; s >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL_MASK, m, s));
-    return m;
-}
-
-extern "C" __global__ void llf_token_rows(
-    const float* __restrict__ top, const float* __restrict__ chosen,
-    const long long n_tokens, const int width, const float log_threshold,
-    float* __restrict__ entropy, float* __restrict__ surprise, unsigned char* __restrict__ confident)
-{
-    const float neg_inf = __int_as_float(0xff800000);
-    const int lane = threadIdx.x & 31;
-    const long long n_warps = ((long long)gridDim.x * blockDim.x) >> 5;
-    long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (width <= 32) {
-        // One entry per lane; the next row's load is issued before this row's shuffles so
-        // two loads per warp are in flight (the kernel is latency-bound otherwise).
-        const bool active = lane < width;
-        float x = (row < n_tokens && active) ? top[row * width + lane] : neg_inf;
-        while (row < n_tokens) {
-            const long long next = row + n_warps;
-            const float x_next = (next < n_tokens && active) ? top[next * width + lane] : neg_inf;
-            const float m = llf_warp_max(x);
-            float z = 0.0f, wd = 0.0f;
-            if (x > neg_inf) {
-                const float d = x - m;
-                z = expf(d);
-                wd = z * d;
-            }
-            llf_finish_row(row, lane, m, z, wd, chosen, log_threshold, entropy, surprise, confident);
-            row = next;
-            x = x_next;
-        }
-        return;
-    }
-    for (; row < n_tokens; row += n_warps) {
-        const float* r = top + row * width;
-        float m = neg_inf;
-        for (int j = lane; j < width; j += 32) m = fmaxf(m, r[j]);
-        m = llf_warp_max(m);
-        float z = 0.0f, wd = 0.0f;
-        if (m > neg_inf) {
-            for (int j = lane; j < width; j += 32) {
-                const float x = r[j];
-                if (x > neg_inf) {
-                    const float d = x - m;
-                    const float w = expf(d);
-                    z += w;
-                    wd += w * d;
-                }
-            }
-        }
-        llf_finish_row(row, lane, m, z, wd, chosen, log_threshold, entropy, surprise, confident);
-    }
-}
-
-extern "C" __global__ void llf_segment_means(
-    const float* __restrict__ chosen, const float* __restrict__ entropy,
-    const unsigned char* __restrict__ confident, const long long* __restrict__ offsets,
-    const long long n_responses, double* __restrict__ out)
-{
+    // One CTA per response (grid-stride), one thread per token: per-token entropy, surprise
+    // and confident flag, then the response's sums reduced in the CTA.
     // out[4 r + k]: mean_logprob, perplexity, mean_entropy, confident_fraction.
     __shared__ double s_lp[32], s_h[32];
     __shared__ long long s_nh[32], s_nc[32];
+    const float neg_inf = __int_as_float(0xff800000);
     const double nan = __longlong_as_double(0x7ff8000000000000LL);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     for (long long r = blockIdx.x; r < n_responses; r += gridDim.x) {
@@ -273,10 +203,31 @@ extern "C" __global__ void llf_segment_means(
         double lp = 0.0, h = 0.0;
         long long nh = 0, nc = 0;
         for (long long t = lo + threadIdx.x; t < hi; t += blockDim.x) {
-            lp += (double)chosen[t];
-            const float e = entropy[t];
+            const float* row = top + t * width;
+            float m = neg_inf;
+            for (int j = 0; j < width; j++) m = fmaxf(m, row[j]);
+            float z = 0.0f, wd = 0.0f;
+            if (m > neg_inf) {
+                for (int j = 0; j < width; j++) {
+                    const float x = row[j];
+                    if (x > neg_inf) {
+                        // H = log Z - sum(w d) / Z with d = l - max, w = exp(d): no overflow, no cancellation.
+                        const float d = x - m;
+                        const float w = expf(d);
+                        z += w;
+                        wd += w * d;
+                    }
+                }
+            }
+            const float e = m > neg_inf ? logf(z) - wd / z : __int_as_float(0x7fc00000);
+            const float c = chosen[t];
+            const bool conf = c >= log_threshold;
+            entropy[t] = e;
+            surprise[t] = 0.0f - c;  // +0 rather than -0 for a logprob of 0, as in NumPy
+            confident[t] = conf ? 1 : 0;
+            lp += (double)c;
             if (e == e) { h += (double)e; nh += 1; }  // NaN: token without top entries
-            nc += confident[t];
+            nc += conf;
         }
         for (int s = 16; s > 0; s >>= 1) {
             lp += __shfl_down_sync(FULL_MASK, lp, s);
@@ -316,9 +267,12 @@ extern "C" __global__ void llf_segment_means(
 }
 """
 
-_ROW_BLOCK = 256  # 8 warps, 8 token rows per block
-_SEG_BLOCK = 256
-_UPLOAD_CHUNK_FLOATS = 1 << 20  # 4 MiB: large enough for full-speed DMA, small enough to overlap
+_STATS_BLOCK = 256  # threads per response: one token each per pass
+_H2D, _D2H = 1, 2  # cudaMemcpyKind
+# Large uploads: the host copies into pinned memory run in parallel threads (one thread
+# copies at a fraction of the host's memory bandwidth), each chunk's DMA issued as it lands.
+_STAGE_CHUNK = 512 << 10
+_STAGE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 def _self_check_batch() -> PackedBatch:
@@ -404,19 +358,21 @@ class CupyBackend(_Embeddings):
                     f"CUDA runtime {_cuda_version(cupy.cuda.runtime.runtimeGetVersion())}"
                 )
                 module = cupy.RawModule(code=_KERNEL_SOURCE)
-                self._row_kernel = module.get_function("llf_token_rows")
-                self._seg_kernel = module.get_function("llf_segment_means")
+                self._stats_kernel = module.get_function("llf_token_stats")
+                self._d_in: Any = None  # device staging, grown and reused across batches
+                self._d_out: Any = None
                 self._stream = cupy.cuda.Stream(non_blocking=True)
                 self._copy_stream = cupy.cuda.Stream(non_blocking=True)
                 self._pinned_in = PinnedBuffer(cupy)
                 self._pinned_out = PinnedBuffer(cupy)
+                self._stagers = ThreadPoolExecutor(_STAGE_THREADS, thread_name_prefix="llamafleet-stage")
                 # Imported here: the module is only useful (and only tested) with CuPy.
                 from services.postproc.sampling_cuda import CupySampler
 
                 self.sampler = CupySampler(cupy, self._sm_count, self._stream, self._copy_stream)
             self._xp = cupy
             total = self.device_memory()[1]
-            self._store = CorpusStore(cupy, int(total * corpus_memory_fraction))
+            self._store = CorpusStore(cupy, int(total * corpus_memory_fraction), fast_scores=_tf32_matmul(cupy))
             self._self_check()
             self._self_check_sample()
         except BackendUnavailableError:
@@ -473,7 +429,9 @@ class CupyBackend(_Embeddings):
             raise DeviceOutOfMemoryError(f"device out of memory: {exc}") from exc
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
-        with self._on_device():
+        # Under the backend's lock: a search switches CuPy's (process-wide) float32 matmul to
+        # TF32 for its filtering product, and no other product may run meanwhile.
+        with self._lock, self._on_device():
             return fn(*args)
 
     def sample(self, batch: SampleBatch) -> SampleResult:
@@ -501,31 +459,37 @@ class CupyBackend(_Embeddings):
         d_confident: Any,
         d_means: Any,
     ) -> None:
-        """Enqueue both kernels on the backend's stream for data already on the device."""
+        """Enqueue the token-statistics kernel on the backend's stream for data already on the
+        device (arrays, or raw device pointers as ``np.uint64``)."""
+        if not n_responses:
+            return
         with self._stream:
-            if n_tokens:
-                blocks = min(-(-n_tokens // (_ROW_BLOCK // 32)), self._sm_count * 16)
-                self._row_kernel(
-                    (blocks,),
-                    (_ROW_BLOCK,),
-                    (
-                        d_top,
-                        d_chosen,
-                        np.int64(n_tokens),
-                        np.int32(width),
-                        np.float32(log_thr),
-                        d_entropy,
-                        d_surprise,
-                        d_confident,
-                    ),
-                )
-            if n_responses:
-                blocks = min(n_responses, self._sm_count * 32)
-                self._seg_kernel(
-                    (blocks,),
-                    (_SEG_BLOCK,),
-                    (d_chosen, d_entropy, d_confident, d_offsets, np.int64(n_responses), d_means),
-                )
+            self._stats_kernel(
+                (min(n_responses, self._sm_count * 16),),
+                (_STATS_BLOCK,),
+                (
+                    d_top,
+                    d_chosen,
+                    d_offsets,
+                    np.int64(n_tokens),
+                    np.int32(width),
+                    np.int64(n_responses),
+                    np.float32(log_thr),
+                    d_entropy,
+                    d_surprise,
+                    d_confident,
+                    d_means,
+                ),
+            )
+
+    def _staging(self, in_size: int, out_size: int) -> tuple[int, int]:
+        """Device pointers of the reused input and output buffers, grown when needed."""
+        cp = self._cp
+        if self._d_in is None or self._d_in.nbytes < in_size:
+            self._d_in = cp.empty(max(in_size, 1 << 20), dtype=cp.uint8)
+        if self._d_out is None or self._d_out.nbytes < out_size:
+            self._d_out = cp.empty(max(out_size, 1 << 20), dtype=cp.uint8)
+        return int(self._d_in.data.ptr), int(self._d_out.data.ptr)
 
     def token_stats(
         self, packed: PackedBatch, *, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
@@ -546,36 +510,41 @@ class CupyBackend(_Embeddings):
         out_means = align(out_confident + t)
         out_size = out_means + r * 4 * 8
 
+        # One pinned staging buffer per direction, reused device buffers and raw pointers (no
+        # per-call allocations); the upload is pipelined in chunks, then one kernel, one DMA down.
         with self._lock, self._on_device():
+            runtime = cp.cuda.runtime
+            stream = self._stream.ptr
             pin_in = self._pinned_in.take(in_size)
-            d_in = cp.empty(in_size, dtype=cp.uint8)
-            d_out = cp.empty(out_size, dtype=cp.uint8)
-            # Upload the matrix in chunks so the host copy of chunk k+1 into pinned memory
-            # overlaps the DMA of chunk k; each chunk has its own region, so none is overwritten.
-            top_flat = packed.top_logprobs.reshape(-1)
-            pin_top = pin_in[: t * w * 4].view(np.float32)
-            for lo in range(0, top_flat.size, _UPLOAD_CHUNK_FLOATS):
-                hi = min(lo + _UPLOAD_CHUNK_FLOATS, top_flat.size)
-                pin_top[lo:hi] = top_flat[lo:hi]
-                d_in[lo * 4 : hi * 4].set(pin_in[lo * 4 : hi * 4], stream=self._stream)
-            pin_in[in_chosen : in_chosen + t * 4].view(np.float32)[:] = packed.chosen_logprob
-            pin_in[in_offsets:in_size].view(np.int64)[:] = packed.offsets
-            d_in[in_chosen:in_size].set(pin_in[in_chosen:in_size], stream=self._stream)
+            d_in, d_out = self._staging(in_size, out_size)
+            host = pin_in.ctypes.data
+            np.copyto(pin_in[in_chosen : in_chosen + t * 4].view(np.float32), packed.chosen_logprob)
+            np.copyto(pin_in[in_offsets:in_size].view(np.int64), packed.offsets)
+            runtime.memcpyAsync(d_in + in_chosen, host + in_chosen, in_size - in_chosen, _H2D, stream)
+            src = packed.top_logprobs.reshape(-1).view(np.uint8)
+            bounds = [(lo, min(lo + _STAGE_CHUNK, src.size)) for lo in range(0, src.size, _STAGE_CHUNK)]
+            copies = [self._stagers.submit(np.copyto, pin_in[lo:hi], src[lo:hi]) for lo, hi in bounds[1:]]
+            for (lo, hi), copy in zip(bounds, [None, *copies], strict=True):
+                if copy is None:
+                    np.copyto(pin_in[lo:hi], src[lo:hi])
+                else:
+                    copy.result()
+                runtime.memcpyAsync(d_in + lo, host + lo, hi - lo, _H2D, stream)
             self.launch(
-                d_in[: t * w * 4].view(cp.float32),
-                d_in[in_chosen : in_chosen + t * 4].view(cp.float32),
-                d_in[in_offsets:in_size].view(cp.int64),
+                np.uint64(d_in),
+                np.uint64(d_in + in_chosen),
+                np.uint64(d_in + in_offsets),
                 t,
                 w,
                 r,
                 log_thr,
-                d_out[: t * 4].view(cp.float32),
-                d_out[out_surprise : out_surprise + t * 4].view(cp.float32),
-                d_out[out_confident : out_confident + t],
-                d_out[out_means:out_size].view(cp.float64),
+                np.uint64(d_out),
+                np.uint64(d_out + out_surprise),
+                np.uint64(d_out + out_confident),
+                np.uint64(d_out + out_means),
             )
             pin_out = self._pinned_out.take(out_size)
-            d_out.get(stream=self._stream, out=pin_out)
+            runtime.memcpyAsync(pin_out.ctypes.data, d_out, out_size, _D2H, stream)
             self._stream.synchronize()
             # Copy out of the pinned buffer: it is reused by the next batch.
             entropy = pin_out[: t * 4].view(np.float32).copy()
@@ -595,6 +564,27 @@ class CupyBackend(_Embeddings):
             confidence_threshold=float(confidence_threshold),
             backend=self.name,
         )
+
+
+def _tf32_matmul(cupy: Any) -> Callable[[Any, Any], Any] | None:
+    """``a @ b`` on TF32 tensor cores (within SCORE_ERROR for unit vectors), or None where
+    this CuPy cannot switch its float32 matmul (exact products are used then)."""
+    try:
+        from cupy._core import _routines_linalg as linalg
+
+        get, put, tf32 = linalg.get_compute_type, linalg.set_compute_type, linalg.COMPUTE_TYPE_TF32
+    except (ImportError, AttributeError):
+        return None
+
+    def product(a: Any, b: Any) -> Any:
+        previous = get(np.float32)
+        put(np.float32, tf32)
+        try:
+            return cupy.matmul(a, b)
+        finally:
+            put(np.float32, previous)
+
+    return product
 
 
 def select_backend(

@@ -3,14 +3,20 @@
 The same code runs on NumPy and on CuPy: it only takes an array module ``xp``.  Corpora
 keep their vectors L2-normalised on the device (``xp``), in insertion order, so a search
 is one matrix product followed by a per-query top-k: the k groups of 1024 rows with the
-best maxima hold every top-k row, so only those groups are partitioned.  NumPy only at
-import.
+best maxima hold every top-k row, so only those groups are partitioned.
+
+Given ``fast_scores`` (on the GPU: the product on TF32 tensor cores), the full product is
+only a filter: every score it gives is within :data:`SCORE_ERROR` of the exact one, so the
+k + 64 best rows by it are rescored exactly, and a query keeps that answer only when its
+k-th exact score beats every row left out by more than the error; the rest (near-ties
+across the cut) are searched exactly.  The results are the exact search's either way.
+NumPy only at import.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +39,11 @@ __all__ = [
 POOLINGS = ("mean", "last", "cls")
 _MIN_NORM = 1e-12
 _GROUP = 1024  # rows per search group; corpus capacities are multiples of it
+# |fast - exact| bound for unit vectors: TF32 rounds each input to 11 significant bits
+# (relative error 2^-11, so 2^-10 per product and, by Cauchy-Schwarz, in the sum), plus the
+# float32 accumulation; twice that for safety.
+SCORE_ERROR = 2e-3
+_RESCORE_EXTRA = 64  # rows rescored beyond k
 
 
 class CorpusFullError(RuntimeError):
@@ -142,8 +153,9 @@ class CorpusStore:
     Thread-safe: every method takes the store's lock.
     """
 
-    def __init__(self, xp: Any, bytes_limit: int) -> None:
+    def __init__(self, xp: Any, bytes_limit: int, fast_scores: Callable[[Any, Any], Any] | None = None) -> None:
         self._xp = xp
+        self.fast_scores = fast_scores  # a @ b within SCORE_ERROR of the exact product, faster; None: exact
         self.bytes_limit = bytes_limit
         self._corpora: dict[str, _Corpus] = {}
         self._lock = threading.Lock()
@@ -251,14 +263,18 @@ class CorpusStore:
             if k == 0:
                 return [SearchHits([], np.zeros(0, np.float32)) for _ in range(unit.shape[0])]
             groups = -(-corpus.size // _GROUP)
-            scores = xp.matmul(xp.asarray(unit), corpus.vectors[: groups * _GROUP].T)
-            scores[:, corpus.size :] = -xp.inf  # unused rows of the last group
-            best_groups = _top_k(xp, scores.reshape(len(unit), groups, _GROUP).max(axis=2), min(k, groups))
-            rows_in = (best_groups[:, :, None] * _GROUP + xp.arange(_GROUP)).reshape(len(unit), -1)
-            cand = xp.take_along_axis(rows_in, _top_k(xp, xp.take_along_axis(scores, rows_in, axis=1), k), axis=1)
+            q = xp.asarray(unit)
+            vectors = corpus.vectors[: groups * _GROUP]
+            if self.fast_scores is None:
+                cand, cand_scores = _exact_top_k(xp, q, vectors, corpus.size, k)
+            else:
+                cand, cand_scores = _rescored_top_k(xp, q, vectors, corpus.size, k, self.fast_scores)
             # Sort the survivors by row first so equal scores come out in insertion order.
-            cand = xp.sort(cand, axis=1)
-            cand_scores = xp.take_along_axis(scores, cand, axis=1)
+            by_row = xp.argsort(cand, axis=1)
+            cand, cand_scores = (
+                xp.take_along_axis(cand, by_row, axis=1),
+                xp.take_along_axis(cand_scores, by_row, axis=1),
+            )
             order = xp.argsort(-cand_scores, axis=1, kind="stable") if xp is np else xp.argsort(-cand_scores, axis=1)
             best = xp.take_along_axis(cand, order, axis=1)
             best_scores = xp.take_along_axis(cand_scores, order, axis=1)
@@ -269,6 +285,44 @@ class CorpusStore:
                 SearchHits([ids[r] for r in row.tolist()], np.asarray(v, dtype=np.float32))
                 for row, v in zip(rows, values, strict=True)
             ]
+
+
+def _best_rows(xp: Any, scores: Any, size: int, m: int) -> Any:
+    """The ``m`` highest-scoring rows of each query (in no order), from ``scores`` [queries,
+    groups * _GROUP] whose columns past ``size`` are overwritten with -inf."""
+    n_q, groups = scores.shape[0], scores.shape[1] // _GROUP
+    scores[:, size:] = -xp.inf  # unused rows of the last group
+    best_groups = _top_k(xp, scores.reshape(n_q, groups, _GROUP).max(axis=2), min(m, groups))
+    rows_in = (best_groups[:, :, None] * _GROUP + xp.arange(_GROUP)).reshape(n_q, -1)
+    return xp.take_along_axis(rows_in, _top_k(xp, xp.take_along_axis(scores, rows_in, axis=1), m), axis=1)
+
+
+def _exact_top_k(xp: Any, q: Any, vectors: Any, size: int, k: int) -> tuple[Any, Any]:
+    """Rows and scores of each query's top ``k`` (in no order), from one exact product."""
+    scores = xp.matmul(q, vectors.T)
+    rows = _best_rows(xp, scores, size, k)
+    return rows, xp.take_along_axis(scores, rows, axis=1)
+
+
+def _rescored_top_k(
+    xp: Any, q: Any, vectors: Any, size: int, k: int, fast_scores: Callable[[Any, Any], Any]
+) -> tuple[Any, Any]:
+    """What :func:`_exact_top_k` returns, with the full product computed by ``fast_scores``
+    and only the best rows by it rescored exactly (see the module docstring)."""
+    m = min(k + _RESCORE_EXTRA, size)
+    approx = fast_scores(q, vectors.T)
+    rows = _best_rows(xp, approx, size, m)
+    # Every row left out scores (fast) at most the lowest fast score kept.
+    left_out = (
+        xp.take_along_axis(approx, rows, axis=1).min(axis=1) if m < size else xp.full(len(q), -xp.inf, xp.float32)
+    )
+    exact = xp.matmul(vectors[rows], q[:, :, None])[:, :, 0]
+    pick = _top_k(xp, exact, k)
+    cand, cand_scores = xp.take_along_axis(rows, pick, axis=1), xp.take_along_axis(exact, pick, axis=1)
+    unsure = xp.nonzero(cand_scores.min(axis=1) <= left_out + SCORE_ERROR)[0]
+    if len(unsure):
+        cand[unsure], cand_scores[unsure] = _exact_top_k(xp, q[unsure], vectors, size, k)
+    return cand, cand_scores
 
 
 def _top_k(xp: Any, values: Any, k: int) -> Any:
