@@ -286,6 +286,40 @@ def _self_check_batch() -> PackedBatch:
     )
 
 
+def _large_self_check_batch() -> PackedBatch:
+    # More than two upload chunks of top logprobs, so the threaded staging runs.
+    rng = np.random.default_rng(0)
+    tokens, width = 3 * _STAGE_CHUNK // (20 * 4) + 7, 20
+    top = -np.sort(rng.exponential(2.0, size=(tokens, width)).astype(np.float32), axis=1)
+    return PackedBatch(top, top[:, 0].copy(), np.array([0, tokens // 3, tokens], dtype=np.int64))
+
+
+def _checked_fast_scores(cupy: Any) -> Callable[[Any, Any], Any] | None:
+    """The TF32 product for corpus search if a small search with it equals the exact one."""
+    fast = _tf32_matmul(cupy)
+    if fast is None:
+        return None
+    rng = np.random.default_rng(1)
+    corpus, queries = rng.normal(size=(3000, 64)).astype(np.float32), rng.normal(size=(4, 64)).astype(np.float32)
+    ids = [str(i) for i in range(len(corpus))]
+    results = []
+    try:
+        for scores in (fast, None):
+            store = CorpusStore(cupy, 1 << 28, fast_scores=scores)
+            store.add("check", corpus, ids)
+            results.append(store.search("check", queries, 5))
+    except Exception as exc:
+        log.warning("TF32 corpus search disabled, exact products instead: %s", exc)
+        return None
+    same = all(
+        a.ids == b.ids and np.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6) for a, b in zip(*results, strict=True)
+    )
+    if not same:
+        log.warning("TF32 corpus search disabled: it disagreed with the exact search")
+        return None
+    return fast
+
+
 def _cuda_version(v: int) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
@@ -372,7 +406,7 @@ class CupyBackend(_Embeddings):
                 self.sampler = CupySampler(cupy, self._sm_count, self._stream, self._copy_stream)
             self._xp = cupy
             total = self.device_memory()[1]
-            self._store = CorpusStore(cupy, int(total * corpus_memory_fraction), fast_scores=_tf32_matmul(cupy))
+            self._store = CorpusStore(cupy, int(total * corpus_memory_fraction), fast_scores=_checked_fast_scores(cupy))
             self._self_check()
             self._self_check_sample()
         except BackendUnavailableError:
@@ -381,7 +415,10 @@ class CupyBackend(_Embeddings):
             raise BackendUnavailableError(f"CUDA kernels failed on device {device_id}: {exc}") from exc
 
     def _self_check(self) -> None:
-        packed = _self_check_batch()
+        for packed in (_self_check_batch(), _large_self_check_batch()):  # one upload chunk, then several
+            self._self_check_stats(packed)
+
+    def _self_check_stats(self, packed: PackedBatch) -> None:
         got = self.token_stats(packed)
         want = token_stats_numpy(packed)
         pairs = [
