@@ -284,18 +284,24 @@ def bench_service(out: Path) -> None:
 
     from benchmarks.postproc_service_bench import ServiceOptions, run_service_bench, service_table
 
-    for vocab in (131072,):
-        points = asyncio.run(run_service_bench(ServiceOptions(backend="cupy", vocab=vocab)))
-        headers, cells = service_table(points)
-        print(f"\nservice, Sample of 1 row x {vocab} float32 logits per call (CuPy)")
-        print(" | ".join(headers))
-        for line in cells:
-            print(" | ".join(line))
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / f"postproc_service_{vocab}.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
-            writer.writeheader()
-            writer.writerows(asdict(p) for p in points)
+    opts = ServiceOptions(backend="cupy", vocab=131072)
+    points = asyncio.run(run_service_bench(opts))
+    headers, cells = service_table(points)
+    print(f"\nservice, Sample of 1 row x {opts.vocab} float32 logits per call (CuPy)")
+    print(" | ".join(headers))
+    for line in cells:
+        print(" | ".join(line))
+    write_rows(out / "postproc_service.csv", points)
+
+
+def write_rows(path: Path, rows: list[Any], footer: str = "") -> None:
+    """Dataclass rows as CSV (plain csv: this module runs on GPU machines without the rest of the tools)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+        f.write(footer)
 
 
 def _row(op: str, impl: str, dtype: type, batch: int, vocab: int, us: float, nbytes: int, d2d: float) -> Row:
@@ -363,13 +369,8 @@ def main() -> None:
             bench_numpy_sampling(rows, d2d)
         if "service" not in skip:
             bench_service(args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "postproc.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-        f.write(f"# d2d_copy_bytes_per_s={d2d:.4g}; device={backend.device_description}\n")
+    write_rows(path, rows, f"# d2d_copy_bytes_per_s={d2d:.4g}; device={backend.device_description}\n")
     print(f"\n{header}")
     for r in rows:
         print(_fmt(r))

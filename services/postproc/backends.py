@@ -289,7 +289,8 @@ def _self_check_batch() -> PackedBatch:
 def _large_self_check_batch() -> PackedBatch:
     # More than two upload chunks of top logprobs, so the threaded staging runs.
     rng = np.random.default_rng(0)
-    tokens, width = 3 * _STAGE_CHUNK // (20 * 4) + 7, 20
+    width = 20
+    tokens = 3 * _STAGE_CHUNK // (width * 4) + 7
     top = -np.sort(rng.exponential(2.0, size=(tokens, width)).astype(np.float32), axis=1)
     return PackedBatch(top, top[:, 0].copy(), np.array([0, tokens // 3, tokens], dtype=np.int64))
 
