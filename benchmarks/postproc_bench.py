@@ -256,13 +256,16 @@ def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float)
     for start in range(0, size, chunk):
         vectors = rng.normal(size=(chunk, dim)).astype(np.float32)
         store.add("bench", vectors, [str(i) for i in range(start, start + chunk)])
-    fast = store.fast_scores
+    fast, select = store.fast_scores, store.select_rows
+    # Exact products, then TF32-filtered with exact rescoring; each query's rows selected by the
+    # kernel, and (the baseline) by CuPy partitions.
+    variants = [("cupy", None, select), ("cupy_tf32", fast, select), ("cupy_partition", None, None)]
     for queries in (1, 8, 64, 256):
         q = rng.normal(size=(queries, dim)).astype(np.float32)
-        for impl, scores in (("cupy", None), ("cupy_tf32", fast)):
-            if impl == "cupy_tf32" and fast is None:
+        for impl, scores, rows in variants:
+            if (impl == "cupy_tf32" and fast is None) or (impl != "cupy_partition" and select is None):
                 continue
-            store.fast_scores = scores  # exact products, then TF32-filtered with exact rescoring
+            store.fast_scores, store.select_rows = scores, rows
             store.search("bench", q, 10)
             cp.cuda.Device().synchronize()
             samples = []
@@ -274,7 +277,7 @@ def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float)
             row = _row("search_top10", impl, np.float32, queries, size, us, size * dim * 4, d2d)
             rows_out.append(row)
             print(_fmt(row), flush=True)
-    store.fast_scores = fast
+    store.fast_scores, store.select_rows = fast, select
     store.remove("bench", [])
 
 
@@ -331,7 +334,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="directory for postproc.csv")
     parser.add_argument("--quick", action="store_true", help="sampling only, fp32, no NumPy or search")
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to leave out: fp16, token_stats, search, numpy, service"
+        "--skip", default="", help="comma-separated parts to leave out: sampling (float32), fp16, token_stats, search, numpy, service"
     )
     args = parser.parse_args()
 
@@ -356,8 +359,9 @@ def main() -> None:
     )
     print(header)
     rows: list[Row] = []
-    bench_sampling(cp, backend, d2d, np.float32, rows, torch)
     skip = set(filter(None, args.skip.split(",")))
+    if "sampling" not in skip:
+        bench_sampling(cp, backend, d2d, np.float32, rows, torch)
     if not args.quick:
         if "fp16" not in skip:
             bench_sampling(cp, backend, d2d, np.float16, rows, None)

@@ -160,11 +160,60 @@ def test_corpus_refuses_bad_vectors_and_respects_its_memory_budget() -> None:
     assert store.info()[0].size == 3
 
 
+def test_rows_a_selector_gives_back_are_selected_by_partition() -> None:
+    rng = np.random.default_rng(5)
+    corpus = rng.normal(size=(2500, 16)).astype(np.float32)
+    q = rng.normal(size=(6, 16)).astype(np.float32)
+    calls = []
+
+    def select(scores: Any, size: int, m: int) -> tuple[Any, Any] | None:
+        calls.append(m)
+        if m > 8:
+            return None  # beyond this selector
+        rows = np.argsort(-scores[:, :size], axis=1, kind="stable")[:, :m]
+        failed = np.arange(len(scores)) % 2 == 1
+        rows[failed] = -1  # must be ignored
+        return rows, failed
+
+    store = CorpusStore(np, 1 << 30, select_rows=select)
+    store.add("c", corpus, [str(i) for i in range(len(corpus))])
+    for k in (5, 12):
+        for h, w in zip(store.search("c", q, k), brute_force(corpus, q, k), strict=True):
+            np.testing.assert_allclose(h.scores, w, rtol=1e-5, atol=1e-5)
+    assert calls == [5, 12]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("size", [1, 7, 1000, 1024, 5003, 300_000])
+def test_row_select_kernel_equals_a_stable_sort(size: int) -> None:
+    cupy = cupy_or_skip()
+    from services.postproc.search_cuda import MAX_SELECT, CupyRowSelect
+
+    select = CupyRowSelect(cupy)
+    rng = np.random.default_rng(size)
+    ld = -(-size // 1024) * 1024
+    scores = rng.normal(size=(5, ld)).astype(np.float32)
+    scores[1, : size // 2] = 0.5  # ties at the top
+    scores[2] = np.round(scores[2], 1)  # ties everywhere
+    for m in sorted({1, min(10, size), min(74, size), min(MAX_SELECT, size)}):
+        picked = select(cupy.asarray(scores), size, m)
+        assert picked is not None
+        rows, failed = (a.get() for a in picked)
+        want = np.argsort(-scores[:, :size], axis=1, kind="stable")[:, :m]
+        for i in range(len(scores)):
+            if not failed[i]:
+                assert rows[i].tolist() == want[i].tolist(), (i, m)
+        assert m > 74 or not failed[[0, 3, 4]].any()  # random scores fit unless m is large
+    assert select(cupy.asarray(scores), size, min(size, MAX_SELECT) + 1) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", [False, True], ids=["partition", "kernel"])
 @pytest.mark.parametrize("tf32", [False, True], ids=["exact", "tf32-filtered"])
-def test_cupy_search_matches_numpy_on_a_large_corpus(tf32: bool) -> None:
+def test_cupy_search_matches_numpy_on_a_large_corpus(tf32: bool, kernel: bool) -> None:
     cupy = cupy_or_skip()
     from services.postproc.backends import _tf32_matmul
+    from services.postproc.search_cuda import CupyRowSelect
 
     fast = _tf32_matmul(cupy) if tf32 else None
     if tf32 and fast is None:
@@ -172,9 +221,11 @@ def test_cupy_search_matches_numpy_on_a_large_corpus(tf32: bool) -> None:
     rng = np.random.default_rng(4)
     corpus = rng.normal(size=(100_000, 128)).astype(np.float32)
     corpus[1000:1100] = corpus[7]  # exact ties at the top for the first query
+    corpus[20_000:26_000] = corpus[8]  # more ties than the kernel holds for the second
     ids = [str(i) for i in range(corpus.shape[0])]
-    queries = np.vstack([corpus[7:8], rng.normal(size=(16, 128))]).astype(np.float32)
-    got, want = CorpusStore(cupy, 1 << 32, fast_scores=fast), CorpusStore(np, 1 << 32)
+    queries = np.vstack([corpus[7:9], rng.normal(size=(16, 128))]).astype(np.float32)
+    select = CupyRowSelect(cupy) if kernel else None
+    got, want = CorpusStore(cupy, 1 << 32, fast_scores=fast, select_rows=select), CorpusStore(np, 1 << 32)
     got.add("c", corpus, ids)
     want.add("c", corpus, ids)
     for g, w in zip(got.search("c", queries, 10), want.search("c", queries, 10), strict=True):

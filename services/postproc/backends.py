@@ -21,8 +21,9 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from services.postproc.embeddings import CorpusInfo, CorpusStore, SearchHits, pool
+from services.postproc.embeddings import CorpusInfo, CorpusStore, SearchHits, SelectRows, pool
 from services.postproc.sampling import RowParams, SampleBatch, SampleResult, make_sample_batch, sample_numpy
+from services.postproc.search_cuda import CupyRowSelect
 from services.postproc.staging import PinnedBuffer, align
 from services.postproc.token_stats import (
     DEFAULT_CONFIDENCE_THRESHOLD,
@@ -280,30 +281,41 @@ def _self_check_batch() -> PackedBatch:
     )
 
 
-def _checked_fast_scores(cupy: Any) -> Callable[[Any, Any], Any] | None:
-    """The TF32 product for corpus search if a small search with it equals the exact one."""
-    fast = _tf32_matmul(cupy)
-    if fast is None:
-        return None
+def _checked_search(cupy: Any) -> tuple[Callable[[Any, Any], Any] | None, SelectRows | None]:
+    """The row-selection kernel and the TF32 product for corpus search, each kept if a small
+    search with it returns what NumPy's exact search does (else off, with a warning)."""
     rng = np.random.default_rng(1)
-    corpus, queries = rng.normal(size=(3000, 64)).astype(np.float32), rng.normal(size=(4, 64)).astype(np.float32)
+    corpus = rng.normal(size=(6000, 32)).astype(np.float32)
+    corpus[1000:5500] = corpus[0]  # more equal rows than the kernel holds: its fallback runs
+    queries = np.vstack([corpus[:1], rng.normal(size=(4, 32))]).astype(np.float32)
     ids = [str(i) for i in range(len(corpus))]
-    results = []
-    try:
-        for scores in (fast, None):
-            store = CorpusStore(cupy, 1 << 28, fast_scores=scores)
-            store.add("check", corpus, ids)
-            results.append(store.search("check", queries, 5))
-    except Exception as exc:
-        log.warning("TF32 corpus search disabled, exact products instead: %s", exc)
-        return None
-    same = all(
-        a.ids == b.ids and np.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6) for a, b in zip(*results, strict=True)
-    )
-    if not same:
-        log.warning("TF32 corpus search disabled: it disagreed with the exact search")
-        return None
-    return fast
+
+    def search(xp: Any, **options: Any) -> list[SearchHits]:
+        store = CorpusStore(xp, 1 << 28, **options)
+        store.add("check", corpus, ids)
+        return store.search("check", queries, 5)
+
+    def agrees(what: str, **options: Any) -> bool:
+        try:
+            got = search(cupy, **options)
+        except Exception as exc:
+            log.warning("corpus search: %s disabled: %s", what, exc)
+            return False
+        for g, w in zip(got, want, strict=True):
+            distinct = bool(np.all(np.diff(w.scores) < 0))
+            if not np.allclose(g.scores, w.scores, rtol=1e-5, atol=1e-6) or (distinct and g.ids != w.ids):
+                log.warning("corpus search: %s disabled: it disagreed with NumPy's exact search", what)
+                return False
+        return True
+
+    want = search(np)
+    select: SelectRows | None = CupyRowSelect(cupy)
+    if not agrees("the row-selection kernel", select_rows=select):
+        select = None
+    fast = _tf32_matmul(cupy)
+    if fast is not None and not agrees("the TF32 product", fast_scores=fast, select_rows=select):
+        fast = None
+    return fast, select
 
 
 def _cuda_version(v: int) -> str:
@@ -391,7 +403,8 @@ class CupyBackend(_Embeddings):
                 self.sampler = CupySampler(cupy, self._sm_count, self._stream, self._copy_stream)
             self._xp = cupy
             total = self.device_memory()[1]
-            self._store = CorpusStore(cupy, int(total * corpus_memory_fraction), fast_scores=_checked_fast_scores(cupy))
+            fast, select = _checked_search(cupy)
+            self._store = CorpusStore(cupy, int(total * corpus_memory_fraction), fast_scores=fast, select_rows=select)
             self._self_check()
             self._self_check_sample()
         except BackendUnavailableError:

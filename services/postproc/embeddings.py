@@ -3,7 +3,9 @@
 The same code runs on NumPy and on CuPy: it only takes an array module ``xp``.  Corpora
 keep their vectors L2-normalised on the device (``xp``), in insertion order, so a search
 is one matrix product followed by a per-query top-k: the k groups of 1024 rows with the
-best maxima hold every top-k row, so only those groups are partitioned.
+best maxima hold every top-k row, so only those groups are partitioned.  Given
+``select_rows`` (on the GPU: :mod:`services.postproc.search_cuda`), that selection runs
+there instead, and the partition only for the queries it gives back.
 
 Given ``fast_scores`` (on the GPU: the product on TF32 tensor cores), the full product is
 only a filter: every score it gives is within :data:`SCORE_ERROR` of the exact one, so the
@@ -15,6 +17,7 @@ NumPy only at import.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ __all__ = [
     "CorpusInfo",
     "CorpusStore",
     "SearchHits",
+    "SelectRows",
     "UnknownCorpusError",
     "normalize_rows",
     "pool",
@@ -44,6 +48,11 @@ _GROUP = 1024  # rows per search group; corpus capacities are multiples of it
 # float32 accumulation; twice that for safety.
 SCORE_ERROR = 2e-3
 _RESCORE_EXTRA = 64  # rows rescored beyond k
+
+# select(scores, size, m) -> (rows [queries, m], failed [queries]) or None (can't): the m best
+# of scores[:, :size] per query; rows of failed queries are ignored.
+SelectRows = Callable[[Any, int, int], tuple[Any, Any] | None]
+BestRows = Callable[[Any, int, int], Any]
 
 
 class CorpusFullError(RuntimeError):
@@ -153,9 +162,16 @@ class CorpusStore:
     Thread-safe: every method takes the store's lock.
     """
 
-    def __init__(self, xp: Any, bytes_limit: int, fast_scores: Callable[[Any, Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        xp: Any,
+        bytes_limit: int,
+        fast_scores: Callable[[Any, Any], Any] | None = None,
+        select_rows: SelectRows | None = None,
+    ) -> None:
         self._xp = xp
         self.fast_scores = fast_scores  # a @ b within SCORE_ERROR of the exact product, faster; None: exact
+        self.select_rows = select_rows
         self.bytes_limit = bytes_limit
         self._corpora: dict[str, _Corpus] = {}
         self._lock = threading.Lock()
@@ -265,10 +281,11 @@ class CorpusStore:
             groups = -(-corpus.size // _GROUP)
             q = xp.asarray(unit)
             vectors = corpus.vectors[: groups * _GROUP]
+            best = functools.partial(_best_rows, xp, select=self.select_rows)
             if self.fast_scores is None:
-                cand, cand_scores = _exact_top_k(xp, q, vectors, corpus.size, k)
+                cand, cand_scores = _exact_top_k(xp, q, vectors, corpus.size, k, best)
             else:
-                cand, cand_scores = _rescored_top_k(xp, q, vectors, corpus.size, k, self.fast_scores)
+                cand, cand_scores = _rescored_top_k(xp, q, vectors, corpus.size, k, best, self.fast_scores)
             # Sort the survivors by row first so equal scores come out in insertion order.
             by_row = xp.argsort(cand, axis=1)
             cand, cand_scores = (
@@ -287,9 +304,21 @@ class CorpusStore:
             ]
 
 
-def _best_rows(xp: Any, scores: Any, size: int, m: int) -> Any:
+def _best_rows(xp: Any, scores: Any, size: int, m: int, *, select: SelectRows | None) -> Any:
     """The ``m`` highest-scoring rows of each query (in no order), from ``scores`` [queries,
-    groups * _GROUP] whose columns past ``size`` are overwritten with -inf."""
+    groups * _GROUP], by ``select`` where it can, else by partitioning the best groups."""
+    picked = select(scores, size, m) if select is not None else None
+    if picked is None:
+        return _partitioned_best_rows(xp, scores, size, m)
+    rows, failed = picked
+    redo = xp.nonzero(failed)[0]
+    if len(redo):
+        rows[redo] = _partitioned_best_rows(xp, scores[redo], size, m)
+    return rows
+
+
+def _partitioned_best_rows(xp: Any, scores: Any, size: int, m: int) -> Any:
+    """:func:`_best_rows` by partitions; overwrites the columns of ``scores`` past ``size`` with -inf."""
     n_q, groups = scores.shape[0], scores.shape[1] // _GROUP
     scores[:, size:] = -xp.inf  # unused rows of the last group
     best_groups = _top_k(xp, scores.reshape(n_q, groups, _GROUP).max(axis=2), min(m, groups))
@@ -297,21 +326,21 @@ def _best_rows(xp: Any, scores: Any, size: int, m: int) -> Any:
     return xp.take_along_axis(rows_in, _top_k(xp, xp.take_along_axis(scores, rows_in, axis=1), m), axis=1)
 
 
-def _exact_top_k(xp: Any, q: Any, vectors: Any, size: int, k: int) -> tuple[Any, Any]:
+def _exact_top_k(xp: Any, q: Any, vectors: Any, size: int, k: int, best: BestRows) -> tuple[Any, Any]:
     """Rows and scores of each query's top ``k`` (in no order), from one exact product."""
     scores = xp.matmul(q, vectors.T)
-    rows = _best_rows(xp, scores, size, k)
+    rows = best(scores, size, k)
     return rows, xp.take_along_axis(scores, rows, axis=1)
 
 
 def _rescored_top_k(
-    xp: Any, q: Any, vectors: Any, size: int, k: int, fast_scores: Callable[[Any, Any], Any]
+    xp: Any, q: Any, vectors: Any, size: int, k: int, best: BestRows, fast_scores: Callable[[Any, Any], Any]
 ) -> tuple[Any, Any]:
     """What :func:`_exact_top_k` returns, with the full product computed by ``fast_scores``
     and only the best rows by it rescored exactly (see the module docstring)."""
     m = min(k + _RESCORE_EXTRA, size)
     approx = fast_scores(q, vectors.T)
-    rows = _best_rows(xp, approx, size, m)
+    rows = best(approx, size, m)
     # Every row left out scores (fast) at most the lowest fast score kept.
     left_out = (
         xp.take_along_axis(approx, rows, axis=1).min(axis=1) if m < size else xp.full(len(q), -xp.inf, xp.float32)
@@ -321,7 +350,7 @@ def _rescored_top_k(
     cand, cand_scores = xp.take_along_axis(rows, pick, axis=1), xp.take_along_axis(exact, pick, axis=1)
     unsure = xp.nonzero(cand_scores.min(axis=1) <= left_out + SCORE_ERROR)[0]
     if len(unsure):
-        cand[unsure], cand_scores[unsure] = _exact_top_k(xp, q[unsure], vectors, size, k)
+        cand[unsure], cand_scores[unsure] = _exact_top_k(xp, q[unsure], vectors, size, k, best)
     return cand, cand_scores
 
 
