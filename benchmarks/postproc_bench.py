@@ -334,7 +334,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="directory for postproc.csv")
     parser.add_argument("--quick", action="store_true", help="sampling only, fp32, no NumPy or search")
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to leave out: sampling (float32), fp16, token_stats, search, numpy, service"
+        "--skip",
+        default="",
+        help="comma-separated parts to leave out: sampling (float32), fp16, token_stats, search, numpy, service",
     )
     args = parser.parse_args()
 
