@@ -7,15 +7,20 @@ reductions go through the cluster (each CTA publishes a few words, one cluster b
 everyone reads all of them), so every CTA of a row takes the same decisions.  Steps:
 
 1. load the slice (16-byte loads) with the row max, first argmax, softmax sum (online,
-   rescaled as the max moves) and a NaN/inf flag; each thread's largest logit bounds
-   the selections below (the k-th largest thread maximum leaves k logits above it);
+   rescaled as the max moves) and a NaN/inf flag; the threads' largest logits, sorted
+   per warp in registers, bound the selections below (k thread maxima at or above a
+   value leave k logits there);
 2. top-n logprobs and the top-k threshold: each CTA lists its logits above the bound,
-   one exchange shares the lists, every CTA selects from them locally (radix select
-   over the cluster when a list overflows);
+   one exchange shares the lists, every CTA selects from them locally (each thread
+   ranks one key of a short list; radix select over the cluster when a list overflows);
 3. rejection sampling (see the sampling module): each draw is one pass computing the
    mass of the draw set per warp, a search of the CTA/warp/element holding the target,
    and the acceptance test of the previous draw against top-p.  Exact weights are
    computed only for the top-k set (for every token, once and in place, without top-k).
+
+The passes over shared memory read four logits per lane (16-byte loads), and the work
+only rank 0 needs (the log-softmax normaliser) stays off the other CTAs' path: a CTA's
+time is mostly the latency of its steps, not its bytes (H100 profile, 2026-12-06).
 
 The penalties run first as a tiny kernel, one thread per distinct (row, token), in place.
 Only this module's :class:`CupySampler` touches CuPy; it is imported without it.
@@ -139,7 +144,7 @@ __shared__ unsigned s_lhist[256];  // CTA-local selections
 __shared__ double s_gd[8][4];      // everyone's published doubles after an exchange
 __shared__ unsigned s_gu[8][4];
 __shared__ unsigned s_gh[256];     // cluster-wide histogram
-__shared__ unsigned s_tkey[NT];    // each thread's largest logit, as a key
+__shared__ unsigned s_tkey[NT];    // each thread's largest logit, as a key, sorted down per warp
 __shared__ double s_wm[NW];        // per-warp mass
 __shared__ double s_wm2[NW];
 __shared__ unsigned s_wc[NW];      // per-warp counts
@@ -197,6 +202,59 @@ __device__ __forceinline__ void llf_find_digit(const unsigned* hist, const unsig
 __device__ __forceinline__ void llf_hist_add(unsigned* hist, const bool take, const unsigned bin) {
     const unsigned peers = __match_any_sync(FULL, take ? bin : 256u);
     if (take && (int)(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
+}
+
+// One key per lane, sorted down across the warp (bitonic, in registers).
+__device__ __forceinline__ unsigned llf_warp_sort_down(unsigned v) {
+    const int lane = threadIdx.x & 31;
+    for (int k = 2; k <= 32; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            const unsigned o = __shfl_xor_sync(FULL, v, j);
+            // The first lane of a pair keeps the larger key in runs sorted down (all at k = 32).
+            v = (((lane & j) == 0) == ((lane & k) == 0)) ? max(v, o) : min(v, o);
+        }
+    }
+    return v;
+}
+
+// A lower bound for the kk-th largest of the CTA's thread maxima, from s_tkey: with every
+// warp counted that holds j real maxima (a maximum above -inf's key), j * warps >= kk of
+// them lie at or above the least of those warps' j-th largest.  0 when that fails (any key
+// passes).  Thread 0.
+__device__ unsigned llf_thread_bound(const unsigned kk) {
+    const unsigned none = 0x007fffffu;  // llf_key(-inf): a thread without logits
+    if (kk == 0) return 0u;
+    unsigned warps = 0;
+    for (int w = 0; w < NW; w++) warps += s_tkey[w * 32] > none;
+    if (warps == 0) return 0u;
+    const unsigned j = (kk + warps - 1) / warps;
+    if (j > 32) return 0u;
+    unsigned bound = 0xffffffffu, counted = 0;
+    for (int w = 0; w < NW; w++) {
+        const unsigned key = s_tkey[w * 32 + j - 1];
+        if (key > none) { bound = min(bound, key); counted++; }
+    }
+    return counted * j >= kk ? bound : 0u;
+}
+
+// The kk-th largest of keys[0..count) for count <= NT: each thread ranks its own key.
+__device__ unsigned llf_rank_select(const unsigned* keys, const int count, const unsigned kk) {
+    const int tid = threadIdx.x;
+    if (tid < count) {
+        const unsigned mine = keys[tid];
+        unsigned gt = 0, ge = 0;
+        #pragma unroll 8
+        for (int j = 0; j < count; j++) {
+            const unsigned o = keys[j];
+            gt += o > mine;
+            ge += o >= mine;
+        }
+        if (gt < kk && kk <= ge) s_bu[2] = mine;  // every writer holds the same key
+    }
+    __syncthreads();
+    const unsigned r = s_bu[2];
+    __syncthreads();  // s_bu is rewritten by later steps
+    return r;
 }
 
 // The kk-th largest of this CTA's keys[0..count).
@@ -258,6 +316,18 @@ __device__ unsigned llf_radix_select(const float* s_x, const int n, unsigned kk,
 // Warp ranges: warp w owns [w R, (w + 1) R) of the slice, so a warp scans in vocabulary order.
 __device__ __forceinline__ int llf_warp_len(const int n) { return ((n + NW - 1) / NW + 31) & ~31; }
 
+// Appends the keys of the lanes that take one to this CTA's candidate list.  Warp-uniform call.
+__device__ __forceinline__ void llf_push(unsigned* list, const bool take, const unsigned key) {
+    const int lane = threadIdx.x & 31;
+    const unsigned hits = __ballot_sync(FULL, take);
+    if (!hits) return;
+    unsigned first = 0;
+    if (lane == 0) first = atomicAdd(&s_cnt, __popc(hits));
+    first = __shfl_sync(FULL, first, 0);
+    const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
+    if (take && slot < CAND_CAP) list[slot] = key;
+}
+
 // The kk-th largest logit key of the row, given a bound `lower` that leaves at least kk keys
 // above it.  Usually few keys pass the bound: each CTA lists its own, one exchange makes
 // every list visible, and each CTA selects from all of them locally.  When a list
@@ -269,18 +339,20 @@ __device__ unsigned llf_select(const float* s_x, const int n, const unsigned kk,
     unsigned* mine = s_ckey[ex & 1];
     if (tid == 0) s_cnt = 0;
     __syncthreads();
-    for (int b = begin; b < end; b += 32) {
-        const int i = b + lane;
-        const unsigned key = i < end ? llf_key(s_x[i]) : 0u;
-        const bool take = i < end && key >= lower;
-        const unsigned hits = __ballot_sync(FULL, take);
-        if (!hits) continue;
-        unsigned first = 0;
-        if (lane == 0) first = atomicAdd(&s_cnt, __popc(hits));
-        first = __shfl_sync(FULL, first, 0);
-        const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
-        if (take && slot < CAND_CAP) mine[slot] = key;
+    // Four logits per lane per step (16-byte shared loads); few pass, so most steps only vote.
+    const int end4 = begin + (max(end - begin, 0) & ~3);
+    for (int b = begin; b < end4; b += 128) {
+        const int i = b + 4 * lane;
+        const float4 v = i < end4 ? *(const float4*)(s_x + i) : make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+        const unsigned k[4] = {llf_key(v.x), llf_key(v.y), llf_key(v.z), llf_key(v.w)};
+        const bool any = k[0] >= lower || k[1] >= lower || k[2] >= lower || k[3] >= lower;
+        if (!__any_sync(FULL, i < end4 && any)) continue;
+        #pragma unroll
+        for (int e = 0; e < 4; e++) llf_push(mine, i < end4 && k[e] >= lower, k[e]);
     }
+    const int i = end4 + lane;  // at most 3 left
+    const unsigned key = i < end ? llf_key(s_x[i]) : 0u;
+    llf_push(mine, i < end && key >= lower, key);
     __syncthreads();
     if (tid == 0) s_pubu[ex & 1][0] = s_cnt;
     const unsigned parity = ex & 1;
@@ -298,7 +370,7 @@ __device__ unsigned llf_select(const float* s_x, const int n, const unsigned kk,
         s_all[j] = llf_ld_u32(llf_map(&s_ckey[parity][at], c));
     }
     __syncthreads();
-    return llf_cta_select(s_all, (int)total, kk);
+    return total <= NT ? llf_rank_select(s_all, (int)total, kk) : llf_cta_select(s_all, (int)total, kk);
 }
 
 // How the weights of a row are read: either stored (s holds exact weights, every token in
@@ -308,11 +380,21 @@ struct LlfWeights {
     bool stored;
     unsigned tau_k;
     float m, inv_t;
-    __device__ __forceinline__ float top_set(const int i) const {  // 0 outside the top-k set
-        if (stored) return s[i];
-        const float x = s[i];
+    __device__ __forceinline__ float weight(const float x) const {  // of a value of s; 0 outside the top-k set
+        if (stored) return x;
         if (llf_key(x) < tau_k) return 0.0f;
         return llf_exp_ref(__fmul_rn(__fsub_rn(x, m), inv_t));
+    }
+    __device__ __forceinline__ float top_set(const int i) const { return weight(s[i]); }
+    // Weights of s[i..i+4) (0 past end); i is a multiple of 4.
+    __device__ __forceinline__ void quad(const int i, const int end, float w[4]) const {
+        if (i + 4 <= end) {
+            const float4 v = *(const float4*)(s + i);
+            w[0] = weight(v.x); w[1] = weight(v.y); w[2] = weight(v.z); w[3] = weight(v.w);
+        } else {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) w[e] = i + e < end ? top_set(i + e) : 0.0f;
+        }
     }
 };
 
@@ -328,10 +410,14 @@ __device__ void llf_mass_pass(const LlfWeights& W, const int n, const float min_
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
     float acc = 0.0f, acc2 = 0.0f;
-    for (int i = begin + lane; i < end; i += 32) {
-        const float w = W.top_set(i);
-        acc += llf_in_draw_set(w, min_p, piv, strict);
-        acc2 += w;
+    for (int i = begin + 4 * lane; i < end; i += 128) {
+        float w[4];
+        W.quad(i, end, w);
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+            acc += llf_in_draw_set(w[e], min_p, piv, strict);
+            acc2 += w[e];
+        }
     }
     const double a = llf_warp_sum((double)acc), a2 = llf_warp_sum((double)acc2);
     if (lane == 0) { s_wm[warp] = a; s_wm2[warp] = a2; }
@@ -396,24 +482,44 @@ __device__ void llf_draw(const LlfWeights& W, const int n, const long long lo, c
             double run = 0.0;
             int found = -1, last_pos = -1;
             float found_w = 0.0f, last_w = 0.0f;
-            for (int base = begin; base < end; base += 32) {
-                const int i = base + lane;
-                const float v = i < end ? llf_in_draw_set(W.top_set(i), min_p, piv, strict) : 0.0f;
-                const unsigned nz = __ballot_sync(FULL, v > 0.0f);
+            for (int base = begin; base < end; base += 128) {
+                const int i = base + 4 * lane;  // four elements per lane, in vocabulary order
+                float v[4];
+                W.quad(i, end, v);
+                float sum = 0.0f;
+                int lastp = -1;
+                #pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    v[e] = llf_in_draw_set(v[e], min_p, piv, strict);
+                    sum += v[e];
+                    if (v[e] > 0.0f) lastp = e;
+                }
+                const unsigned nz = __ballot_sync(FULL, lastp >= 0);
                 if (!nz) continue;
-                float incl = v;  // float scan within 32 elements, double across steps
+                float incl = sum;  // float scan within 128 elements, double across steps
                 for (int o = 1; o < 32; o <<= 1) {
                     const float y = __shfl_up_sync(FULL, incl, o);
                     if (lane >= o) incl += y;
                 }
-                const unsigned hit = __ballot_sync(FULL, v > 0.0f && run + (double)incl > t);
+                const unsigned hit = __ballot_sync(FULL, lastp >= 0 && run + (double)incl > t);
                 const int last_lane = 31 - __clz(nz);
-                last_pos = base + last_lane;
-                last_w = __shfl_sync(FULL, v, last_lane);
+                const int lp = __shfl_sync(FULL, lastp, last_lane);
+                last_pos = base + 4 * last_lane + lp;
+                last_w = __shfl_sync(FULL, lp == 0 ? v[0] : lp == 1 ? v[1] : lp == 2 ? v[2] : v[3], last_lane);
                 if (hit) {
                     const int first = __ffs(hit) - 1;
-                    found = base + first;
-                    found_w = __shfl_sync(FULL, v, first);
+                    // The hit lane walks its four: the first whose running mass passes t, else its last.
+                    const float excl = lane == 0 ? 0.0f : __shfl_up_sync(FULL, incl, 1);
+                    int at = lastp;
+                    double c = run + (double)excl;
+                    #pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        c += (double)v[e];
+                        if (v[e] > 0.0f && c > t) { at = e; break; }
+                    }
+                    const int hit_e = __shfl_sync(FULL, at, first);
+                    found = base + 4 * first + hit_e;
+                    found_w = __shfl_sync(FULL, hit_e == 0 ? v[0] : hit_e == 1 ? v[1] : hit_e == 2 ? v[2] : v[3], first);
                     break;
                 }
                 run += (double)__shfl_sync(FULL, incl, 31);
@@ -528,7 +634,7 @@ __device__ void llf_sample_body(
         }
         for (int i = done + tid; i < n; i += NT) llf_take(s_x, i, src[i], lo, inv_t, tm, ti, tz, bad);
     }
-    s_tkey[tid] = llf_key(tm);
+    s_tkey[tid] = llf_warp_sort_down(llf_key(tm));
     for (int s = 16; s > 0; s >>= 1) {
         const float m2 = __shfl_xor_sync(FULL, tm, s);
         const int i2 = __shfl_xor_sync(FULL, ti, s);
@@ -538,17 +644,15 @@ __device__ void llf_sample_body(
     bad = __reduce_or_sync(FULL, bad);
     if (lane == 0) { s_rf[warp] = tm; s_ri[warp] = ti; s_rz[warp] = tz; s_ru[warp] = bad; }
     __syncthreads();
-    // Lower bounds for the selections: the k-th largest thread maximum leaves k logits above it.
-    const unsigned lower_k = (top_k > 0 && top_k <= NT) ? llf_cta_select(s_tkey, NT, (unsigned)top_k) : 0u;
-    const unsigned lower_n = (n_top > 0) ? llf_cta_select(s_tkey, NT, (unsigned)n_top) : 0u;
     if (tid == 0) {
+        // Lower bounds for the selections: kk thread maxima at or above leave kk logits there.
         for (int w = 1; w < NW; w++) { llf_merge(tm, ti, tz, s_rf[w], s_ri[w], s_rz[w], inv_t); bad |= s_ru[w]; }
         s_pubd[ex & 1][0] = (double)tm;
         s_pubd[ex & 1][1] = (double)tz;
         s_pubu[ex & 1][0] = (unsigned)ti;
         s_pubu[ex & 1][1] = bad;
-        s_pubu[ex & 1][2] = lower_k;
-        s_pubu[ex & 1][3] = lower_n;
+        s_pubu[ex & 1][2] = llf_thread_bound((unsigned)top_k);
+        s_pubu[ex & 1][3] = llf_thread_bound((unsigned)max(n_top, 0));
     }
     llf_exchange(ex, C);
     float m = NEG_INF;
@@ -571,12 +675,16 @@ __device__ void llf_sample_body(
         llf_cluster_sync();
         return;
     }
-    double z_total = 0.0;
-    for (unsigned c = 0; c < C; c++) {
-        const float mc = (float)s_gd[c][0];
-        if (mc != NEG_INF) z_total += s_gd[c][1] * exp((double)(mc - m) * (double)inv_t);
+    // Only rank 0's thread 0 writes logprobs: its warp takes the CTAs' softmax sums, one exp per
+    // lane, added in CTA order.
+    double log_z = 0.0;
+    if (rank == 0 && warp == 0) {
+        const float mc = lane < (int)C ? (float)s_gd[lane][0] : NEG_INF;
+        const double part = mc != NEG_INF ? s_gd[lane][1] * exp((double)(mc - m) * (double)inv_t) : 0.0;
+        double z_total = 0.0;
+        for (unsigned c = 0; c < C; c++) z_total += __shfl_sync(FULL, part, c);
+        log_z = log(z_total);
     }
-    const double log_z = log(z_total);
 
     // 2. Top-n logprobs: every logit above the n-th largest, then the lowest-index ties.
     if (n_top > 0) {
