@@ -224,7 +224,9 @@ def bench_token_stats(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: f
         for impl, us in rows:
             row = _row("token_stats", impl, np.float32, responses, width, us, in_bytes, d2d)
             if impl == "cupy":
-                row.vs_torch = f"{stats_us / base_us:.2f}x of empty+copies"
+                row.vs_torch = (
+                    f"{stats_us / base_us:.2f}x of empty+copies, {stats_us / pageable_us:.2f}x of empty+pageable"
+                )
             rows_out.append(row)
             print(_fmt(row), flush=True)
 
