@@ -74,6 +74,12 @@ __device__ __forceinline__ void llf_cluster_sync() {
     // Also a CTA barrier: every thread of every CTA of the cluster arrives.
     asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
 }
+__device__ __forceinline__ void llf_cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void llf_cluster_wait() {
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+}
 __device__ __forceinline__ unsigned llf_map(const void* p, unsigned rank) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(p);
     unsigned r; asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank)); return r;
@@ -133,6 +139,9 @@ __device__ __forceinline__ unsigned llf_key(const float x) {
     const unsigned u = __float_as_uint(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+__device__ __forceinline__ float llf_unkey(const unsigned k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
 
 // ---- per-CTA shared state ------------------------------------------------------------------
 // Published words are double-buffered by the parity of the exchange counter: a CTA writes
@@ -156,7 +165,9 @@ __shared__ unsigned s_ru[NW];
 __shared__ double s_bd[4];         // CTA-wide broadcast
 __shared__ unsigned s_bu[4];
 __shared__ unsigned s_ckey[2][CAND_CAP];  // this CTA's selection candidates, by exchange parity
+__shared__ int s_cidx[2][CAND_CAP];       // and their vocabulary indices
 __shared__ unsigned s_all[8 * CAND_CAP];  // the cluster's candidates
+__shared__ int s_all_idx[8 * CAND_CAP];
 __shared__ unsigned s_cnt;
 __shared__ unsigned s_cand_n;
 __shared__ int s_cand_i[MAX_TOP];
@@ -316,8 +327,9 @@ __device__ unsigned llf_radix_select(const float* s_x, const int n, unsigned kk,
 // Warp ranges: warp w owns [w R, (w + 1) R) of the slice, so a warp scans in vocabulary order.
 __device__ __forceinline__ int llf_warp_len(const int n) { return ((n + NW - 1) / NW + 31) & ~31; }
 
-// Appends the keys of the lanes that take one to this CTA's candidate list.  Warp-uniform call.
-__device__ __forceinline__ void llf_push(unsigned* list, const bool take, const unsigned key) {
+// Appends the keys (and vocabulary indices) of the lanes that take one to this CTA's candidate
+// list.  Warp-uniform call.
+__device__ __forceinline__ void llf_push(unsigned* list, int* index, const bool take, const unsigned key, const int at) {
     const int lane = threadIdx.x & 31;
     const unsigned hits = __ballot_sync(FULL, take);
     if (!hits) return;
@@ -325,18 +337,21 @@ __device__ __forceinline__ void llf_push(unsigned* list, const bool take, const 
     if (lane == 0) first = atomicAdd(&s_cnt, __popc(hits));
     first = __shfl_sync(FULL, first, 0);
     const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
-    if (take && slot < CAND_CAP) list[slot] = key;
+    if (take && slot < CAND_CAP) { list[slot] = key; index[slot] = at; }
 }
 
 // The kk-th largest logit key of the row, given a bound `lower` that leaves at least kk keys
 // above it.  Usually few keys pass the bound: each CTA lists its own, one exchange makes
 // every list visible, and each CTA selects from all of them locally.  When a list
 // overflows, the cluster-wide radix select does it in four exchanges instead.
-__device__ unsigned llf_select(const float* s_x, const int n, const unsigned kk, const unsigned lower, unsigned& ex,
-                               const unsigned C) {
+// n_listed: how many entries s_all / s_all_idx then hold when they are every key >= lower of
+// the row (at most NT of them), else -1.
+__device__ unsigned llf_select(const float* s_x, const int n, const long long lo, const unsigned kk,
+                               const unsigned lower, unsigned& ex, const unsigned C, int& n_listed) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
     unsigned* mine = s_ckey[ex & 1];
+    int* mine_idx = s_cidx[ex & 1];
     if (tid == 0) s_cnt = 0;
     __syncthreads();
     // Four logits per lane per step (16-byte shared loads); few pass, so most steps only vote.
@@ -348,11 +363,11 @@ __device__ unsigned llf_select(const float* s_x, const int n, const unsigned kk,
         const bool any = k[0] >= lower || k[1] >= lower || k[2] >= lower || k[3] >= lower;
         if (!__any_sync(FULL, i < end4 && any)) continue;
         #pragma unroll
-        for (int e = 0; e < 4; e++) llf_push(mine, i < end4 && k[e] >= lower, k[e]);
+        for (int e = 0; e < 4; e++) llf_push(mine, mine_idx, i < end4 && k[e] >= lower, k[e], (int)(lo + i + e));
     }
     const int i = end4 + lane;  // at most 3 left
     const unsigned key = i < end ? llf_key(s_x[i]) : 0u;
-    llf_push(mine, i < end && key >= lower, key);
+    llf_push(mine, mine_idx, i < end && key >= lower, key, (int)(lo + i));
     __syncthreads();
     if (tid == 0) s_pubu[ex & 1][0] = s_cnt;
     const unsigned parity = ex & 1;
@@ -363,11 +378,13 @@ __device__ unsigned llf_select(const float* s_x, const int n, const unsigned kk,
         total += s_gu[c][0];
         overflow |= s_gu[c][0] > CAND_CAP;
     }
+    n_listed = !overflow && total <= NT ? (int)total : -1;
     if (overflow) return llf_radix_select(s_x, n, kk, lower, ex, C);
     for (unsigned j = tid; j < total; j += NT) {
         unsigned c = 0, at = j;
         while (at >= s_gu[c][0]) { at -= s_gu[c][0]; c++; }
         s_all[j] = llf_ld_u32(llf_map(&s_ckey[parity][at], c));
+        s_all_idx[j] = (int)llf_ld_u32(llf_map(&s_cidx[parity][at], c));
     }
     __syncthreads();
     return total <= NT ? llf_rank_select(s_all, (int)total, kk) : llf_cta_select(s_all, (int)total, kk);
@@ -540,6 +557,57 @@ __device__ void llf_draw(const LlfWeights& W, const int n, const long long lo, c
     out_w = (float)s_gd[owner][0];
 }
 
+// Draws from a top-k set listed whole in s_all / s_all_idx (total entries, the keys >= tau_k
+// among them; see llf_select), on one CTA with no cluster step.  The set is put in vocabulary
+// order (each thread places one entry by the rank of its index), then thread 0 runs the
+// draws of the sampling module's definition sequentially in float64, in that order: the
+// reference's own sums.  Returns the token on thread 0.
+__device__ int llf_draw_listed(const LlfWeights& W, const int total, const float top_p, const float min_p,
+                               const unsigned long long seed) {
+    const int tid = threadIdx.x;
+    float* s_kw = (float*)(s_all + NT);  // past the candidates (total <= NT)
+    int* s_ki = s_all_idx + NT;
+    const bool in_k = tid < total && s_all[tid] >= W.tau_k;
+    const int n_k = __syncthreads_count(in_k);
+    if (in_k) {
+        const int at = s_all_idx[tid];
+        int pos = 0;
+        for (int i = 0; i < total; i++) pos += s_all[i] >= W.tau_k && s_all_idx[i] < at;
+        s_ki[pos] = at;
+        s_kw[pos] = W.weight(llf_unkey(s_all[tid]));
+    }
+    __syncthreads();
+    if (tid != 0) return -1;
+    double z_k = 0.0, z = 0.0;
+    for (int p = 0; p < n_k; p++) {
+        z_k += (double)s_kw[p];
+        z += (double)llf_in_draw_set(s_kw[p], min_p, 0.0f, false);
+    }
+    const double limit = (double)top_p * z_k;
+    float piv = 0.0f;
+    bool strict = false;
+    for (unsigned long long draw = 0;; draw++) {
+        const double t = llf_uniform(seed, draw) * z;
+        double c = 0.0;
+        int j = -1, last = 0;
+        for (int p = 0; p < n_k; p++) {
+            const float w = llf_in_draw_set(s_kw[p], min_p, piv, strict);
+            if (w > 0.0f) {
+                last = p;
+                c += (double)w;
+                if (c > t) { j = p; break; }
+            }
+        }
+        if (j < 0) j = last;  // rounding overshoot: the last of the set
+        if (top_p >= 1.0f) return s_ki[j];
+        piv = s_kw[j];
+        strict = true;
+        z = 0.0;
+        for (int p = 0; p < n_k; p++) z += (double)llf_in_draw_set(s_kw[p], min_p, piv, true);
+        if (z < limit) return s_ki[j];
+    }
+}
+
 __device__ __forceinline__ float llf_logit(const void* logits, const int is_half, const long long at) {
     return is_half ? llf_h2f(((const unsigned short*)logits)[at]) : ((const float*)logits)[at];
 }
@@ -688,7 +756,8 @@ __device__ void llf_sample_body(
 
     // 2. Top-n logprobs: every logit above the n-th largest, then the lowest-index ties.
     if (n_top > 0) {
-        const unsigned tau = llf_select(s_x, n, (unsigned)n_top, ln, ex, C);
+        int n_listed;
+        const unsigned tau = llf_select(s_x, n, lo, (unsigned)n_top, ln, ex, C, n_listed);
         const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
         unsigned gt = 0, eq = 0;
         for (int i = begin + lane; i < end; i += 32) {
@@ -765,6 +834,7 @@ __device__ void llf_sample_body(
 
     // 3. Top-k set, then draws until one passes top-p.
     int token = argmax;
+    bool split = false;  // the final cluster barrier was arrived at already
     if (!greedy) {
         LlfWeights W;
         W.s = s_x;
@@ -772,8 +842,9 @@ __device__ void llf_sample_body(
         W.inv_t = inv_t;
         W.stored = top_k == 0;
         W.tau_k = 0u;
+        int n_listed = -1;
         if (top_k > 0) {
-            W.tau_k = llf_select(s_x, n, (unsigned)top_k, lk, ex, C);
+            W.tau_k = llf_select(s_x, n, lo, (unsigned)top_k, lk, ex, C, n_listed);
         } else {
             // Every token is in play: compute the exact weights once, in place.
             for (int i = tid; i < n; i += NT) s_x[i] = llf_exp_ref(__fmul_rn(__fsub_rn(s_x[i], m), inv_t));
@@ -782,22 +853,30 @@ __device__ void llf_sample_body(
         const float top_p = top_p_arr[row];
         const float min_p = min_p_arr[row];
         const unsigned long long seed = seed_arr[row];
-        llf_mass_pass(W, n, min_p, 0.0f, false, ex, C);
-        double z_k = 0.0;
-        for (unsigned c = 0; c < C; c++) z_k += s_gd[c][1];
-        const double limit = (double)top_p * z_k;
-        float piv = 0.0f;
-        bool strict = false;
-        for (unsigned long long draw = 0;; draw++) {
-            float w_j;
-            llf_draw(W, n, lo, min_p, piv, strict, llf_uniform(seed, draw), rank, ex, C, token, w_j);
-            if (top_p >= 1.0f) break;
-            piv = w_j;
-            strict = true;
-            llf_mass_pass(W, n, min_p, piv, true, ex, C);
-            double above = 0.0;
-            for (unsigned c = 0; c < C; c++) above += s_gd[c][0];
-            if (above < limit) break;
+        if (n_listed >= 0) {
+            // Every CTA holds the whole top-k set: rank 0 draws alone, and the others leave once
+            // every CTA has read the others' lists (the barrier's arrival; its wait is at the end).
+            llf_cluster_arrive();
+            split = true;
+            if (rank == 0) token = llf_draw_listed(W, n_listed, top_p, min_p, seed);
+        } else {
+            llf_mass_pass(W, n, min_p, 0.0f, false, ex, C);
+            double z_k = 0.0;
+            for (unsigned c = 0; c < C; c++) z_k += s_gd[c][1];
+            const double limit = (double)top_p * z_k;
+            float piv = 0.0f;
+            bool strict = false;
+            for (unsigned long long draw = 0;; draw++) {
+                float w_j;
+                llf_draw(W, n, lo, min_p, piv, strict, llf_uniform(seed, draw), rank, ex, C, token, w_j);
+                if (top_p >= 1.0f) break;
+                piv = w_j;
+                strict = true;
+                llf_mass_pass(W, n, min_p, piv, true, ex, C);
+                double above = 0.0;
+                for (unsigned c = 0; c < C; c++) above += s_gd[c][0];
+                if (above < limit) break;
+            }
         }
     }
     if (rank == 0 && tid == 0) {
@@ -805,7 +884,9 @@ __device__ void llf_sample_body(
         out_token[row] = token;
         out_logprob[row] = (float)((double)d - log_z);
     }
-    llf_cluster_sync();  // no CTA leaves while another may still read its shared memory
+    // No CTA leaves while another may still read its shared memory.
+    if (split) llf_cluster_wait();
+    else llf_cluster_sync();
 }
 
 extern "C" __global__ void llf_penalties(
