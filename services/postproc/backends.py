@@ -309,8 +309,12 @@ def _checked_search(cupy: Any) -> tuple[Callable[[Any, Any], Any] | None, Select
         return True
 
     want = search(np)
-    select: SelectRows | None = CupyRowSelect(cupy)
-    if not agrees("the row-selection kernel", select_rows=select):
+    select: SelectRows | None = None
+    try:
+        select = CupyRowSelect(cupy)
+    except Exception as exc:  # costs the kernel, not the backend: searches partition instead
+        log.warning("corpus search: the row-selection kernel disabled: %s", exc)
+    if select is not None and not agrees("the row-selection kernel", select_rows=select):
         select = None
     fast = _tf32_matmul(cupy)
     if fast is not None and not agrees("the TF32 product", fast_scores=fast, select_rows=select):
