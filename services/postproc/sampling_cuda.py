@@ -7,20 +7,15 @@ reductions go through the cluster (each CTA publishes a few words, one cluster b
 everyone reads all of them), so every CTA of a row takes the same decisions.  Steps:
 
 1. load the slice (16-byte loads) with the row max, first argmax, softmax sum (online,
-   rescaled as the max moves) and a NaN/inf flag; the threads' largest logits, sorted
-   per warp in registers, bound the selections below (k thread maxima at or above a
-   value leave k logits there);
+   rescaled as the max moves) and a NaN/inf flag; each thread's largest logit bounds
+   the selections below (the k-th largest thread maximum leaves k logits above it);
 2. top-n logprobs and the top-k threshold: each CTA lists its logits above the bound,
-   one exchange shares the lists, every CTA selects from them locally (each thread
-   ranks one key of a short list; radix select over the cluster when a list overflows);
+   one exchange shares the lists, every CTA selects from them locally (radix select
+   over the cluster when a list overflows);
 3. rejection sampling (see the sampling module): each draw is one pass computing the
    mass of the draw set per warp, a search of the CTA/warp/element holding the target,
    and the acceptance test of the previous draw against top-p.  Exact weights are
    computed only for the top-k set (for every token, once and in place, without top-k).
-
-The passes over shared memory read four logits per lane (16-byte loads), and the work
-only rank 0 needs (the log-softmax normaliser) stays off the other CTAs' path: a CTA's
-time is mostly the latency of its steps, not its bytes (H100 profile, 2026-12-06).
 
 The penalties run first as a tiny kernel, one thread per distinct (row, token), in place.
 Only this module's :class:`CupySampler` touches CuPy; it is imported without it.
@@ -73,12 +68,6 @@ __device__ __forceinline__ unsigned llf_nranks() {
 __device__ __forceinline__ void llf_cluster_sync() {
     // Also a CTA barrier: every thread of every CTA of the cluster arrives.
     asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void llf_cluster_arrive() {
-    asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void llf_cluster_wait() {
-    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 }
 __device__ __forceinline__ unsigned llf_map(const void* p, unsigned rank) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(p);
@@ -139,9 +128,6 @@ __device__ __forceinline__ unsigned llf_key(const float x) {
     const unsigned u = __float_as_uint(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
-__device__ __forceinline__ float llf_unkey(const unsigned k) {
-    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
 
 // ---- per-CTA shared state ------------------------------------------------------------------
 // Published words are double-buffered by the parity of the exchange counter: a CTA writes
@@ -153,7 +139,7 @@ __shared__ unsigned s_lhist[256];  // CTA-local selections
 __shared__ double s_gd[8][4];      // everyone's published doubles after an exchange
 __shared__ unsigned s_gu[8][4];
 __shared__ unsigned s_gh[256];     // cluster-wide histogram
-__shared__ unsigned s_tkey[NT];    // each thread's largest logit, as a key, sorted down per warp
+__shared__ unsigned s_tkey[NT];    // each thread's largest logit, as a key
 __shared__ double s_wm[NW];        // per-warp mass
 __shared__ double s_wm2[NW];
 __shared__ unsigned s_wc[NW];      // per-warp counts
@@ -165,9 +151,7 @@ __shared__ unsigned s_ru[NW];
 __shared__ double s_bd[4];         // CTA-wide broadcast
 __shared__ unsigned s_bu[4];
 __shared__ unsigned s_ckey[2][CAND_CAP];  // this CTA's selection candidates, by exchange parity
-__shared__ int s_cidx[2][CAND_CAP];       // and their vocabulary indices
 __shared__ unsigned s_all[8 * CAND_CAP];  // the cluster's candidates
-__shared__ int s_all_idx[8 * CAND_CAP];
 __shared__ unsigned s_cnt;
 __shared__ unsigned s_cand_n;
 __shared__ int s_cand_i[MAX_TOP];
@@ -213,59 +197,6 @@ __device__ __forceinline__ void llf_find_digit(const unsigned* hist, const unsig
 __device__ __forceinline__ void llf_hist_add(unsigned* hist, const bool take, const unsigned bin) {
     const unsigned peers = __match_any_sync(FULL, take ? bin : 256u);
     if (take && (int)(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
-}
-
-// One key per lane, sorted down across the warp (bitonic, in registers).
-__device__ __forceinline__ unsigned llf_warp_sort_down(unsigned v) {
-    const int lane = threadIdx.x & 31;
-    for (int k = 2; k <= 32; k <<= 1) {
-        for (int j = k >> 1; j > 0; j >>= 1) {
-            const unsigned o = __shfl_xor_sync(FULL, v, j);
-            // The first lane of a pair keeps the larger key in runs sorted down (all at k = 32).
-            v = (((lane & j) == 0) == ((lane & k) == 0)) ? max(v, o) : min(v, o);
-        }
-    }
-    return v;
-}
-
-// A lower bound for the kk-th largest of the CTA's thread maxima, from s_tkey: with every
-// warp counted that holds j real maxima (a maximum above -inf's key), j * warps >= kk of
-// them lie at or above the least of those warps' j-th largest.  0 when that fails (any key
-// passes).  Thread 0.
-__device__ unsigned llf_thread_bound(const unsigned kk) {
-    const unsigned none = 0x007fffffu;  // llf_key(-inf): a thread without logits
-    if (kk == 0) return 0u;
-    unsigned warps = 0;
-    for (int w = 0; w < NW; w++) warps += s_tkey[w * 32] > none;
-    if (warps == 0) return 0u;
-    const unsigned j = (kk + warps - 1) / warps;
-    if (j > 32) return 0u;
-    unsigned bound = 0xffffffffu, counted = 0;
-    for (int w = 0; w < NW; w++) {
-        const unsigned key = s_tkey[w * 32 + j - 1];
-        if (key > none) { bound = min(bound, key); counted++; }
-    }
-    return counted * j >= kk ? bound : 0u;
-}
-
-// The kk-th largest of keys[0..count) for count <= NT: each thread ranks its own key.
-__device__ unsigned llf_rank_select(const unsigned* keys, const int count, const unsigned kk) {
-    const int tid = threadIdx.x;
-    if (tid < count) {
-        const unsigned mine = keys[tid];
-        unsigned gt = 0, ge = 0;
-        #pragma unroll 8
-        for (int j = 0; j < count; j++) {
-            const unsigned o = keys[j];
-            gt += o > mine;
-            ge += o >= mine;
-        }
-        if (gt < kk && kk <= ge) s_bu[2] = mine;  // every writer holds the same key
-    }
-    __syncthreads();
-    const unsigned r = s_bu[2];
-    __syncthreads();  // s_bu is rewritten by later steps
-    return r;
 }
 
 // The kk-th largest of this CTA's keys[0..count).
@@ -327,47 +258,29 @@ __device__ unsigned llf_radix_select(const float* s_x, const int n, unsigned kk,
 // Warp ranges: warp w owns [w R, (w + 1) R) of the slice, so a warp scans in vocabulary order.
 __device__ __forceinline__ int llf_warp_len(const int n) { return ((n + NW - 1) / NW + 31) & ~31; }
 
-// Appends the keys (and vocabulary indices) of the lanes that take one to this CTA's candidate
-// list.  Warp-uniform call.
-__device__ __forceinline__ void llf_push(unsigned* list, int* index, const bool take, const unsigned key, const int at) {
-    const int lane = threadIdx.x & 31;
-    const unsigned hits = __ballot_sync(FULL, take);
-    if (!hits) return;
-    unsigned first = 0;
-    if (lane == 0) first = atomicAdd(&s_cnt, __popc(hits));
-    first = __shfl_sync(FULL, first, 0);
-    const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
-    if (take && slot < CAND_CAP) { list[slot] = key; index[slot] = at; }
-}
-
 // The kk-th largest logit key of the row, given a bound `lower` that leaves at least kk keys
 // above it.  Usually few keys pass the bound: each CTA lists its own, one exchange makes
 // every list visible, and each CTA selects from all of them locally.  When a list
 // overflows, the cluster-wide radix select does it in four exchanges instead.
-// n_listed: how many entries s_all / s_all_idx then hold when they are every key >= lower of
-// the row (at most NT of them), else -1.
-__device__ unsigned llf_select(const float* s_x, const int n, const long long lo, const unsigned kk,
-                               const unsigned lower, unsigned& ex, const unsigned C, int& n_listed) {
+__device__ unsigned llf_select(const float* s_x, const int n, const unsigned kk, const unsigned lower, unsigned& ex,
+                               const unsigned C) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
     unsigned* mine = s_ckey[ex & 1];
-    int* mine_idx = s_cidx[ex & 1];
     if (tid == 0) s_cnt = 0;
     __syncthreads();
-    // Four logits per lane per step (16-byte shared loads); few pass, so most steps only vote.
-    const int end4 = begin + (max(end - begin, 0) & ~3);
-    for (int b = begin; b < end4; b += 128) {
-        const int i = b + 4 * lane;
-        const float4 v = i < end4 ? *(const float4*)(s_x + i) : make_float4(NEG_INF, NEG_INF, NEG_INF, NEG_INF);
-        const unsigned k[4] = {llf_key(v.x), llf_key(v.y), llf_key(v.z), llf_key(v.w)};
-        const bool any = k[0] >= lower || k[1] >= lower || k[2] >= lower || k[3] >= lower;
-        if (!__any_sync(FULL, i < end4 && any)) continue;
-        #pragma unroll
-        for (int e = 0; e < 4; e++) llf_push(mine, mine_idx, i < end4 && k[e] >= lower, k[e], (int)(lo + i + e));
+    for (int b = begin; b < end; b += 32) {
+        const int i = b + lane;
+        const unsigned key = i < end ? llf_key(s_x[i]) : 0u;
+        const bool take = i < end && key >= lower;
+        const unsigned hits = __ballot_sync(FULL, take);
+        if (!hits) continue;
+        unsigned first = 0;
+        if (lane == 0) first = atomicAdd(&s_cnt, __popc(hits));
+        first = __shfl_sync(FULL, first, 0);
+        const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
+        if (take && slot < CAND_CAP) mine[slot] = key;
     }
-    const int i = end4 + lane;  // at most 3 left
-    const unsigned key = i < end ? llf_key(s_x[i]) : 0u;
-    llf_push(mine, mine_idx, i < end && key >= lower, key, (int)(lo + i));
     __syncthreads();
     if (tid == 0) s_pubu[ex & 1][0] = s_cnt;
     const unsigned parity = ex & 1;
@@ -378,16 +291,14 @@ __device__ unsigned llf_select(const float* s_x, const int n, const long long lo
         total += s_gu[c][0];
         overflow |= s_gu[c][0] > CAND_CAP;
     }
-    n_listed = !overflow && total <= NT ? (int)total : -1;
     if (overflow) return llf_radix_select(s_x, n, kk, lower, ex, C);
     for (unsigned j = tid; j < total; j += NT) {
         unsigned c = 0, at = j;
         while (at >= s_gu[c][0]) { at -= s_gu[c][0]; c++; }
         s_all[j] = llf_ld_u32(llf_map(&s_ckey[parity][at], c));
-        s_all_idx[j] = (int)llf_ld_u32(llf_map(&s_cidx[parity][at], c));
     }
     __syncthreads();
-    return total <= NT ? llf_rank_select(s_all, (int)total, kk) : llf_cta_select(s_all, (int)total, kk);
+    return llf_cta_select(s_all, (int)total, kk);
 }
 
 // How the weights of a row are read: either stored (s holds exact weights, every token in
@@ -397,21 +308,11 @@ struct LlfWeights {
     bool stored;
     unsigned tau_k;
     float m, inv_t;
-    __device__ __forceinline__ float weight(const float x) const {  // of a value of s; 0 outside the top-k set
-        if (stored) return x;
+    __device__ __forceinline__ float top_set(const int i) const {  // 0 outside the top-k set
+        if (stored) return s[i];
+        const float x = s[i];
         if (llf_key(x) < tau_k) return 0.0f;
         return llf_exp_ref(__fmul_rn(__fsub_rn(x, m), inv_t));
-    }
-    __device__ __forceinline__ float top_set(const int i) const { return weight(s[i]); }
-    // Weights of s[i..i+4) (0 past end); i is a multiple of 4.
-    __device__ __forceinline__ void quad(const int i, const int end, float w[4]) const {
-        if (i + 4 <= end) {
-            const float4 v = *(const float4*)(s + i);
-            w[0] = weight(v.x); w[1] = weight(v.y); w[2] = weight(v.z); w[3] = weight(v.w);
-        } else {
-            #pragma unroll
-            for (int e = 0; e < 4; e++) w[e] = i + e < end ? top_set(i + e) : 0.0f;
-        }
     }
 };
 
@@ -427,14 +328,10 @@ __device__ void llf_mass_pass(const LlfWeights& W, const int n, const float min_
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
     float acc = 0.0f, acc2 = 0.0f;
-    for (int i = begin + 4 * lane; i < end; i += 128) {
-        float w[4];
-        W.quad(i, end, w);
-        #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            acc += llf_in_draw_set(w[e], min_p, piv, strict);
-            acc2 += w[e];
-        }
+    for (int i = begin + lane; i < end; i += 32) {
+        const float w = W.top_set(i);
+        acc += llf_in_draw_set(w, min_p, piv, strict);
+        acc2 += w;
     }
     const double a = llf_warp_sum((double)acc), a2 = llf_warp_sum((double)acc2);
     if (lane == 0) { s_wm[warp] = a; s_wm2[warp] = a2; }
@@ -499,44 +396,24 @@ __device__ void llf_draw(const LlfWeights& W, const int n, const long long lo, c
             double run = 0.0;
             int found = -1, last_pos = -1;
             float found_w = 0.0f, last_w = 0.0f;
-            for (int base = begin; base < end; base += 128) {
-                const int i = base + 4 * lane;  // four elements per lane, in vocabulary order
-                float v[4];
-                W.quad(i, end, v);
-                float sum = 0.0f;
-                int lastp = -1;
-                #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    v[e] = llf_in_draw_set(v[e], min_p, piv, strict);
-                    sum += v[e];
-                    if (v[e] > 0.0f) lastp = e;
-                }
-                const unsigned nz = __ballot_sync(FULL, lastp >= 0);
+            for (int base = begin; base < end; base += 32) {
+                const int i = base + lane;
+                const float v = i < end ? llf_in_draw_set(W.top_set(i), min_p, piv, strict) : 0.0f;
+                const unsigned nz = __ballot_sync(FULL, v > 0.0f);
                 if (!nz) continue;
-                float incl = sum;  // float scan within 128 elements, double across steps
+                float incl = v;  // float scan within 32 elements, double across steps
                 for (int o = 1; o < 32; o <<= 1) {
                     const float y = __shfl_up_sync(FULL, incl, o);
                     if (lane >= o) incl += y;
                 }
-                const unsigned hit = __ballot_sync(FULL, lastp >= 0 && run + (double)incl > t);
+                const unsigned hit = __ballot_sync(FULL, v > 0.0f && run + (double)incl > t);
                 const int last_lane = 31 - __clz(nz);
-                const int lp = __shfl_sync(FULL, lastp, last_lane);
-                last_pos = base + 4 * last_lane + lp;
-                last_w = __shfl_sync(FULL, lp == 0 ? v[0] : lp == 1 ? v[1] : lp == 2 ? v[2] : v[3], last_lane);
+                last_pos = base + last_lane;
+                last_w = __shfl_sync(FULL, v, last_lane);
                 if (hit) {
                     const int first = __ffs(hit) - 1;
-                    // The hit lane walks its four: the first whose running mass passes t, else its last.
-                    const float excl = lane == 0 ? 0.0f : __shfl_up_sync(FULL, incl, 1);
-                    int at = lastp;
-                    double c = run + (double)excl;
-                    #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        c += (double)v[e];
-                        if (v[e] > 0.0f && c > t) { at = e; break; }
-                    }
-                    const int hit_e = __shfl_sync(FULL, at, first);
-                    found = base + 4 * first + hit_e;
-                    found_w = __shfl_sync(FULL, hit_e == 0 ? v[0] : hit_e == 1 ? v[1] : hit_e == 2 ? v[2] : v[3], first);
+                    found = base + first;
+                    found_w = __shfl_sync(FULL, v, first);
                     break;
                 }
                 run += (double)__shfl_sync(FULL, incl, 31);
@@ -555,57 +432,6 @@ __device__ void llf_draw(const LlfWeights& W, const int n, const long long lo, c
     llf_exchange(ex, C);
     out_idx = (int)s_gu[owner][0];
     out_w = (float)s_gd[owner][0];
-}
-
-// Draws from a top-k set listed whole in s_all / s_all_idx (total entries, the keys >= tau_k
-// among them; see llf_select), on one CTA with no cluster step.  The set is put in vocabulary
-// order (each thread places one entry by the rank of its index), then thread 0 runs the
-// draws of the sampling module's definition sequentially in float64, in that order: the
-// reference's own sums.  Returns the token on thread 0.
-__device__ int llf_draw_listed(const LlfWeights& W, const int total, const float top_p, const float min_p,
-                               const unsigned long long seed) {
-    const int tid = threadIdx.x;
-    float* s_kw = (float*)(s_all + NT);  // past the candidates (total <= NT)
-    int* s_ki = s_all_idx + NT;
-    const bool in_k = tid < total && s_all[tid] >= W.tau_k;
-    const int n_k = __syncthreads_count(in_k);
-    if (in_k) {
-        const int at = s_all_idx[tid];
-        int pos = 0;
-        for (int i = 0; i < total; i++) pos += s_all[i] >= W.tau_k && s_all_idx[i] < at;
-        s_ki[pos] = at;
-        s_kw[pos] = W.weight(llf_unkey(s_all[tid]));
-    }
-    __syncthreads();
-    if (tid != 0) return -1;
-    double z_k = 0.0, z = 0.0;
-    for (int p = 0; p < n_k; p++) {
-        z_k += (double)s_kw[p];
-        z += (double)llf_in_draw_set(s_kw[p], min_p, 0.0f, false);
-    }
-    const double limit = (double)top_p * z_k;
-    float piv = 0.0f;
-    bool strict = false;
-    for (unsigned long long draw = 0;; draw++) {
-        const double t = llf_uniform(seed, draw) * z;
-        double c = 0.0;
-        int j = -1, last = 0;
-        for (int p = 0; p < n_k; p++) {
-            const float w = llf_in_draw_set(s_kw[p], min_p, piv, strict);
-            if (w > 0.0f) {
-                last = p;
-                c += (double)w;
-                if (c > t) { j = p; break; }
-            }
-        }
-        if (j < 0) j = last;  // rounding overshoot: the last of the set
-        if (top_p >= 1.0f) return s_ki[j];
-        piv = s_kw[j];
-        strict = true;
-        z = 0.0;
-        for (int p = 0; p < n_k; p++) z += (double)llf_in_draw_set(s_kw[p], min_p, piv, true);
-        if (z < limit) return s_ki[j];
-    }
 }
 
 __device__ __forceinline__ float llf_logit(const void* logits, const int is_half, const long long at) {
@@ -702,7 +528,7 @@ __device__ void llf_sample_body(
         }
         for (int i = done + tid; i < n; i += NT) llf_take(s_x, i, src[i], lo, inv_t, tm, ti, tz, bad);
     }
-    s_tkey[tid] = llf_warp_sort_down(llf_key(tm));
+    s_tkey[tid] = llf_key(tm);
     for (int s = 16; s > 0; s >>= 1) {
         const float m2 = __shfl_xor_sync(FULL, tm, s);
         const int i2 = __shfl_xor_sync(FULL, ti, s);
@@ -712,15 +538,17 @@ __device__ void llf_sample_body(
     bad = __reduce_or_sync(FULL, bad);
     if (lane == 0) { s_rf[warp] = tm; s_ri[warp] = ti; s_rz[warp] = tz; s_ru[warp] = bad; }
     __syncthreads();
+    // Lower bounds for the selections: the k-th largest thread maximum leaves k logits above it.
+    const unsigned lower_k = (top_k > 0 && top_k <= NT) ? llf_cta_select(s_tkey, NT, (unsigned)top_k) : 0u;
+    const unsigned lower_n = (n_top > 0) ? llf_cta_select(s_tkey, NT, (unsigned)n_top) : 0u;
     if (tid == 0) {
-        // Lower bounds for the selections: kk thread maxima at or above leave kk logits there.
         for (int w = 1; w < NW; w++) { llf_merge(tm, ti, tz, s_rf[w], s_ri[w], s_rz[w], inv_t); bad |= s_ru[w]; }
         s_pubd[ex & 1][0] = (double)tm;
         s_pubd[ex & 1][1] = (double)tz;
         s_pubu[ex & 1][0] = (unsigned)ti;
         s_pubu[ex & 1][1] = bad;
-        s_pubu[ex & 1][2] = llf_thread_bound((unsigned)top_k);
-        s_pubu[ex & 1][3] = llf_thread_bound((unsigned)max(n_top, 0));
+        s_pubu[ex & 1][2] = lower_k;
+        s_pubu[ex & 1][3] = lower_n;
     }
     llf_exchange(ex, C);
     float m = NEG_INF;
@@ -743,21 +571,16 @@ __device__ void llf_sample_body(
         llf_cluster_sync();
         return;
     }
-    // Only rank 0's thread 0 writes logprobs: its warp takes the CTAs' softmax sums, one exp per
-    // lane, added in CTA order.
-    double log_z = 0.0;
-    if (rank == 0 && warp == 0) {
-        const float mc = lane < (int)C ? (float)s_gd[lane][0] : NEG_INF;
-        const double part = mc != NEG_INF ? s_gd[lane][1] * exp((double)(mc - m) * (double)inv_t) : 0.0;
-        double z_total = 0.0;
-        for (unsigned c = 0; c < C; c++) z_total += __shfl_sync(FULL, part, c);
-        log_z = log(z_total);
+    double z_total = 0.0;
+    for (unsigned c = 0; c < C; c++) {
+        const float mc = (float)s_gd[c][0];
+        if (mc != NEG_INF) z_total += s_gd[c][1] * exp((double)(mc - m) * (double)inv_t);
     }
+    const double log_z = log(z_total);
 
     // 2. Top-n logprobs: every logit above the n-th largest, then the lowest-index ties.
     if (n_top > 0) {
-        int n_listed;
-        const unsigned tau = llf_select(s_x, n, lo, (unsigned)n_top, ln, ex, C, n_listed);
+        const unsigned tau = llf_select(s_x, n, (unsigned)n_top, ln, ex, C);
         const int R = llf_warp_len(n), begin = warp * R, end = min(begin + R, n);
         unsigned gt = 0, eq = 0;
         for (int i = begin + lane; i < end; i += 32) {
@@ -834,7 +657,6 @@ __device__ void llf_sample_body(
 
     // 3. Top-k set, then draws until one passes top-p.
     int token = argmax;
-    bool split = false;  // the final cluster barrier was arrived at already
     if (!greedy) {
         LlfWeights W;
         W.s = s_x;
@@ -842,9 +664,8 @@ __device__ void llf_sample_body(
         W.inv_t = inv_t;
         W.stored = top_k == 0;
         W.tau_k = 0u;
-        int n_listed = -1;
         if (top_k > 0) {
-            W.tau_k = llf_select(s_x, n, lo, (unsigned)top_k, lk, ex, C, n_listed);
+            W.tau_k = llf_select(s_x, n, (unsigned)top_k, lk, ex, C);
         } else {
             // Every token is in play: compute the exact weights once, in place.
             for (int i = tid; i < n; i += NT) s_x[i] = llf_exp_ref(__fmul_rn(__fsub_rn(s_x[i], m), inv_t));
@@ -853,30 +674,22 @@ __device__ void llf_sample_body(
         const float top_p = top_p_arr[row];
         const float min_p = min_p_arr[row];
         const unsigned long long seed = seed_arr[row];
-        if (n_listed >= 0) {
-            // Every CTA holds the whole top-k set: rank 0 draws alone, and the others leave once
-            // every CTA has read the others' lists (the barrier's arrival; its wait is at the end).
-            llf_cluster_arrive();
-            split = true;
-            if (rank == 0) token = llf_draw_listed(W, n_listed, top_p, min_p, seed);
-        } else {
-            llf_mass_pass(W, n, min_p, 0.0f, false, ex, C);
-            double z_k = 0.0;
-            for (unsigned c = 0; c < C; c++) z_k += s_gd[c][1];
-            const double limit = (double)top_p * z_k;
-            float piv = 0.0f;
-            bool strict = false;
-            for (unsigned long long draw = 0;; draw++) {
-                float w_j;
-                llf_draw(W, n, lo, min_p, piv, strict, llf_uniform(seed, draw), rank, ex, C, token, w_j);
-                if (top_p >= 1.0f) break;
-                piv = w_j;
-                strict = true;
-                llf_mass_pass(W, n, min_p, piv, true, ex, C);
-                double above = 0.0;
-                for (unsigned c = 0; c < C; c++) above += s_gd[c][0];
-                if (above < limit) break;
-            }
+        llf_mass_pass(W, n, min_p, 0.0f, false, ex, C);
+        double z_k = 0.0;
+        for (unsigned c = 0; c < C; c++) z_k += s_gd[c][1];
+        const double limit = (double)top_p * z_k;
+        float piv = 0.0f;
+        bool strict = false;
+        for (unsigned long long draw = 0;; draw++) {
+            float w_j;
+            llf_draw(W, n, lo, min_p, piv, strict, llf_uniform(seed, draw), rank, ex, C, token, w_j);
+            if (top_p >= 1.0f) break;
+            piv = w_j;
+            strict = true;
+            llf_mass_pass(W, n, min_p, piv, true, ex, C);
+            double above = 0.0;
+            for (unsigned c = 0; c < C; c++) above += s_gd[c][0];
+            if (above < limit) break;
         }
     }
     if (rank == 0 && tid == 0) {
@@ -884,9 +697,7 @@ __device__ void llf_sample_body(
         out_token[row] = token;
         out_logprob[row] = (float)((double)d - log_z);
     }
-    // No CTA leaves while another may still read its shared memory.
-    if (split) llf_cluster_wait();
-    else llf_cluster_sync();
+    llf_cluster_sync();  // no CTA leaves while another may still read its shared memory
 }
 
 extern "C" __global__ void llf_penalties(
