@@ -17,7 +17,6 @@ NumPy only at import.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +51,6 @@ _RESCORE_EXTRA = 64  # rows rescored beyond k
 # select(scores, size, m) -> (rows [queries, m], failed [queries]) or None (can't): the m best
 # of scores[:, :size] per query; rows of failed queries are ignored.
 SelectRows = Callable[[Any, int, int], tuple[Any, Any] | None]
-BestRows = Callable[[Any, int, int], Any]
 
 
 class CorpusFullError(RuntimeError):
@@ -281,11 +279,11 @@ class CorpusStore:
             groups = -(-corpus.size // _GROUP)
             q = xp.asarray(unit)
             vectors = corpus.vectors[: groups * _GROUP]
-            best = functools.partial(_best_rows, xp, select=self.select_rows)
+            select = self.select_rows
             if self.fast_scores is None:
-                cand, cand_scores = _exact_top_k(xp, q, vectors, corpus.size, k, best)
+                cand, cand_scores = _exact_top_k(xp, q, vectors, corpus.size, k, select)
             else:
-                cand, cand_scores = _rescored_top_k(xp, q, vectors, corpus.size, k, best, self.fast_scores)
+                cand, cand_scores = _rescored_top_k(xp, q, vectors, corpus.size, k, select, self.fast_scores)
             # Sort the survivors by row first so equal scores come out in insertion order.
             by_row = xp.argsort(cand, axis=1)
             cand, cand_scores = (
@@ -304,7 +302,7 @@ class CorpusStore:
             ]
 
 
-def _best_rows(xp: Any, scores: Any, size: int, m: int, *, select: SelectRows | None) -> Any:
+def _best_rows(xp: Any, scores: Any, size: int, m: int, select: SelectRows | None) -> Any:
     """The ``m`` highest-scoring rows of each query (in no order), from ``scores`` [queries,
     groups * _GROUP], by ``select`` where it can, else by partitioning the best groups."""
     picked = select(scores, size, m) if select is not None else None
@@ -326,21 +324,27 @@ def _partitioned_best_rows(xp: Any, scores: Any, size: int, m: int) -> Any:
     return xp.take_along_axis(rows_in, _top_k(xp, xp.take_along_axis(scores, rows_in, axis=1), m), axis=1)
 
 
-def _exact_top_k(xp: Any, q: Any, vectors: Any, size: int, k: int, best: BestRows) -> tuple[Any, Any]:
+def _exact_top_k(xp: Any, q: Any, vectors: Any, size: int, k: int, select: SelectRows | None) -> tuple[Any, Any]:
     """Rows and scores of each query's top ``k`` (in no order), from one exact product."""
     scores = xp.matmul(q, vectors.T)
-    rows = best(scores, size, k)
+    rows = _best_rows(xp, scores, size, k, select)
     return rows, xp.take_along_axis(scores, rows, axis=1)
 
 
 def _rescored_top_k(
-    xp: Any, q: Any, vectors: Any, size: int, k: int, best: BestRows, fast_scores: Callable[[Any, Any], Any]
+    xp: Any,
+    q: Any,
+    vectors: Any,
+    size: int,
+    k: int,
+    select: SelectRows | None,
+    fast_scores: Callable[[Any, Any], Any],
 ) -> tuple[Any, Any]:
     """What :func:`_exact_top_k` returns, with the full product computed by ``fast_scores``
     and only the best rows by it rescored exactly (see the module docstring)."""
     m = min(k + _RESCORE_EXTRA, size)
     approx = fast_scores(q, vectors.T)
-    rows = best(approx, size, m)
+    rows = _best_rows(xp, approx, size, m, select)
     # Every row left out scores (fast) at most the lowest fast score kept.
     left_out = (
         xp.take_along_axis(approx, rows, axis=1).min(axis=1) if m < size else xp.full(len(q), -xp.inf, xp.float32)
@@ -350,7 +354,7 @@ def _rescored_top_k(
     cand, cand_scores = xp.take_along_axis(rows, pick, axis=1), xp.take_along_axis(exact, pick, axis=1)
     unsure = xp.nonzero(cand_scores.min(axis=1) <= left_out + SCORE_ERROR)[0]
     if len(unsure):
-        cand[unsure], cand_scores[unsure] = _exact_top_k(xp, q[unsure], vectors, size, k, best)
+        cand[unsure], cand_scores[unsure] = _exact_top_k(xp, q[unsure], vectors, size, k, select)
     return cand, cand_scores
 
 
