@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.postproc import backends
 from services.postproc.backends import (
     BackendUnavailableError,
     CupyBackend,
@@ -377,6 +378,17 @@ def test_cupy_agrees_with_numpy_on_random_batches(
             cupy_backend.token_stats(packed, confidence_threshold=threshold),
             token_stats_numpy(packed, confidence_threshold=threshold),
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pageable_min", [0, 1 << 62])
+def test_cupy_uploads_from_pageable_or_pinned_memory_alike(
+    cupy_backend: CupyBackend, monkeypatch: pytest.MonkeyPatch, pageable_min: int
+) -> None:
+    monkeypatch.setattr(backends, "PAGEABLE_UPLOAD_MIN_BYTES", pageable_min)
+    for n_responses, width in ((40, 20), (3, 0)):
+        packed = random_packed(np.random.default_rng(n_responses), n_responses, 400, width)
+        assert_backends_agree(cupy_backend.token_stats(packed), token_stats_numpy(packed))
 
 
 @pytest.mark.gpu

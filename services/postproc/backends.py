@@ -268,6 +268,10 @@ extern "C" __global__ void llf_token_stats(
 
 _STATS_BLOCK = 256  # threads per response: one token each per pass
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
+# From this size up, TokenStats uploads the top-logprobs matrix straight from the caller's
+# (pageable) array: the driver then pipelines its own staging copy with the DMA, where our
+# copy into pinned memory runs before the DMA starts.
+PAGEABLE_UPLOAD_MIN_BYTES = 1 << 20
 
 
 def _self_check_batch() -> PackedBatch:
@@ -549,18 +553,23 @@ class CupyBackend(_Embeddings):
         out_means = align(out_confident + t)
         out_size = out_means + r * 4 * 8
 
-        # Reused pinned and device buffers and raw pointers: no per-call allocations.  The host
-        # copy into pinned memory is most of the call for large batches; splitting it into
-        # chunks copied by threads and uploaded as they land measured slower (H100, 2026-12-06).
+        # Reused pinned and device buffers and raw pointers: no per-call allocations.  For large
+        # batches the host copy into pinned memory was most of the call; splitting it into chunks
+        # copied by threads and uploaded as they land measured slower (H100, 2026-12-06).
         with self._lock, self._on_device():
             runtime = cp.cuda.runtime
             stream = self._stream.ptr
             pin_in = self._pinned_in.take(in_size)
             d_in, d_out = self._staging(in_size, out_size)
-            np.copyto(pin_in[: t * w * 4].view(np.float32), packed.top_logprobs.reshape(-1))
+            # The pinned part goes up as one DMA from ``staged`` on.
+            staged = in_chosen if t * w * 4 >= PAGEABLE_UPLOAD_MIN_BYTES else 0
+            if staged:
+                runtime.memcpyAsync(d_in, packed.top_logprobs.ctypes.data, t * w * 4, _H2D, stream)
+            else:
+                np.copyto(pin_in[: t * w * 4].view(np.float32), packed.top_logprobs.reshape(-1))
             np.copyto(pin_in[in_chosen : in_chosen + t * 4].view(np.float32), packed.chosen_logprob)
             np.copyto(pin_in[in_offsets:in_size].view(np.int64), packed.offsets)
-            runtime.memcpyAsync(d_in, pin_in.ctypes.data, in_size, _H2D, stream)
+            runtime.memcpyAsync(d_in + staged, pin_in.ctypes.data + staged, in_size - staged, _H2D, stream)
             self.launch(
                 np.uint64(d_in),
                 np.uint64(d_in + in_chosen),
