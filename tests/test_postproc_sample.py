@@ -108,6 +108,11 @@ logit_rows = hnp.arrays(
 )
 
 
+def test_a_subnormal_top_p_keeps_the_most_likely_token() -> None:
+    logits = np.array([[0.5, 3.0, 1.0, 2.9]], np.float32)
+    assert sample_numpy(make_sample_batch(logits, [RowParams(top_p=1e-40, seed=9)])).token.tolist() == [1]
+
+
 @settings(max_examples=80, deadline=None)
 @given(logit_rows, st.booleans())
 def test_top_k_1_and_temperature_0_are_argmax(logits: npt.NDArray[np.float32], half: bool) -> None:

@@ -229,7 +229,8 @@ def make_sample_batch(
         top_k[i] = 0 if p.top_k >= vocab else p.top_k
         top_n[i] = p.top_logprobs
         seeds[i] = p.seed
-        cols["top_p"].append(_flush(p.top_p))
+        # Not flushed to 0: top_p 0 would keep no token, and the draws would never end.
+        cols["top_p"].append(max(np.float32(p.top_p), _F32_TINY))
         cols["min_p"].append(_flush(p.min_p))
         cols["rep"].append(_flush(p.repetition_penalty))
         cols["pres"].append(_flush(p.presence_penalty))
