@@ -320,14 +320,19 @@ def exp_ref(d: FloatArray) -> FloatArray:
     """``exp(d)`` for ``d <= 0`` from correctly rounded float32 operations only (module docstring, step 3)."""
     t = d * _LOG2E
     under = ~(t >= EXP2_MIN)
-    t = np.where(under, np.float32(0), t)  # their result is 0; keep the polynomial finite
+    t[under] = 0  # their result is 0; keep the polynomial finite
     k = np.rint(t)
-    f = t - k
-    p = np.full_like(f, EXP2_COEFFS[0])
+    f = t
+    f -= k
+    # In place, one rounding per operation, as __fmul_rn then __fadd_rn on the GPU.
+    w = np.full_like(f, EXP2_COEFFS[0])
     for c in EXP2_COEFFS[1:]:
-        p = p * f + c  # two roundings, as __fmul_rn then __fadd_rn on the GPU
-    scale = ((k.astype(np.int32) + 127) << 23).view(np.float32)
-    w = p * scale
+        w *= f
+        w += c
+    scale = k.astype(np.int32)
+    scale += 127
+    scale <<= 23
+    w *= scale.view(np.float32)
     w[under] = 0
     return w
 
@@ -342,8 +347,8 @@ def penalised_logits(batch: SampleBatch) -> FloatArray:
         v = np.where(v > 0, v / rep, v * rep)
         v = v - (batch.penalty_counts.astype(np.float32) * batch.frequency_penalty[r] + batch.presence_penalty[r])
         x[r, t] = v.astype(batch.logits.dtype).astype(np.float32)
-    x[np.abs(x) < _F32_TINY] = 0
-    x += np.float32(0)  # -0 becomes +0, so the GPU's integer keys order like the floats
+    # Subnormals and -0 (exponent bits all 0) become +0, so the GPU's integer keys order like the floats.
+    x[(x.view(np.uint32) & np.uint32(0x7F800000)) == 0] = 0
     return x
 
 
@@ -356,20 +361,46 @@ def _draw(w: FloatArray, keep: npt.NDArray[np.bool_], target: float) -> int:
     return j
 
 
-def _sample_row(x: FloatArray, w: FloatArray, top_k: int, top_p: float, min_p: np.float32, seed: int) -> int:
-    top_set = x >= np.partition(x, x.size - top_k)[x.size - top_k] if top_k else np.ones(x.size, np.bool_)
-    keep = top_set & (w >= min_p)
+_BLOCK = 256
+
+
+def _candidates(x: FloatArray, k: int) -> IntArray:
+    """Ascending indices of ``x`` that hold every value at or above its ``k``-th largest.
+
+    The k-th largest of the maxima of 256-value blocks leaves at least ``k`` values at or
+    above it, so one pass over block maxima replaces a partition of the whole row.
+    """
+    blocks = x.size // _BLOCK
+    if blocks < 2 * k:
+        return np.arange(x.size)
+    maxima = x[: blocks * _BLOCK].reshape(blocks, _BLOCK).max(axis=1)
+    return np.flatnonzero(x >= np.partition(maxima, blocks - k)[blocks - k])
+
+
+def _top_k_set(x: FloatArray, top_k: int) -> IntArray:
+    """Ascending indices of the top-k set: every logit at or above the ``top_k``-th largest."""
+    cand = _candidates(x, top_k)
+    xc = x[cand]
+    return cand[xc >= np.partition(xc, xc.size - top_k)[xc.size - top_k]]
+
+
+def _sample_row(x: FloatArray, d: FloatArray, top_k: int, top_p: float, min_p: np.float32, seed: int) -> int:
+    # With top-k, only its members have weight: the draws run on them alone, in vocabulary
+    # order, and every sum and cumulative sum is the one over the whole row (the others add 0).
+    members = _top_k_set(x, top_k) if top_k else np.arange(x.size)
+    w = exp_ref(d[members])
+    keep = w >= min_p
     z = float(w[keep].sum(dtype=np.float64))
     if top_p >= 1:
-        return _draw(w, keep, splitmix_uniform(seed, 0) * z)
-    limit = float(top_p) * float(w[top_set].sum(dtype=np.float64))
+        return int(members[_draw(w, keep, splitmix_uniform(seed, 0) * z)])
+    limit = float(top_p) * float(w.sum(dtype=np.float64))
     draw = 0
     while True:
         j = _draw(w, keep, splitmix_uniform(seed, draw) * z)
-        keep = top_set & (w > w[j])
+        keep = w > w[j]
         z = float(w[keep].sum(dtype=np.float64))
         if z < limit:
-            return j
+            return int(members[j])
         draw += 1
 
 
@@ -378,10 +409,12 @@ def top_tokens(x: FloatArray, n: int) -> IntArray:
     n = min(n, x.size)
     if n == 0:
         return np.zeros(0, np.int32)
-    tau = np.partition(x, x.size - n)[x.size - n]
+    cand = _candidates(x, n)
+    xc = x[cand]
+    tau = np.partition(xc, xc.size - n)[xc.size - n]
     # Every index above the n-th value, then the lowest-index ties at it.
-    above = np.flatnonzero(x > tau)
-    equal = np.flatnonzero(x == tau)[: n - above.size]
+    above = cand[xc > tau]
+    equal = cand[xc == tau][: n - above.size]
     idx = np.concatenate([above, equal])
     return idx[np.lexsort((idx, -x[idx]))].astype(np.int32)
 
@@ -400,12 +433,11 @@ def sample_numpy(batch: SampleBatch) -> SampleResult:
         m = row.max()
         inv_t = batch.inv_temperature[r]
         d = (row - m) * (inv_t if inv_t else np.float32(1))
-        w = exp_ref(d)
-        log_z = math.log(float(np.exp(d, dtype=np.float64).sum()))
+        log_z = math.log(float(np.exp(d).sum(dtype=np.float64)))
         if inv_t == 0:
             j = int(np.argmax(row))
         else:
-            j = _sample_row(row, w, int(batch.top_k[r]), float(batch.top_p[r]), batch.min_p[r], int(batch.seed[r]))
+            j = _sample_row(row, d, int(batch.top_k[r]), float(batch.top_p[r]), batch.min_p[r], int(batch.seed[r]))
         token[r] = j
         logprob[r] = float(d[j]) - log_z
         ids = top_tokens(row, int(batch.top_logprobs[r]))
