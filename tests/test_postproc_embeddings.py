@@ -192,9 +192,11 @@ def test_row_select_kernel_equals_a_stable_sort(size: int) -> None:
     select = CupyRowSelect(cupy)
     rng = np.random.default_rng(size)
     ld = -(-size // 1024) * 1024
-    scores = rng.normal(size=(5, ld)).astype(np.float32)
+    scores = rng.normal(size=(6, ld)).astype(np.float32)
     scores[1, : size // 2] = 0.5  # ties at the top
-    scores[2] = np.round(scores[2], 1)  # ties everywhere
+    scores[2] = np.round(scores[2], 1)  # ties everywhere, -0.0 and 0.0 among them
+    scores[5] = np.where(rng.random(ld) < 0.5, -0.0, 0.0)  # -0.0 ties with 0.0, as in NumPy's sort
+    scores[5, ::7] = rng.normal(size=scores[5, ::7].shape)
     for m in sorted({1, min(10, size), min(74, size), min(MAX_SELECT, size)}):
         picked = select(cupy.asarray(scores), size, m)
         assert picked is not None

@@ -35,9 +35,9 @@ SOURCE = (
     + r"""
 #define NO_ROW 0x7fffffff
 
-// Order-preserving unsigned keys of floats.
+// Order-preserving unsigned keys of floats; -0 is made +0 first (NumPy ranks them as ties).
 __device__ __forceinline__ unsigned llf_key(const float x) {
-    const unsigned u = __float_as_uint(x);
+    const unsigned u = __float_as_uint(x + 0.0f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
