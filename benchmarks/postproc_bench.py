@@ -153,6 +153,13 @@ def bench_sampling(cp: Any, backend: CupyBackend, d2d: float, dtype: type, rows_
                 prepared = [sampler.prepare(host) for _ in range(n_inputs)]
                 us = gpu_time_us(cp, sampler.stream, lambda i, p=prepared: sampler.launch(p[i]), n_inputs)
                 row = _row(f"sample_{kind}", "cupy", dtype, batch, vocab, us, nbytes, d2d)
+                if kind == "topk_topp":  # the fused kernel alone, as the fast path's peer
+                    f_us = gpu_time_us(
+                        cp, sampler.stream, lambda i, p=prepared: sampler.launch(p[i], fast=False), n_inputs
+                    )
+                    fused = _row(f"sample_{kind}", "cupy_fused", dtype, batch, vocab, f_us, nbytes, d2d)
+                    rows_out.append(fused)
+                    print(_fmt(fused), flush=True)
                 if kind == "topk_topp" and torch is not None and dtype is np.float32:
                     t_us = bench_torch(torch, logits, n_inputs)
                     rows_out.append(_row("sample_topk_topp", "torch", dtype, batch, vocab, t_us, nbytes, d2d))

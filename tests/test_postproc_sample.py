@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -25,6 +26,7 @@ from services.postproc.sampling import (
     sample_numpy,
     splitmix_uniform,
 )
+from services.postproc.sampling_cuda import FAST_MAX_K, fast_rows
 
 # ---- plain references (float64, sort-based) ------------------------------------------------
 
@@ -304,8 +306,38 @@ def test_every_cluster_size_gives_the_same_tokens(cupy_backend: object, cluster:
     batch = random_batch(np.random.default_rng(cluster), 16, 30000, np.float32)  # fits one CTA
     sampler = cupy_backend.sampler  # type: ignore[attr-defined]
     prepared = sampler.prepare(batch)
-    sampler.launch(prepared, cluster=cluster)
+    sampler.launch(prepared, cluster=cluster, fast=False)
     assert_backends_agree(sampler.download(prepared, batch.max_top_logprobs), sample_numpy(batch))
+
+
+def test_fast_path_takes_greedy_rows_and_small_top_k() -> None:
+    rows = [RowParams(temperature=0), RowParams(top_k=1), RowParams(top_k=FAST_MAX_K), RowParams(top_k=0)]
+    rows += [RowParams(top_k=FAST_MAX_K + 1), RowParams(top_k=5000)]  # the last: top-k off (over the vocab)
+    batch = make_sample_batch(np.zeros((6, 1000), np.float32), rows)
+    assert fast_rows(batch).tolist() == [True, True, True, False, False, False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("vocab", [700, 8193, 32001, 131072])
+def test_fast_path_and_fused_kernel_agree_with_numpy(cupy_backend: object, vocab: int, dtype: type) -> None:
+    grid = itertools.product([0.0, 0.8], [1, 2, 40, FAST_MAX_K, FAST_MAX_K + 1], [1.0, 0.5], [0.0, 0.05], [0, 20])
+    params = [
+        RowParams(temperature=t, top_k=k, top_p=p, min_p=m, top_logprobs=n, seed=i)
+        for i, (t, k, p, m, n) in enumerate(grid)
+    ]
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(size=(len(params), vocab)) * rng.uniform(0.5, 4, size=(len(params), 1))
+    logits[::7] = np.round(logits[::7])  # many ties
+    logits[::11] = 0  # all tied: the fast path's lists overflow and the fused kernel takes the row
+    batch = make_sample_batch(logits.astype(dtype), params, SampleLimits(max_rows=len(params)))
+    want = sample_numpy(batch)
+    sampler = cupy_backend.sampler  # type: ignore[attr-defined]
+    assert sampler.fast_path, "the backend's start-up check turned the fast path off"
+    for fast in (True, False):
+        prepared = sampler.prepare(batch)
+        sampler.launch(prepared, fast=fast)
+        assert_backends_agree(sampler.download(prepared, batch.max_top_logprobs), want)
 
 
 @pytest.mark.gpu

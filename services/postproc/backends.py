@@ -345,8 +345,10 @@ def _nvidia_driver_version(cupy: Any) -> str:
 
 def _self_check_sample_batch() -> SampleBatch:
     # One row per feature (greedy, top-k, top-p, min-p, penalties, top-n), fp32 and fp16 alike.
+    # The last row's ties overflow the fast path's lists, which hands it to the fused kernel.
     rng = np.random.default_rng(7)
-    logits = (rng.normal(size=(6, 1000)) * 3).astype(np.float32)
+    logits = (rng.normal(size=(7, 1000)) * 3).astype(np.float32)
+    logits[6] = 0
     rows = [
         RowParams(temperature=0.0, top_logprobs=3),
         RowParams(temperature=0.8, top_k=20, seed=1),
@@ -354,6 +356,7 @@ def _self_check_sample_batch() -> SampleBatch:
         RowParams(top_k=50, top_p=0.9, min_p=0.05, seed=3),
         RowParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2, history=[1, 5, 5, 999], seed=4),
         RowParams(temperature=1.5, seed=5, top_logprobs=20),
+        RowParams(top_k=5, seed=6, top_logprobs=2),
     ]
     return make_sample_batch(logits, rows)
 
@@ -440,23 +443,37 @@ class CupyBackend(_Embeddings):
             raise BackendUnavailableError("CuPy self-check disagreed with NumPy")
 
     def _self_check_sample(self) -> None:
+        """Every fused-kernel variant must agree with NumPy (else no CuPy backend); the fast
+        path must too, else it is turned off and the fused kernel samples every row."""
         batch = _self_check_sample_batch()
         want = sample_numpy(batch)
+
+        def disagreement(cluster: int | None, fast: bool) -> str | None:
+            prepared = self.sampler.prepare(batch)
+            self.sampler.launch(prepared, cluster=cluster, fast=fast)
+            got = self.sampler.download(prepared, batch.max_top_logprobs)
+            same = (
+                np.array_equal(got.token, want.token)
+                and np.array_equal(got.top_tokens, want.top_tokens)
+                and np.allclose(got.logprob, want.logprob, rtol=1e-5, atol=1e-5)
+                and np.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
+            )
+            return None if same else f"tokens {got.token.tolist()} vs {want.token.tolist()}"
+
         with self._device:
+            try:
+                if problem := disagreement(None, fast=True):
+                    problem = f"it disagreed with NumPy: {problem}"
+            except Exception as exc:  # costs the fast path, not the backend
+                problem = str(exc)
+            if problem:
+                log.warning("sampling: the fast path disabled: %s", problem)
+                self.sampler.fast_path = False
+            # After the fast path, so a failure of it that broke the CUDA context shows here.
             for cluster in (1, 2, 4, 8):  # compiles and warms every kernel variant
-                prepared = self.sampler.prepare(batch)
-                self.sampler.launch(prepared, cluster=cluster)
-                got = self.sampler.download(prepared, batch.max_top_logprobs)
-                same = (
-                    np.array_equal(got.token, want.token)
-                    and np.array_equal(got.top_tokens, want.top_tokens)
-                    and np.allclose(got.logprob, want.logprob, rtol=1e-5, atol=1e-5)
-                    and np.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
-                )
-                if not same:
+                if problem := disagreement(cluster, fast=False):
                     raise BackendUnavailableError(
-                        f"CuPy sampling self-check disagreed with NumPy (cluster {cluster}): "
-                        f"tokens {got.token.tolist()} vs {want.token.tolist()}"
+                        f"CuPy sampling self-check disagreed with NumPy (cluster {cluster}): {problem}"
                     )
 
     @contextlib.contextmanager

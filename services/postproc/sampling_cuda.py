@@ -31,7 +31,7 @@ import numpy as np
 from services.postproc.sampling import EXP2_COEFFS, EXP2_MIN, SampleBatch, SampleResult
 from services.postproc.staging import PinnedBuffer, layout
 
-__all__ = ["CLUSTER_SIZES", "MAX_SLICE", "CupySampler", "DeviceSampleBatch", "plan_clusters"]
+__all__ = ["CLUSTER_SIZES", "FAST_MAX_K", "MAX_SLICE", "CupySampler", "DeviceSampleBatch", "fast_rows", "plan_clusters"]
 
 NT = 512  # threads per CTA
 MAX_SLICE = 32768  # floats of one row a CTA keeps in shared memory (128 KiB)
@@ -40,6 +40,12 @@ MAX_TOP = 32  # top-logprobs buffer per row in the kernel
 _TARGET_SLICE = 16384  # 64 KiB: three CTAs fit on an SM, so loads of one overlap work of another
 _MIN_SLICE = 4096
 _UPLOAD_CHUNK_BYTES = 4 << 20
+# The fast path (see _FAST_SOURCE): scan CTAs of SCAN_THREADS threads read SCAN_SLICE logits each.
+FAST_MAX_K = 128  # largest top-k it takes
+SCAN_THREADS = 256
+SCAN_SLICE = 8192
+SCAN_CAP = 256
+MAX_SCAN_SLICES = 64
 
 
 def _f32_bits(x: float | np.floating[Any]) -> str:
@@ -465,8 +471,13 @@ __device__ __forceinline__ void llf_merge(float& m, int& i, float& z, const floa
     z = a + b;
 }
 
+__device__ __forceinline__ int llf_n_top(const int* __restrict__ n_top_arr, const long long row, const long long vocab,
+                                         const int top_stride) {
+    return min(n_top_arr[row], min(MAX_TOP, (int)min(vocab, (long long)top_stride)));
+}
+
 __device__ void llf_sample_body(
-    const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, const long long row0,
+    const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, const long long row,
     const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr, const float* __restrict__ top_p_arr,
     const float* __restrict__ min_p_arr, const unsigned long long* __restrict__ seed_arr,
     const int* __restrict__ n_top_arr, int* __restrict__ out_token, float* __restrict__ out_logprob,
@@ -475,7 +486,6 @@ __device__ void llf_sample_body(
     extern __shared__ float s_x[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const unsigned C = llf_nranks(), rank = llf_rank();
-    const long long row = row0 + blockIdx.x / C;
     const long long lo = (long long)rank * slice;
     const int n = (int)max(0LL, min((long long)slice, vocab - lo));
     const long long base = row * vocab;
@@ -485,7 +495,7 @@ __device__ void llf_sample_body(
     const bool greedy = !(inv_t_row > 0.0f);
     const float inv_t = greedy ? 1.0f : inv_t_row;
     const int top_k = greedy ? 0 : top_k_arr[row];
-    const int n_top = min(n_top_arr[row], min(MAX_TOP, (int)min(vocab, (long long)top_stride)));
+    const int n_top = llf_n_top(n_top_arr, row, vocab, top_stride);
 
     // 1. One read of the slice into shared memory: max, first argmax, softmax sum, finite check.
     float tm = NEG_INF, tz = 0.0f;
@@ -719,22 +729,414 @@ extern "C" __global__ void llf_penalties(
 """
 )
 
+_FAST_SOURCE = (
+    (
+        f"#define SNT {SCAN_THREADS}\n#define SV {SCAN_SLICE // SCAN_THREADS}  // logits per scan thread, in registers\n"
+        f"#define SCAP {SCAN_CAP}  // candidates one scan CTA may list\n#define FAST_MAX_K {FAST_MAX_K}\n"
+        f"#define MAX_SLICES {MAX_SCAN_SLICES}\n"
+    )
+    + r"""
+// ---- fast path: a streaming scan of every row, then one small CTA per row -------------------
+// The fused kernel above chains ~20 dependent steps after its one read of a slice, so a CTA
+// spends ~90 % of its life waiting and the GPU never nears its memory bandwidth.  Here the
+// pass over the logits does only what streams: each scan CTA reads 8192 logits into
+// registers, keeps its max, first argmax and softmax sum, and lists the few logits that can
+// be among the row's `need` largest (need = max(top-k, top-n)).  A second kernel, one CTA
+// per row, merges those lists and does top-k, top-n, top-p, min-p and the draws on a few
+// dozen candidates.  Rows it cannot finish (no top-k, top-k over FAST_MAX_K, a list that
+// overflowed: heavy ties) are marked not done, and the fused kernel does them.
+#define SNW (SNT / 32)
+#define SSLICE (SNT * SV)
+#define FNT 256
+#define FCAP 2048             // candidates a finishing CTA holds
+#define ST_WORDS 8            // per-slice statistics: max, sum, argmax, bad, count, bound
+
+// How many of a row's largest logits the fast path needs, or -1 when it cannot do the row.
+__device__ __forceinline__ int llf_fast_need(const float inv_t, const int top_k, const int n_top) {
+    if (!(inv_t > 0.0f)) return n_top;  // greedy: the argmax comes from the statistics
+    if (top_k < 1 || top_k > FAST_MAX_K) return -1;
+    return max(top_k, n_top);
+}
+
+__device__ __forceinline__ float llf_unkey(const unsigned k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Position in the slice of register k of this thread: 16-byte vectors (4 floats or 8
+// halves) strided by the CTA, so each load instruction of a warp reads 512 contiguous bytes.
+__device__ __forceinline__ int llf_scan_at(const int k, const int is_half) {
+    const int t = threadIdx.x;
+    return is_half ? 8 * ((k >> 3) * SNT + t) + (k & 7) : 4 * ((k >> 2) * SNT + t) + (k & 3);
+}
+
+extern "C" __global__ void __launch_bounds__(SNT, 3) llf_scan(
+    const void* __restrict__ logits, const int is_half, const long long vocab, const long long row0,
+    const int slices, const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr,
+    const int* __restrict__ n_top_arr, const int top_stride, unsigned* __restrict__ stats, int2* __restrict__ cands)
+{
+    __shared__ unsigned s_tk[SNT];  // each thread's largest logit, as a key
+    __shared__ float s_wf[SNW], s_wz[SNW];
+    __shared__ int s_wi[SNW];
+    __shared__ unsigned s_wb[SNW];
+    __shared__ unsigned s_bound, s_count;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const long long row = row0 + blockIdx.x / slices;
+    const int slice = blockIdx.x % slices;
+    const float inv_t_row = inv_t_arr[row];
+    const int need = llf_fast_need(inv_t_row, top_k_arr[row], llf_n_top(n_top_arr, row, vocab, top_stride));
+    if (need < 0) return;
+    const float inv_t = inv_t_row > 0.0f ? inv_t_row : 1.0f;
+    const long long lo = (long long)slice * SSLICE;
+    const int n = (int)min((long long)SSLICE, vocab - lo);
+    float v[SV];
+    if (is_half) {
+        const unsigned short* src = (const unsigned short*)logits + row * vocab + lo;
+        const bool vec = (vocab & 7) == 0;
+        #pragma unroll
+        for (int j = 0; j < SV / 8; j++) {
+            const int i0 = 8 * (j * SNT + tid);
+            if (vec && i0 + 8 <= n) {
+                const uint4 u = ((const uint4*)src)[j * SNT + tid];
+                const unsigned words[4] = {u.x, u.y, u.z, u.w};
+                #pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    v[8 * j + 2 * e] = llf_h2f((unsigned short)(words[e] & 0xffffu));
+                    v[8 * j + 2 * e + 1] = llf_h2f((unsigned short)(words[e] >> 16));
+                }
+            } else {
+                #pragma unroll
+                for (int e = 0; e < 8; e++) v[8 * j + e] = i0 + e < n ? llf_h2f(src[i0 + e]) : NEG_INF;
+            }
+        }
+    } else {
+        const float* src = (const float*)logits + row * vocab + lo;
+        const bool vec = (vocab & 3) == 0;
+        #pragma unroll
+        for (int j = 0; j < SV / 4; j++) {
+            const int i0 = 4 * (j * SNT + tid);
+            if (vec && i0 + 4 <= n) {
+                const float4 f = ((const float4*)src)[j * SNT + tid];
+                v[4 * j] = f.x; v[4 * j + 1] = f.y; v[4 * j + 2] = f.z; v[4 * j + 3] = f.w;
+            } else {
+                #pragma unroll
+                for (int e = 0; e < 4; e++) v[4 * j + e] = i0 + e < n ? src[i0 + e] : NEG_INF;
+            }
+        }
+    }
+    // Max, first argmax (a thread's positions ascend with k), finite check, then the sum.
+    float tm = NEG_INF, tz = 0.0f;
+    int ti = INT_MAX_;
+    unsigned bad = 0;
+    #pragma unroll
+    for (int k = 0; k < SV; k++) {
+        if (llf_scan_at(k, is_half) < n) {
+            const float x = v[k] + 0.0f;  // as the fused kernel: -0 -> +0
+            v[k] = x;
+            bad |= !(fabsf(x) <= 3.402823466e38f);
+            if (x > tm) { tm = x; ti = (int)(lo + llf_scan_at(k, is_half)); }
+        }
+    }
+    if (tm != NEG_INF) {
+        #pragma unroll
+        for (int k = 0; k < SV; k++)
+            if (llf_scan_at(k, is_half) < n) tz += __expf((v[k] - tm) * inv_t);
+    }
+    s_tk[tid] = llf_key(tm);
+    for (int s = 16; s > 0; s >>= 1) {
+        const float m2 = __shfl_xor_sync(FULL, tm, s);
+        const int i2 = __shfl_xor_sync(FULL, ti, s);
+        const float z2 = __shfl_xor_sync(FULL, tz, s);
+        llf_merge(tm, ti, tz, m2, i2, z2, inv_t);
+    }
+    bad = __reduce_or_sync(FULL, bad);
+    if (lane == 0) { s_wf[warp] = tm; s_wi[warp] = ti; s_wz[warp] = tz; s_wb[warp] = bad; }
+    if (tid == 0) s_count = 0;
+    __syncthreads();
+    // The need-th largest thread maximum leaves at least `need` logits of the slice at or
+    // above it: bit by bit, the largest key with `need` thread maxima at or above it.
+    if (warp == 0) {
+        unsigned keys[SNT / 32];
+        #pragma unroll
+        for (int j = 0; j < SNT / 32; j++) keys[j] = s_tk[lane * (SNT / 32) + j];
+        unsigned res = 0xffffffffu;  // need == 0: list nothing
+        if (need > 0) {
+            res = 0;
+            for (int b = 31; b >= 0; b--) {
+                const unsigned cand = res | (1u << b);
+                unsigned c = 0;
+                #pragma unroll
+                for (int j = 0; j < SNT / 32; j++) c += keys[j] >= cand;
+                if (__reduce_add_sync(FULL, c) >= (unsigned)need) res = cand;
+            }
+        }
+        if (lane == 0) s_bound = res;
+    }
+    __syncthreads();
+    const unsigned bound = s_bound;
+    int2* mine = cands + (row * slices + slice) * SCAP;
+    if (need > 0) {
+        #pragma unroll
+        for (int k = 0; k < SV; k++) {
+            const int i = llf_scan_at(k, is_half);
+            const bool take = i < n && llf_key(v[k]) >= bound;
+            const unsigned hits = __ballot_sync(FULL, take);
+            if (hits) {
+                const int leader = __ffs(hits) - 1;
+                unsigned first = 0;
+                if (lane == leader) first = atomicAdd(&s_count, (unsigned)__popc(hits));
+                first = __shfl_sync(FULL, first, leader);
+                const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
+                if (take && slot < SCAP) mine[slot] = make_int2((int)(lo + i), __float_as_int(v[k]));
+            }
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        for (int w = 1; w < SNW; w++) { llf_merge(tm, ti, tz, s_wf[w], s_wi[w], s_wz[w], inv_t); bad |= s_wb[w]; }
+        unsigned* st = stats + (row * slices + slice) * ST_WORDS;
+        st[0] = __float_as_uint(tm);
+        st[1] = __float_as_uint(tz);
+        st[2] = (unsigned)ti;
+        st[3] = bad;
+        st[4] = s_count;
+        st[5] = bound;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
+    const long long vocab, const long long row0, const int slices, const float* __restrict__ inv_t_arr,
+    const int* __restrict__ top_k_arr, const float* __restrict__ top_p_arr, const float* __restrict__ min_p_arr,
+    const unsigned long long* __restrict__ seed_arr, const int* __restrict__ n_top_arr,
+    const unsigned* __restrict__ stats, const int2* __restrict__ cands, int* __restrict__ out_token,
+    float* __restrict__ out_logprob, int* __restrict__ out_top_ids, float* __restrict__ out_top_lp,
+    const int top_stride, int* __restrict__ done)
+{
+    __shared__ unsigned s_st[MAX_SLICES][6];
+    __shared__ unsigned s_off[MAX_SLICES + 1];
+    __shared__ int s_ci[FCAP];        // candidates: vocabulary index, key
+    __shared__ unsigned s_ck[FCAP];
+    __shared__ int s_ki[FCAP];        // the top-k set in vocabulary order: index, logit, weight
+    __shared__ float s_kx[FCAP];
+    __shared__ float s_kw[FCAP];
+    __shared__ float s_m;
+    __shared__ int s_arg;
+    __shared__ double s_logz;
+    __shared__ unsigned s_lstar, s_flag, s_n, s_nk, s_tau[2];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const long long row = row0 + blockIdx.x;
+    const float inv_t_row = inv_t_arr[row];
+    const bool greedy = !(inv_t_row > 0.0f);
+    const float inv_t = greedy ? 1.0f : inv_t_row;
+    const int top_k = greedy ? 0 : top_k_arr[row];
+    const int n_top = llf_n_top(n_top_arr, row, vocab, top_stride);
+    if (llf_fast_need(inv_t_row, top_k, n_top) < 0) {
+        if (tid == 0) done[row] = 0;
+        return;
+    }
+    const unsigned* st = stats + row * slices * ST_WORDS;
+    for (int q = tid; q < slices * 6; q += FNT) s_st[q / 6][q % 6] = st[(q / 6) * ST_WORDS + q % 6];
+    __syncthreads();
+    if (tid == 0) {
+        float m = NEG_INF;
+        int arg = INT_MAX_;
+        unsigned bad = 0, over = 0, lstar = 0, off = 0;
+        for (int s = 0; s < slices; s++) {
+            const float mc = __uint_as_float(s_st[s][0]);
+            if (mc > m || (mc == m && (int)s_st[s][2] < arg)) { m = mc; arg = (int)s_st[s][2]; }
+            bad |= s_st[s][3];
+            over |= s_st[s][4] > SCAP;
+            lstar = max(lstar, s_st[s][5]);  // every slice holds `need` logits at or above its bound
+            s_off[s] = off;
+            off += min(s_st[s][4], (unsigned)SCAP);
+        }
+        s_off[slices] = off;
+        double z = 0.0;
+        for (int s = 0; s < slices; s++) {
+            const float mc = __uint_as_float(s_st[s][0]);
+            if (mc != NEG_INF) z += (double)__uint_as_float(s_st[s][1]) * exp((double)(mc - m) * (double)inv_t);
+        }
+        s_m = m;
+        s_arg = arg;
+        s_logz = log(z);
+        s_lstar = lstar;
+        s_flag = bad ? 1u : over ? 2u : 0u;
+        s_n = 0;
+        s_nk = 0;
+    }
+    __syncthreads();
+    if (s_flag == 1u) {  // NaN or inf: flagged, as the fused kernel does
+        if (tid == 0) { out_token[row] = -1; out_logprob[row] = 0.0f; done[row] = 1; }
+        for (int j = tid; j < top_stride; j += FNT) { out_top_ids[row * top_stride + j] = -1; out_top_lp[row * top_stride + j] = 0.0f; }
+        return;
+    }
+    if (s_flag == 2u) {
+        if (tid == 0) done[row] = 0;
+        return;
+    }
+    // Gather the listed logits at or above the largest bound.
+    const unsigned total = s_off[slices], lstar = s_lstar;
+    const int2* listed = cands + row * slices * SCAP;
+    for (unsigned b = 0; b < total; b += FNT) {
+        const unsigned g = b + tid;
+        bool take = false;
+        int2 c = make_int2(0, 0);
+        if (g < total) {
+            int a = 0, e = slices;  // the slice holding entry g: s_off[a] <= g < s_off[a + 1]
+            while (e - a > 1) { const int mid = (a + e) >> 1; if (s_off[mid] <= g) a = mid; else e = mid; }
+            c = listed[a * SCAP + (g - s_off[a])];
+            take = llf_key(__int_as_float(c.y)) >= lstar;
+        }
+        const unsigned hits = __ballot_sync(FULL, take);
+        if (hits) {
+            const int leader = __ffs(hits) - 1;
+            unsigned first = 0;
+            if (lane == leader) first = atomicAdd(&s_n, (unsigned)__popc(hits));
+            first = __shfl_sync(FULL, first, leader);
+            const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
+            if (take && slot < FCAP) { s_ci[slot] = c.x; s_ck[slot] = llf_key(__int_as_float(c.y)); }
+        }
+    }
+    __syncthreads();
+    const unsigned nc = s_n;
+    if (nc > FCAP) {
+        if (tid == 0) done[row] = 0;
+        return;
+    }
+    // Warp 0: the top-k-th largest key; warp 1: the top-n-th.  Bit by bit, as in the scan.
+    if (warp < 2) {
+        const unsigned kk = warp == 0 ? (unsigned)top_k : (unsigned)n_top;
+        unsigned res = 0;
+        if (kk > 0) {
+            for (int b = 31; b >= 0; b--) {
+                const unsigned cand = res | (1u << b);
+                unsigned c = 0;
+                for (unsigned j = lane; j < nc; j += 32) c += s_ck[j] >= cand;
+                if (__reduce_add_sync(FULL, c) >= kk) res = cand;
+            }
+        }
+        if (lane == 0) s_tau[warp] = res;
+    }
+    __syncthreads();
+    const float m = s_m;
+    const double log_z = s_logz;
+    // Top-n logprobs: rank = larger logits, then ties of lower index.
+    if (n_top > 0) {
+        const unsigned tau = s_tau[1];
+        for (unsigned c = tid; c < nc; c += FNT) {
+            const unsigned kc = s_ck[c];
+            if (kc < tau) continue;
+            const int ic = s_ci[c];
+            unsigned rank = 0;
+            for (unsigned d = 0; d < nc; d++) rank += s_ck[d] > kc || (s_ck[d] == kc && s_ci[d] < ic);
+            if (rank < (unsigned)n_top) {
+                out_top_ids[row * top_stride + rank] = ic;
+                out_top_lp[row * top_stride + rank] =
+                    (float)((double)__fmul_rn(__fsub_rn(llf_unkey(kc), m), inv_t) - log_z);
+            }
+        }
+    }
+    for (int j = n_top + tid; j < top_stride; j += FNT) {
+        out_top_ids[row * top_stride + j] = -1;
+        out_top_lp[row * top_stride + j] = 0.0f;
+    }
+    int token = s_arg;
+    float x_token = m;
+    if (!greedy) {
+        // The top-k set in vocabulary order, with its weights.
+        const unsigned tau = s_tau[0];
+        for (unsigned c = tid; c < nc; c += FNT) {
+            const unsigned kc = s_ck[c];
+            if (kc < tau) continue;
+            const int ic = s_ci[c];
+            unsigned pos = 0;
+            for (unsigned d = 0; d < nc; d++) pos += s_ck[d] >= tau && s_ci[d] < ic;
+            const float x = llf_unkey(kc);
+            s_ki[pos] = ic;
+            s_kx[pos] = x;
+            s_kw[pos] = llf_exp_ref(__fmul_rn(__fsub_rn(x, m), inv_t));
+            atomicAdd(&s_nk, 1u);
+        }
+        __syncthreads();
+        if (warp == 0) {  // the draws of the sampling module, on the top-k set alone
+            const unsigned nk = s_nk;
+            const float top_p = top_p_arr[row], min_p = min_p_arr[row];
+            const unsigned long long seed = seed_arr[row];
+            double z_k = 0.0, z = 0.0;
+            for (unsigned p = lane; p < nk; p += 32) {
+                z_k += (double)s_kw[p];
+                z += (double)llf_in_draw_set(s_kw[p], min_p, 0.0f, false);
+            }
+            z_k = llf_warp_sum(z_k);
+            z = llf_warp_sum(z);
+            const double limit = (double)top_p * z_k;
+            float piv = 0.0f;
+            bool strict = false;
+            for (unsigned long long draw = 0;; draw++) {
+                // Inverse CDF: the first member whose cumulative weight exceeds u * z (the
+                // last member when rounding overshoots).
+                const double t = llf_uniform(seed, draw) * z;
+                double run = 0.0;
+                int found = -1, last = -1;
+                for (unsigned b = 0; b < nk; b += 32) {
+                    const unsigned p = b + lane;
+                    const double w = p < nk ? (double)llf_in_draw_set(s_kw[p], min_p, piv, strict) : 0.0;
+                    double incl = w;
+                    for (int o = 1; o < 32; o <<= 1) {
+                        const double y = __shfl_up_sync(FULL, incl, o);
+                        if (lane >= o) incl += y;
+                    }
+                    const unsigned nz = __ballot_sync(FULL, w > 0.0);
+                    const unsigned hit = __ballot_sync(FULL, w > 0.0 && run + incl > t);
+                    if (nz) last = (int)b + 31 - __clz(nz);
+                    if (hit) { found = (int)b + __ffs(hit) - 1; break; }
+                    run += __shfl_sync(FULL, incl, 31);
+                }
+                const int j = found >= 0 ? found : last;
+                token = s_ki[j];
+                x_token = s_kx[j];
+                if (top_p >= 1.0f) break;
+                piv = s_kw[j];
+                strict = true;
+                double above = 0.0;
+                for (unsigned p = lane; p < nk; p += 32) above += (double)llf_in_draw_set(s_kw[p], min_p, piv, true);
+                above = llf_warp_sum(above);
+                if (above < limit) break;
+                z = above;
+            }
+        }
+    }
+    if (tid == 0) {
+        out_token[row] = token;
+        out_logprob[row] = (float)((double)__fmul_rn(__fsub_rn(x_token, m), inv_t) - log_z);
+        done[row] = 1;
+    }
+}
+"""
+)
+
 _SAMPLE_ARGS = (
     "const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, "
     "const long long row0, const float* __restrict__ inv_t, const int* __restrict__ top_k, "
     "const float* __restrict__ top_p, const float* __restrict__ min_p, "
     "const unsigned long long* __restrict__ seed, const int* __restrict__ n_top, int* __restrict__ out_token, "
     "float* __restrict__ out_logprob, int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, "
-    "const int top_stride"
+    "const int top_stride, const int* __restrict__ done"
 )
 _SAMPLE_NAMES = (
-    "logits, is_half, vocab, slice, row0, inv_t, top_k, top_p, min_p, seed, n_top, out_token, out_logprob, "
+    "logits, is_half, vocab, slice, row, inv_t, top_k, top_p, min_p, seed, n_top, out_token, out_logprob, "
     "out_top_ids, out_top_lp, top_stride"
 )
-SOURCE = _SOURCE + "".join(
-    f'extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__({c}, 1, 1) llf_sample_c{c}({_SAMPLE_ARGS})'
-    f" {{ llf_sample_body({_SAMPLE_NAMES}); }}\n"
-    for c in CLUSTER_SIZES
+# A row's CTAs leave at once when the fast path did the row.
+SOURCE = (
+    _SOURCE
+    + _FAST_SOURCE
+    + "".join(
+        f'extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__({c}, 1, 1) llf_sample_c{c}('
+        f"{_SAMPLE_ARGS}) {{\n"
+        f"    const long long row = row0 + blockIdx.x / {c};\n"
+        f"    if (!done[row]) llf_sample_body({_SAMPLE_NAMES});\n}}\n"
+        for c in CLUSTER_SIZES
+    )
 )
 
 
@@ -756,6 +1158,12 @@ def _slice(vocab: int, cluster: int) -> int:
     return (-(-vocab // cluster) + 7) // 8 * 8
 
 
+def fast_rows(batch: SampleBatch) -> np.ndarray:
+    """Rows the fast path can sample (greedy, or top-k in 1..FAST_MAX_K); the kernels decide the same."""
+    greedy = ~(batch.inv_temperature > 0)
+    return greedy | ((batch.top_k >= 1) & (batch.top_k <= FAST_MAX_K))
+
+
 @dataclass
 class DeviceSampleBatch:
     """A batch whose logits and parameters are on the device, ready for :meth:`CupySampler.launch`."""
@@ -768,6 +1176,9 @@ class DeviceSampleBatch:
     vocab: int
     width: int
     entry_bounds: np.ndarray  # penalty entries of rows [r0, r1) are entry_bounds[r0]:entry_bounds[r1]
+    fast: np.ndarray  # rows the fast path may take
+    slices: int  # scan CTAs per row
+    scan: tuple[Any, Any] | None  # the scan's per-slice statistics and candidate lists
 
 
 class CupySampler:
@@ -787,6 +1198,9 @@ class CupySampler:
         self._params_uploaded: Any = None  # event: the pinned parameters may be rewritten after it
         self._pinned_in = PinnedBuffer(cupy)
         self._pinned_out = PinnedBuffer(cupy)
+        self._scan = module.get_function("llf_scan")
+        self._finish = module.get_function("llf_finish")
+        self.fast_path = True  # the backend turns it off when its start-up check disagrees
 
     def kernel(self, cluster: int) -> Any:
         """The compiled sampling kernel for ``cluster`` CTAs per row (for its attributes)."""
@@ -806,6 +1220,7 @@ class CupySampler:
             "pen_rows": batch.penalty_rows,
             "pen_tokens": batch.penalty_tokens,
             "pen_counts": batch.penalty_counts,
+            "done": np.zeros(batch.n_rows, np.int32),  # rows the fast path finished
         }
 
     def prepare(self, batch: SampleBatch, *, upload_logits: bool = True) -> DeviceSampleBatch:
@@ -832,15 +1247,27 @@ class CupySampler:
         out = {k: d_out[out_offsets[k] : out_offsets[k] + out_sizes[k]].view(dtypes[k]) for k in out_sizes}
         logits = cp.empty(batch.logits.shape, dtype=batch.logits.dtype)
         bounds = np.searchsorted(batch.penalty_rows, np.arange(n + 1), side="left")
-        prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds)
+        slices = -(-batch.vocab // SCAN_SLICE)
+        fast = fast_rows(batch) if self.fast_path and slices <= MAX_SCAN_SLICES else np.zeros(n, np.bool_)
+        scan = None
+        if fast.any():
+            scan = (cp.empty(n * slices * 8, dtype=cp.uint32), cp.empty(n * slices * SCAN_CAP * 2, dtype=cp.int32))
+        prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds, fast, slices, scan)
         if upload_logits:
             logits.set(batch.logits, stream=self.stream)
         return prepared
 
     def launch(
-        self, prepared: DeviceSampleBatch, r0: int = 0, r1: int | None = None, cluster: int | None = None
+        self,
+        prepared: DeviceSampleBatch,
+        r0: int = 0,
+        r1: int | None = None,
+        cluster: int | None = None,
+        fast: bool = True,
     ) -> None:
-        """Enqueue the penalties and the sampling kernel of rows ``[r0, r1)`` on the sampler's stream."""
+        """Enqueue the penalties and the sampling kernels of rows ``[r0, r1)`` on the sampler's
+        stream: the fast path's scan and finish for the rows it takes (unless ``fast`` is
+        false), then the fused kernel for the others."""
         cp = self._cp
         r1 = prepared.n_rows if r1 is None else r1
         rows = r1 - r0
@@ -873,6 +1300,10 @@ class CupySampler:
                 c, slice_ = cluster, _slice(prepared.vocab, cluster)
             if slice_ > MAX_SLICE:
                 raise ValueError(f"vocab {prepared.vocab} needs more than {max(CLUSTER_SIZES)} CTAs per row")
+            if fast and prepared.scan is not None and prepared.fast[r0:r1].any():
+                self._launch_fast(prepared, r0, rows, *prepared.scan)
+            elif prepared.scan is not None:
+                p["done"][r0:r1].fill(0)  # a fast launch of the same batch may have marked them
             self._kernels[c](
                 (rows * c,),
                 (NT,),
@@ -893,9 +1324,55 @@ class CupySampler:
                     prepared.out["top_ids"],
                     prepared.out["top_lp"],
                     np.int32(prepared.width),
+                    p["done"],
                 ),
                 shared_mem=slice_ * 4,
             )
+
+    def _launch_fast(self, prepared: DeviceSampleBatch, r0: int, rows: int, stats: Any, cands: Any) -> None:
+        p, out = prepared.params, prepared.out
+        vocab, row0, slices = np.int64(prepared.vocab), np.int64(r0), np.int32(prepared.slices)
+        is_half = np.int32(prepared.logits.dtype == self._cp.float16)
+        self._scan(
+            (rows * prepared.slices,),
+            (SCAN_THREADS,),
+            (
+                prepared.logits,
+                is_half,
+                vocab,
+                row0,
+                slices,
+                p["inv_t"],
+                p["top_k"],
+                p["n_top"],
+                np.int32(prepared.width),
+                stats,
+                cands,
+            ),
+        )
+        self._finish(
+            (rows,),
+            (256,),
+            (
+                vocab,
+                row0,
+                slices,
+                p["inv_t"],
+                p["top_k"],
+                p["top_p"],
+                p["min_p"],
+                p["seed"],
+                p["n_top"],
+                stats,
+                cands,
+                out["token"],
+                out["logprob"],
+                out["top_ids"],
+                out["top_lp"],
+                np.int32(prepared.width),
+                p["done"],
+            ),
+        )
 
     def download(self, prepared: DeviceSampleBatch, width: int) -> SampleResult:
         """Copy the results back (one DMA) and wait for the stream."""
