@@ -936,32 +936,56 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     const unsigned* st = stats + row * slices * ST_WORDS;
     for (int q = tid; q < slices * 6; q += FNT) s_st[q / 6][q % 6] = st[(q / 6) * ST_WORDS + q % 6];
     __syncthreads();
-    if (tid == 0) {
+    if (warp == 0) {  // lane l merges slices 2l and 2l + 1 (MAX_SLICES <= 64), then the warp its lanes
         float m = NEG_INF;
         int arg = INT_MAX_;
-        unsigned bad = 0, over = 0, lstar = 0, off = 0;
-        for (int s = 0; s < slices; s++) {
-            const float mc = __uint_as_float(s_st[s][0]);
-            if (mc > m || (mc == m && (int)s_st[s][2] < arg)) { m = mc; arg = (int)s_st[s][2]; }
-            bad |= s_st[s][3];
-            over |= s_st[s][4] > SCAP;
-            lstar = max(lstar, s_st[s][5]);  // every slice holds `need` logits at or above its bound
-            s_off[s] = off;
-            off += min(s_st[s][4], (unsigned)SCAP);
+        unsigned bad = 0, over = 0, lstar = 0, cnt[2] = {0u, 0u};
+        #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int s = 2 * lane + h;
+            if (s < slices) {
+                const float mc = __uint_as_float(s_st[s][0]);
+                if (mc > m || (mc == m && (int)s_st[s][2] < arg)) { m = mc; arg = (int)s_st[s][2]; }
+                bad |= s_st[s][3];
+                over |= s_st[s][4] > SCAP;
+                lstar = max(lstar, s_st[s][5]);  // every slice holds `need` logits at or above its bound
+                cnt[h] = min(s_st[s][4], (unsigned)SCAP);
+            }
         }
-        s_off[slices] = off;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(FULL, m, o);
+            const int a2 = __shfl_xor_sync(FULL, arg, o);
+            if (m2 > m || (m2 == m && a2 < arg)) { m = m2; arg = a2; }
+        }
+        bad = __reduce_or_sync(FULL, bad);
+        over = __reduce_or_sync(FULL, over);
+        lstar = __reduce_max_sync(FULL, lstar);
         double z = 0.0;
-        for (int s = 0; s < slices; s++) {
-            const float mc = __uint_as_float(s_st[s][0]);
+        #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int s = 2 * lane + h;
+            const float mc = s < slices ? __uint_as_float(s_st[s][0]) : NEG_INF;
             if (mc != NEG_INF) z += (double)__uint_as_float(s_st[s][1]) * exp((double)(mc - m) * (double)inv_t);
         }
-        s_m = m;
-        s_arg = arg;
-        s_logz = log(z);
-        s_lstar = lstar;
-        s_flag = bad ? 1u : over ? 2u : 0u;
-        s_n = 0;
-        s_nk = 0;
+        z = llf_warp_sum(z);
+        unsigned incl = cnt[0] + cnt[1];  // offsets of the slices' lists: a prefix sum over the lanes
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned y = __shfl_up_sync(FULL, incl, o);
+            if (lane >= o) incl += y;
+        }
+        const unsigned excl = incl - cnt[0] - cnt[1];
+        if (2 * lane < slices) s_off[2 * lane] = excl;
+        if (2 * lane + 1 < slices) s_off[2 * lane + 1] = excl + cnt[0];
+        if (lane == 31) s_off[slices] = incl;
+        if (lane == 0) {
+            s_m = m;
+            s_arg = arg;
+            s_logz = log(z);
+            s_lstar = lstar;
+            s_flag = bad ? 1u : over ? 2u : 0u;
+            s_n = 0;
+            s_nk = 0;
+        }
     }
     __syncthreads();
     if (s_flag == 1u) {  // NaN or inf: flagged, as the fused kernel does
