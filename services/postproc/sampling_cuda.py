@@ -782,12 +782,9 @@ extern "C" __global__ void __launch_bounds__(SNT, 3) llf_scan(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = row0 + blockIdx.x / slices;
     const int slice = blockIdx.x % slices;
-    const float inv_t_row = inv_t_arr[row];
-    const int need = llf_fast_need(inv_t_row, top_k_arr[row], llf_n_top(n_top_arr, row, vocab, top_stride));
-    if (need < 0) return;
-    const float inv_t = inv_t_row > 0.0f ? inv_t_row : 1.0f;
     const long long lo = (long long)slice * SSLICE;
     const int n = (int)min((long long)SSLICE, vocab - lo);
+    // The logits are loaded before the row's parameters are looked at, so both reads overlap.
     float v[SV];
     if (is_half) {
         const unsigned short* src = (const unsigned short*)logits + row * vocab + lo;
@@ -823,6 +820,10 @@ extern "C" __global__ void __launch_bounds__(SNT, 3) llf_scan(
             }
         }
     }
+    const float inv_t_row = inv_t_arr[row];
+    const int need = llf_fast_need(inv_t_row, top_k_arr[row], llf_n_top(n_top_arr, row, vocab, top_stride));
+    if (need < 0) return;
+    const float inv_t = inv_t_row > 0.0f ? inv_t_row : 1.0f;
     // Max, first argmax (a thread's positions ascend with k), finite check, then the sum.
     float tm = NEG_INF, tz = 0.0f;
     int ti = INT_MAX_;
@@ -912,7 +913,6 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     const int top_stride, int* __restrict__ done)
 {
     __shared__ unsigned s_st[MAX_SLICES][6];
-    __shared__ unsigned s_off[MAX_SLICES + 1];
     __shared__ int s_ci[FCAP];        // candidates: vocabulary index, key
     __shared__ unsigned s_ck[FCAP];
     __shared__ int s_ki[FCAP];        // the top-k set in vocabulary order: index, logit, weight
@@ -921,7 +921,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     __shared__ float s_m;
     __shared__ int s_arg;
     __shared__ double s_logz;
-    __shared__ unsigned s_lstar, s_flag, s_n, s_nk, s_tau[2];
+    __shared__ unsigned s_lstar, s_flag, s_n, s_nc, s_nk, s_tau[2], s_part[2][FNT / 32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = row0 + blockIdx.x;
     const float inv_t_row = inv_t_arr[row];
@@ -939,7 +939,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     if (warp == 0) {  // lane l merges slices 2l and 2l + 1 (MAX_SLICES <= 64), then the warp its lanes
         float m = NEG_INF;
         int arg = INT_MAX_;
-        unsigned bad = 0, over = 0, lstar = 0, cnt[2] = {0u, 0u};
+        unsigned bad = 0, over = 0, lstar = 0;
         #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int s = 2 * lane + h;
@@ -949,7 +949,6 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
                 bad |= s_st[s][3];
                 over |= s_st[s][4] > SCAP;
                 lstar = max(lstar, s_st[s][5]);  // every slice holds `need` logits at or above its bound
-                cnt[h] = min(s_st[s][4], (unsigned)SCAP);
             }
         }
         for (int o = 16; o > 0; o >>= 1) {
@@ -968,15 +967,6 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
             if (mc != NEG_INF) z += (double)__uint_as_float(s_st[s][1]) * exp((double)(mc - m) * (double)inv_t);
         }
         z = llf_warp_sum(z);
-        unsigned incl = cnt[0] + cnt[1];  // offsets of the slices' lists: a prefix sum over the lanes
-        for (int o = 1; o < 32; o <<= 1) {
-            const unsigned y = __shfl_up_sync(FULL, incl, o);
-            if (lane >= o) incl += y;
-        }
-        const unsigned excl = incl - cnt[0] - cnt[1];
-        if (2 * lane < slices) s_off[2 * lane] = excl;
-        if (2 * lane + 1 < slices) s_off[2 * lane + 1] = excl + cnt[0];
-        if (lane == 31) s_off[slices] = incl;
         if (lane == 0) {
             s_m = m;
             s_arg = arg;
@@ -984,6 +974,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
             s_lstar = lstar;
             s_flag = bad ? 1u : over ? 2u : 0u;
             s_n = 0;
+            s_nc = 0;
             s_nk = 0;
         }
     }
@@ -997,35 +988,68 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
         if (tid == 0) done[row] = 0;
         return;
     }
-    // Gather the listed logits at or above the largest bound.
-    const unsigned total = s_off[slices], lstar = s_lstar;
-    const int2* listed = cands + row * slices * SCAP;
-    for (unsigned b = 0; b < total; b += FNT) {
-        const unsigned g = b + tid;
-        bool take = false;
-        int2 c = make_int2(0, 0);
-        if (g < total) {
-            int a = 0, e = slices;  // the slice holding entry g: s_off[a] <= g < s_off[a + 1]
-            while (e - a > 1) { const int mid = (a + e) >> 1; if (s_off[mid] <= g) a = mid; else e = mid; }
-            c = listed[a * SCAP + (g - s_off[a])];
-            take = llf_key(__int_as_float(c.y)) >= lstar;
-        }
-        const unsigned hits = __ballot_sync(FULL, take);
-        if (hits) {
-            const int leader = __ffs(hits) - 1;
-            unsigned first = 0;
-            if (lane == leader) first = atomicAdd(&s_n, (unsigned)__popc(hits));
-            first = __shfl_sync(FULL, first, leader);
-            const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
-            if (take && slot < FCAP) { s_ci[slot] = c.x; s_ck[slot] = llf_key(__int_as_float(c.y)); }
+    // Gather the listed logits at or above the largest bound: a warp per slice's list.
+    const unsigned lstar = s_lstar;
+    for (int sl = warp; sl < slices; sl += FNT / 32) {
+        const int2* listed = cands + (row * slices + sl) * SCAP;
+        const unsigned count = min(s_st[sl][4], (unsigned)SCAP);
+        for (unsigned j0 = 0; j0 < count; j0 += 32) {
+            const unsigned j = j0 + lane;
+            const int2 c = j < count ? listed[j] : make_int2(0, 0);
+            const bool take = j < count && llf_key(__int_as_float(c.y)) >= lstar;
+            const unsigned hits = __ballot_sync(FULL, take);
+            if (hits) {
+                const int leader = __ffs(hits) - 1;
+                unsigned first = 0;
+                if (lane == leader) first = atomicAdd(&s_n, (unsigned)__popc(hits));
+                first = __shfl_sync(FULL, first, leader);
+                const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
+                if (take && slot < FCAP) { s_ci[slot] = c.x; s_ck[slot] = llf_key(__int_as_float(c.y)); }
+            }
         }
     }
     __syncthreads();
-    const unsigned nc = s_n;
-    if (nc > FCAP) {
+    const unsigned listed = s_n;
+    if (listed > FCAP) {
         if (tid == 0) done[row] = 0;
         return;
     }
+    // Each slice listed its own ~`need` largest, so the lists hold ~`need` per slice: keep
+    // only those at or above the row's need-th largest (bit by bit, every warp counting).
+    unsigned mk[FCAP / FNT];
+    int mi[FCAP / FNT];
+    #pragma unroll
+    for (int j = 0; j < FCAP / FNT; j++) {
+        const unsigned c = tid + j * FNT;
+        mk[j] = c < listed ? s_ck[c] : 0u;  // key 0 is below every candidate bit pattern tried
+        mi[j] = c < listed ? s_ci[c] : 0;
+    }
+    __syncthreads();  // s_ck and s_ci are rewritten below
+    const int need = max(top_k, n_top);
+    unsigned tau_need = 0;
+    for (int b = need > 0 ? 31 : -1; b >= 0; b--) {
+        const unsigned cand = tau_need | (1u << b);
+        unsigned c = 0;
+        #pragma unroll
+        for (int j = 0; j < FCAP / FNT; j++) c += mk[j] >= cand;
+        c = __reduce_add_sync(FULL, c);
+        if (lane == 0) s_part[b & 1][warp] = c;  // double-buffered: one barrier a bit
+        __syncthreads();
+        unsigned total = 0;
+        #pragma unroll
+        for (int w = 0; w < FNT / 32; w++) total += s_part[b & 1][w];
+        if (total >= (unsigned)need) tau_need = cand;
+    }
+    #pragma unroll
+    for (int j = 0; j < FCAP / FNT; j++) {
+        if (tid + j * FNT < listed && mk[j] >= tau_need) {
+            const unsigned slot = atomicAdd(&s_nc, 1u);
+            s_ck[slot] = mk[j];
+            s_ci[slot] = mi[j];
+        }
+    }
+    __syncthreads();
+    const unsigned nc = s_nc;
     // Warp 0: the top-k-th largest key; warp 1: the top-n-th.  Bit by bit, as in the scan.
     if (warp < 2) {
         const unsigned kk = warp == 0 ? (unsigned)top_k : (unsigned)n_top;
