@@ -345,9 +345,10 @@ def _nvidia_driver_version(cupy: Any) -> str:
 
 def _self_check_sample_batch() -> SampleBatch:
     # One row per feature (greedy, top-k, top-p, min-p, penalties, top-n), fp32 and fp16 alike.
-    # The last row's ties overflow the fast path's lists, which hands it to the fused kernel.
+    # 20000 logits: three scan slices for the fast path.  The last row's ties overflow its
+    # lists, which hands that row to the fused kernel.
     rng = np.random.default_rng(7)
-    logits = (rng.normal(size=(7, 1000)) * 3).astype(np.float32)
+    logits = (rng.normal(size=(7, 20000)) * 3).astype(np.float32)
     logits[6] = 0
     rows = [
         RowParams(temperature=0.0, top_logprobs=3),
