@@ -476,6 +476,16 @@ __device__ __forceinline__ int llf_n_top(const int* __restrict__ n_top_arr, cons
     return min(n_top_arr[row], min(MAX_TOP, (int)min(vocab, (long long)top_stride)));
 }
 
+// (m, i, z) of the whole warp, in every lane.
+__device__ __forceinline__ void llf_warp_merge(float& m, int& i, float& z, const float inv_t) {
+    for (int s = 16; s > 0; s >>= 1) {
+        const float m2 = __shfl_xor_sync(FULL, m, s);
+        const int i2 = __shfl_xor_sync(FULL, i, s);
+        const float z2 = __shfl_xor_sync(FULL, z, s);
+        llf_merge(m, i, z, m2, i2, z2, inv_t);
+    }
+}
+
 __device__ void llf_sample_body(
     const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, const long long row,
     const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr, const float* __restrict__ top_p_arr,
@@ -539,12 +549,7 @@ __device__ void llf_sample_body(
         for (int i = done + tid; i < n; i += NT) llf_take(s_x, i, src[i], lo, inv_t, tm, ti, tz, bad);
     }
     s_tkey[tid] = llf_key(tm);
-    for (int s = 16; s > 0; s >>= 1) {
-        const float m2 = __shfl_xor_sync(FULL, tm, s);
-        const int i2 = __shfl_xor_sync(FULL, ti, s);
-        const float z2 = __shfl_xor_sync(FULL, tz, s);
-        llf_merge(tm, ti, tz, m2, i2, z2, inv_t);
-    }
+    llf_warp_merge(tm, ti, tz, inv_t);
     bad = __reduce_or_sync(FULL, bad);
     if (lane == 0) { s_rf[warp] = tm; s_ri[warp] = ti; s_rz[warp] = tz; s_ru[warp] = bad; }
     __syncthreads();
@@ -762,6 +767,17 @@ __device__ __forceinline__ float llf_unkey(const unsigned k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
+// Warp-uniform: a slot for each taking lane, from one atomicAdd on *counter (slots may pass a cap).
+__device__ __forceinline__ unsigned llf_warp_slot(unsigned* counter, const bool take) {
+    const unsigned hits = __ballot_sync(FULL, take);
+    if (!hits) return 0u;
+    const int lane = threadIdx.x & 31, leader = __ffs(hits) - 1;
+    unsigned first = 0;
+    if (lane == leader) first = atomicAdd(counter, (unsigned)__popc(hits));
+    first = __shfl_sync(FULL, first, leader);
+    return first + __popc(hits & ((1u << lane) - 1u));
+}
+
 // Position in the slice of register k of this thread: 16-byte vectors (4 floats or 8
 // halves) strided by the CTA, so each load instruction of a warp reads 512 contiguous bytes.
 __device__ __forceinline__ int llf_scan_at(const int k, const int is_half) {
@@ -843,12 +859,7 @@ extern "C" __global__ void __launch_bounds__(SNT, 3) llf_scan(
             if (llf_scan_at(k, is_half) < n) tz += __expf((v[k] - tm) * inv_t);
     }
     s_tk[tid] = llf_key(tm);
-    for (int s = 16; s > 0; s >>= 1) {
-        const float m2 = __shfl_xor_sync(FULL, tm, s);
-        const int i2 = __shfl_xor_sync(FULL, ti, s);
-        const float z2 = __shfl_xor_sync(FULL, tz, s);
-        llf_merge(tm, ti, tz, m2, i2, z2, inv_t);
-    }
+    llf_warp_merge(tm, ti, tz, inv_t);
     bad = __reduce_or_sync(FULL, bad);
     if (lane == 0) { s_wf[warp] = tm; s_wi[warp] = ti; s_wz[warp] = tz; s_wb[warp] = bad; }
     if (tid == 0) s_count = 0;
@@ -880,15 +891,8 @@ extern "C" __global__ void __launch_bounds__(SNT, 3) llf_scan(
         for (int k = 0; k < SV; k++) {
             const int i = llf_scan_at(k, is_half);
             const bool take = i < n && llf_key(v[k]) >= bound;
-            const unsigned hits = __ballot_sync(FULL, take);
-            if (hits) {
-                const int leader = __ffs(hits) - 1;
-                unsigned first = 0;
-                if (lane == leader) first = atomicAdd(&s_count, (unsigned)__popc(hits));
-                first = __shfl_sync(FULL, first, leader);
-                const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
-                if (take && slot < SCAP) mine[slot] = make_int2((int)(lo + i), __float_as_int(v[k]));
-            }
+            const unsigned slot = llf_warp_slot(&s_count, take);
+            if (take && slot < SCAP) mine[slot] = make_int2((int)(lo + i), __float_as_int(v[k]));
         }
     }
     __syncthreads();
@@ -997,15 +1001,8 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
             const unsigned j = j0 + lane;
             const int2 c = j < count ? listed[j] : make_int2(0, 0);
             const bool take = j < count && llf_key(__int_as_float(c.y)) >= lstar;
-            const unsigned hits = __ballot_sync(FULL, take);
-            if (hits) {
-                const int leader = __ffs(hits) - 1;
-                unsigned first = 0;
-                if (lane == leader) first = atomicAdd(&s_n, (unsigned)__popc(hits));
-                first = __shfl_sync(FULL, first, leader);
-                const unsigned slot = first + __popc(hits & ((1u << lane) - 1u));
-                if (take && slot < FCAP) { s_ci[slot] = c.x; s_ck[slot] = llf_key(__int_as_float(c.y)); }
-            }
+            const unsigned slot = llf_warp_slot(&s_n, take);
+            if (take && slot < FCAP) { s_ci[slot] = c.x; s_ck[slot] = llf_key(__int_as_float(c.y)); }
         }
     }
     __syncthreads();
