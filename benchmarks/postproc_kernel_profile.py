@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from services.postproc.sampling import RowParams, SampleLimits, make_sample_batch
-from services.postproc.sampling_cuda import SCAN_CAP, SCAN_THREADS
+from services.postproc.sampling_cuda import FINISH_THREADS, SCAN_CAP, SCAN_STAT_WORDS, SCAN_THREADS
 
 
 def timed_us(cp: Any, stream: Any, launch: Callable[[], None], n: int = 30) -> float:
@@ -56,12 +56,12 @@ def profile(cp: Any, sampler: Any, vocab: int, rows: int, rng: np.random.Generat
         np.int32(prepared.width), p["done"],
     )  # fmt: skip
     scan = timed_us(cp, stream, lambda: sampler._scan((rows * slices,), (SCAN_THREADS,), scan_args))
-    finish = timed_us(cp, stream, lambda: sampler._finish((rows,), (256,), finish_args))
+    finish = timed_us(cp, stream, lambda: sampler._finish((rows,), (FINISH_THREADS,), finish_args))
     whole = timed_us(cp, stream, lambda: sampler.launch(prepared))
     fused = timed_us(cp, stream, lambda: sampler.launch(prepared, fast=False))
     sampler.launch(prepared)
     stream.synchronize()
-    st = stats.get().reshape(rows, slices, 8)
+    st = stats.get().reshape(rows, slices, SCAN_STAT_WORDS)
     counts, bounds = st[:, :, 4], st[:, :, 5]
     listed = keys(cands.get().reshape(rows, slices, SCAN_CAP, 2)[:, :, :, 1].view(np.uint32))
     valid = np.arange(SCAN_CAP) < np.minimum(counts, SCAN_CAP)[:, :, None]

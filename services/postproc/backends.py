@@ -344,7 +344,7 @@ def _nvidia_driver_version(cupy: Any) -> str:
 
 
 def _self_check_sample_batch() -> SampleBatch:
-    # One row per feature (greedy, top-k, top-p, min-p, penalties, top-n), fp32 and fp16 alike.
+    # One row per feature (greedy, top-k, top-p, min-p, penalties, top-n).
     # 20000 logits: three scan slices for the fast path.  The last row's ties overflow its
     # lists, which hands that row to the fused kernel.
     rng = np.random.default_rng(7)

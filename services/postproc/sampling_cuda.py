@@ -46,6 +46,8 @@ SCAN_THREADS = 256
 SCAN_SLICE = 8192
 SCAN_CAP = 256
 MAX_SCAN_SLICES = 64
+SCAN_STAT_WORDS = 8
+FINISH_THREADS = 256
 
 
 def _f32_bits(x: float | np.floating[Any]) -> str:
@@ -738,23 +740,24 @@ _FAST_SOURCE = (
     (
         f"#define SNT {SCAN_THREADS}\n#define SV {SCAN_SLICE // SCAN_THREADS}  // logits per scan thread, in registers\n"
         f"#define SCAP {SCAN_CAP}  // candidates one scan CTA may list\n#define FAST_MAX_K {FAST_MAX_K}\n"
-        f"#define MAX_SLICES {MAX_SCAN_SLICES}\n"
+        f"#define MAX_SLICES {MAX_SCAN_SLICES}\n#define FNT {FINISH_THREADS}\n"
+        f"#define ST_WORDS {SCAN_STAT_WORDS}  // per-slice statistics: max, sum, argmax, bad, count, bound\n"
     )
     + r"""
 // ---- fast path: a streaming scan of every row, then one small CTA per row -------------------
 // The fused kernel above chains ~20 dependent steps after its one read of a slice, so a CTA
 // spends ~90 % of its life waiting and the GPU never nears its memory bandwidth.  Here the
 // pass over the logits does only what streams: each scan CTA reads 8192 logits into
-// registers, keeps its max, first argmax and softmax sum, and lists the few logits that can
-// be among the row's `need` largest (need = max(top-k, top-n)).  A second kernel, one CTA
-// per row, merges those lists and does top-k, top-n, top-p, min-p and the draws on a few
-// dozen candidates.  Rows it cannot finish (no top-k, top-k over FAST_MAX_K, a list that
-// overflowed: heavy ties) are marked not done, and the fused kernel does them.
+// registers, keeps its max, first argmax and softmax sum, and lists its own `need` largest
+// logits and a few more (need = max(top-k, top-n)).  A second kernel, one CTA per row,
+// merges the statistics, keeps the listed logits at or above the row's need-th largest
+// (ranking all the lists costs quadratic time: 40-90 us at 16-32 slices), and does top-k,
+// top-n, top-p, min-p and the draws on those few dozen.  Rows it cannot finish (no top-k,
+// top-k over FAST_MAX_K, a list that overflowed: heavy ties) are marked not done, and the
+// fused kernel does them.
 #define SNW (SNT / 32)
 #define SSLICE (SNT * SV)
-#define FNT 256
 #define FCAP 2048             // candidates a finishing CTA holds
-#define ST_WORDS 8            // per-slice statistics: max, sum, argmax, bad, count, bound
 
 // How many of a row's largest logits the fast path needs, or -1 when it cannot do the row.
 __device__ __forceinline__ int llf_fast_need(const float inv_t, const int top_k, const int n_top) {
@@ -1296,7 +1299,10 @@ class CupySampler:
         fast = fast_rows(batch) if self.fast_path and slices <= MAX_SCAN_SLICES else np.zeros(n, np.bool_)
         scan = None
         if fast.any():
-            scan = (cp.empty(n * slices * 8, dtype=cp.uint32), cp.empty(n * slices * SCAN_CAP * 2, dtype=cp.int32))
+            scan = (
+                cp.empty(n * slices * SCAN_STAT_WORDS, dtype=cp.uint32),
+                cp.empty(n * slices * SCAN_CAP * 2, dtype=cp.int32),
+            )
         prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds, fast, slices, scan)
         if upload_logits:
             logits.set(batch.logits, stream=self.stream)
@@ -1397,7 +1403,7 @@ class CupySampler:
         )
         self._finish(
             (rows,),
-            (256,),
+            (FINISH_THREADS,),
             (
                 vocab,
                 row0,
