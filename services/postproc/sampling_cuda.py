@@ -1206,6 +1206,10 @@ def _slice(vocab: int, cluster: int) -> int:
     return (-(-vocab // cluster) + 7) // 8 * 8
 
 
+def _scan_slices(vocab: int) -> int:
+    return -(-vocab // SCAN_SLICE)
+
+
 def fast_rows(batch: SampleBatch) -> np.ndarray:
     """Rows the fast path can sample (greedy, or top-k in 1..FAST_MAX_K); the kernels decide the same."""
     greedy = ~(batch.inv_temperature > 0)
@@ -1225,8 +1229,12 @@ class DeviceSampleBatch:
     width: int
     entry_bounds: np.ndarray  # penalty entries of rows [r0, r1) are entry_bounds[r0]:entry_bounds[r1]
     fast: np.ndarray  # rows the fast path may take
-    slices: int  # scan CTAs per row
     scan: tuple[Any, Any] | None  # the scan's per-slice statistics and candidate lists
+
+    @property
+    def slices(self) -> int:
+        """Scan CTAs per row."""
+        return _scan_slices(self.vocab)
 
 
 class CupySampler:
@@ -1295,7 +1303,7 @@ class CupySampler:
         out = {k: d_out[out_offsets[k] : out_offsets[k] + out_sizes[k]].view(dtypes[k]) for k in out_sizes}
         logits = cp.empty(batch.logits.shape, dtype=batch.logits.dtype)
         bounds = np.searchsorted(batch.penalty_rows, np.arange(n + 1), side="left")
-        slices = -(-batch.vocab // SCAN_SLICE)
+        slices = _scan_slices(batch.vocab)
         fast = fast_rows(batch) if self.fast_path and slices <= MAX_SCAN_SLICES else np.zeros(n, np.bool_)
         scan = None
         if fast.any():
@@ -1303,7 +1311,7 @@ class CupySampler:
                 cp.empty(n * slices * SCAN_STAT_WORDS, dtype=cp.uint32),
                 cp.empty(n * slices * SCAN_CAP * 2, dtype=cp.int32),
             )
-        prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds, fast, slices, scan)
+        prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds, fast, scan)
         if upload_logits:
             logits.set(batch.logits, stream=self.stream)
         return prepared
