@@ -472,7 +472,11 @@ class CupyBackend(_Embeddings):
                     problem = str(exc)
                 if not problem:
                     break
-                log.warning("sampling: the fast path (streaming scan %s) disabled: %s", stream_scan, problem)
+                log.warning(
+                    "sampling: the fast path with %s scan is off: %s",
+                    "the streaming" if stream_scan else "the plain",
+                    problem,
+                )
             else:
                 self.sampler.fast_path = False
             # After the fast path, so a failure of it that broke the CUDA context shows here.
