@@ -48,6 +48,7 @@ SCAN_CAP = 256
 MAX_SCAN_SLICES = 64
 SCAN_STAT_WORDS = 8
 SCAN_CTAS_PER_SM = 3  # the scan kernels' launch bounds
+SCAN_LOW_BITS = 12  # a scan CTA's bound is exact but for these low key bits (a relative 2^-11 of a logit)
 FINISH_THREADS = 256
 
 
@@ -742,6 +743,7 @@ _FAST_SOURCE = (
         f"#define SNT {SCAN_THREADS}\n#define SV {SCAN_SLICE // SCAN_THREADS}  // logits per scan thread, in registers\n"
         f"#define SCAP {SCAN_CAP}  // candidates one scan CTA may list\n#define FAST_MAX_K {FAST_MAX_K}\n"
         f"#define MAX_SLICES {MAX_SCAN_SLICES}\n#define FNT {FINISH_THREADS}\n#define SCAN_CTAS {SCAN_CTAS_PER_SM}\n"
+        f"#define SCAN_LOW_BITS {SCAN_LOW_BITS}\n"
         f"#define ST_WORDS {SCAN_STAT_WORDS}  // per-slice statistics: max, sum, argmax, bad, count, bound\n"
     )
     + r"""
@@ -780,13 +782,6 @@ __device__ __forceinline__ unsigned llf_warp_slot(unsigned* counter, const bool 
     if (lane == leader) first = atomicAdd(counter, (unsigned)__popc(hits));
     first = __shfl_sync(FULL, first, leader);
     return first + __popc(hits & ((1u << lane) - 1u));
-}
-
-// Position in the slice of register k of this thread: 16-byte vectors (4 floats or 8
-// halves) strided by the CTA, so each load instruction of a warp reads 512 contiguous bytes.
-__device__ __forceinline__ int llf_scan_at(const int k, const int is_half) {
-    const int t = threadIdx.x;
-    return is_half ? 8 * ((k >> 3) * SNT + t) + (k & 7) : 4 * ((k >> 2) * SNT + t) + (k & 3);
 }
 
 // A scan thread's SV logits of slice [lo, lo + n) of a row, straight from device memory.
@@ -830,58 +825,80 @@ __device__ __forceinline__ void llf_scan_load(float (&v)[SV], const void* __rest
     }
 }
 
-// Everything after the loads: statistics, the bound, the list.  Whole-CTA: every thread calls it.
-__device__ __forceinline__ void llf_scan_slice(
-    float (&v)[SV], const int is_half, const long long vocab, const long long row, const int slice,
-    const int slices, const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr,
-    const int* __restrict__ n_top_arr, const int top_stride, unsigned* __restrict__ stats, int2* __restrict__ cands)
+// Position in the slice of register k of this thread: 16-byte vectors (4 floats or 8
+// halves) strided by the CTA, so each load instruction of a warp reads 512 contiguous bytes.
+template <bool HALF>
+__device__ __forceinline__ int llf_scan_pos(const int k) {
+    const int t = threadIdx.x;
+    return HALF ? 8 * ((k >> 3) * SNT + t) + (k & 7) : 4 * ((k >> 2) * SNT + t) + (k & 3);
+}
+
+__device__ __forceinline__ float llf_ex2(const float x) {
+    float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
+}
+
+struct LlfScanShared {
+    unsigned tk[SNT];  // each thread's largest logit, as a key
+    float wf[SNW], wz[SNW];
+    int wi[SNW];
+    unsigned wb[SNW];
+    unsigned bound, count;
+};
+
+// The scan of one slice once its logits are in registers.  HALF and WHOLE (all SSLICE
+// logits present) are compile-time, so the loops carry no per-logit position checks.
+template <bool HALF, bool WHOLE>
+__device__ __forceinline__ void llf_scan_body(float (&v)[SV], LlfScanShared& sh, const int n, const long long lo,
+                                              const float inv_t, const int need, unsigned* __restrict__ st,
+                                              int2* __restrict__ mine)
 {
-    __shared__ unsigned s_tk[SNT];  // each thread's largest logit, as a key
-    __shared__ float s_wf[SNW], s_wz[SNW];
-    __shared__ int s_wi[SNW];
-    __shared__ unsigned s_wb[SNW];
-    __shared__ unsigned s_bound, s_count;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const long long lo = (long long)slice * SSLICE;
-    const int n = (int)min((long long)SSLICE, vocab - lo);
-    const float inv_t_row = inv_t_arr[row];
-    const int need = llf_fast_need(inv_t_row, top_k_arr[row], llf_n_top(n_top_arr, row, vocab, top_stride));
-    if (need < 0) return;
-    const float inv_t = inv_t_row > 0.0f ? inv_t_row : 1.0f;
-    // Max, first argmax (a thread's positions ascend with k), finite check, then the sum.
-    float tm = NEG_INF, tz = 0.0f;
-    int ti = INT_MAX_;
-    unsigned bad = 0;
+    // Max, first argmax (a thread's positions ascend with k), finite check.
+    float tm = NEG_INF;
+    int tk = -1;
+    bool bad = false;
     #pragma unroll
     for (int k = 0; k < SV; k++) {
-        if (llf_scan_at(k, is_half) < n) {
+        if (WHOLE || llf_scan_pos<HALF>(k) < n) {
             const float x = v[k] + 0.0f;  // as the fused kernel: -0 -> +0
             v[k] = x;
             bad |= !(fabsf(x) <= 3.402823466e38f);
-            if (x > tm) { tm = x; ti = (int)(lo + llf_scan_at(k, is_half)); }
+            if (x > tm) { tm = x; tk = k; }
         }
     }
+    // The sum, one FMA and one EX2 a logit; absent logits are -inf and add 0.
+    float tz = 0.0f;
     if (tm != NEG_INF) {
+        const float c = inv_t * 1.4426950408889634f, off = tm * c;
         #pragma unroll
-        for (int k = 0; k < SV; k++)
-            if (llf_scan_at(k, is_half) < n) tz += __expf((v[k] - tm) * inv_t);
+        for (int k = 0; k < SV; k++) tz += llf_ex2(fmaf(v[k], c, -off));
     }
-    s_tk[tid] = llf_key(tm);
+    int ti = INT_MAX_;
+    if (tk >= 0) ti = (int)(lo + (HALF ? 8 * ((tk >> 3) * SNT + tid) + (tk & 7) : 4 * ((tk >> 2) * SNT + tid) + (tk & 3)));
+    sh.tk[tid] = llf_key(tm);
     llf_warp_merge(tm, ti, tz, inv_t);
-    bad = __reduce_or_sync(FULL, bad);
-    if (lane == 0) { s_wf[warp] = tm; s_wi[warp] = ti; s_wz[warp] = tz; s_wb[warp] = bad; }
-    if (tid == 0) s_count = 0;
+    const unsigned wbad = __reduce_or_sync(FULL, (unsigned)bad);
+    if (lane == 0) { sh.wf[warp] = tm; sh.wi[warp] = ti; sh.wz[warp] = tz; sh.wb[warp] = wbad; }
+    if (tid == 0) sh.count = 0;
     __syncthreads();
-    // The need-th largest thread maximum leaves at least `need` logits of the slice at or
-    // above it: bit by bit, the largest key with `need` thread maxima at or above it.
+    // A bound with at least `need` thread maxima, hence `need` logits, at or above it: bit by
+    // bit, the largest key with `need` maxima at or above it.  The maxima share the bits above
+    // their highest differing one, and the search stops SCAN_LOW_BITS short of exact: a
+    // smaller bound only lists a few more logits.
     if (warp == 0) {
         unsigned keys[SNT / 32];
         #pragma unroll
-        for (int j = 0; j < SNT / 32; j++) keys[j] = s_tk[lane * (SNT / 32) + j];
+        for (int j = 0; j < SNT / 32; j++) keys[j] = sh.tk[lane * (SNT / 32) + j];
         unsigned res = 0xffffffffu;  // need == 0: list nothing
         if (need > 0) {
-            res = 0;
-            for (int b = 31; b >= 0; b--) {
+            unsigned kmin = keys[0], kmax = keys[0];
+            #pragma unroll
+            for (int j = 1; j < SNT / 32; j++) { kmin = min(kmin, keys[j]); kmax = max(kmax, keys[j]); }
+            kmin = __reduce_min_sync(FULL, kmin);
+            kmax = __reduce_max_sync(FULL, kmax);
+            const unsigned diff = kmin ^ kmax;
+            res = diff ? kmin & ~(0xffffffffu >> __clz(diff)) : kmin;  // every maximum is at or above it
+            for (int b = diff ? 31 - __clz(diff) : -1; b >= SCAN_LOW_BITS; b--) {
                 const unsigned cand = res | (1u << b);
                 unsigned c = 0;
                 #pragma unroll
@@ -889,30 +906,71 @@ __device__ __forceinline__ void llf_scan_slice(
                 if (__reduce_add_sync(FULL, c) >= (unsigned)need) res = cand;
             }
         }
-        if (lane == 0) s_bound = res;
+        if (lane == 0) sh.bound = res;
     }
     __syncthreads();
-    const unsigned bound = s_bound;
-    int2* mine = cands + (row * slices + slice) * SCAP;
-    if (need > 0) {
+    const unsigned bound = sh.bound;
+    // As a float: keys up to -inf's (NaN patterns) list every logit present.
+    const float bf = bound <= 0x007fffffu ? NEG_INF : llf_unkey(bound);
+    if (need > 0 && __any_sync(FULL, tm >= bf || !WHOLE)) {
+        unsigned mask = 0;
         #pragma unroll
-        for (int k = 0; k < SV; k++) {
-            const int i = llf_scan_at(k, is_half);
-            const bool take = i < n && llf_key(v[k]) >= bound;
-            const unsigned slot = llf_warp_slot(&s_count, take);
-            if (take && slot < SCAP) mine[slot] = make_int2((int)(lo + i), __float_as_int(v[k]));
+        for (int k = 0; k < SV; k++)
+            if ((WHOLE || llf_scan_pos<HALF>(k) < n) && v[k] >= bf) mask |= 1u << k;
+        // One atomicAdd a warp: each lane's first slot from an inclusive scan of the counts.
+        const unsigned cnt = __popc(mask);
+        unsigned incl = cnt;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned y = __shfl_up_sync(FULL, incl, o);
+            if (lane >= o) incl += y;
+        }
+        unsigned first = 0;
+        if (lane == 31 && incl) first = atomicAdd(&sh.count, incl);
+        unsigned slot = __shfl_sync(FULL, first, 31) + incl - cnt;
+        if (mask) {
+            #pragma unroll
+            for (int k = 0; k < SV; k++) {
+                const bool take = (mask >> k) & 1u;
+                if (take && slot < SCAP) mine[slot] = make_int2((int)(lo + llf_scan_pos<HALF>(k)), __float_as_int(v[k]));
+                slot += take;
+            }
         }
     }
     __syncthreads();
     if (tid == 0) {
-        for (int w = 1; w < SNW; w++) { llf_merge(tm, ti, tz, s_wf[w], s_wi[w], s_wz[w], inv_t); bad |= s_wb[w]; }
-        unsigned* st = stats + (row * slices + slice) * ST_WORDS;
+        unsigned b = sh.wb[0];
+        for (int w = 1; w < SNW; w++) { llf_merge(tm, ti, tz, sh.wf[w], sh.wi[w], sh.wz[w], inv_t); b |= sh.wb[w]; }
         st[0] = __float_as_uint(tm);
         st[1] = __float_as_uint(tz);
         st[2] = (unsigned)ti;
-        st[3] = bad;
-        st[4] = s_count;
+        st[3] = b;
+        st[4] = sh.count;
         st[5] = bound;
+    }
+}
+
+// Everything after the loads: statistics, the bound, the list.  Whole-CTA: every thread calls it.
+__device__ __forceinline__ void llf_scan_slice(
+    float (&v)[SV], const int is_half, const long long vocab, const long long row, const int slice,
+    const int slices, const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr,
+    const int* __restrict__ n_top_arr, const int top_stride, unsigned* __restrict__ stats, int2* __restrict__ cands)
+{
+    __shared__ LlfScanShared sh;
+    const long long lo = (long long)slice * SSLICE;
+    const int n = (int)min((long long)SSLICE, vocab - lo);
+    const float inv_t_row = inv_t_arr[row];
+    const int need = llf_fast_need(inv_t_row, top_k_arr[row], llf_n_top(n_top_arr, row, vocab, top_stride));
+    if (need < 0) return;
+    const float inv_t = inv_t_row > 0.0f ? inv_t_row : 1.0f;
+    unsigned* st = stats + (row * slices + slice) * ST_WORDS;
+    int2* mine = cands + (row * slices + slice) * SCAP;
+    if (is_half) {
+        if (n == SSLICE) llf_scan_body<true, true>(v, sh, n, lo, inv_t, need, st, mine);
+        else llf_scan_body<true, false>(v, sh, n, lo, inv_t, need, st, mine);
+    } else {
+        if (n == SSLICE) llf_scan_body<false, true>(v, sh, n, lo, inv_t, need, st, mine);
+        else llf_scan_body<false, false>(v, sh, n, lo, inv_t, need, st, mine);
     }
 }
 
