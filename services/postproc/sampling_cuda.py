@@ -773,6 +773,15 @@ __device__ __forceinline__ float llf_unkey(const unsigned k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
+// Keys in [kmin, kmax] share the bits above the highest bit where kmin and kmax differ: a
+// bitwise search among them starts from that prefix (zeros below, at most every key) and
+// from that bit (returned; -1 when kmin == kmax), not from bit 31.
+__device__ __forceinline__ int llf_key_prefix(const unsigned kmin, const unsigned kmax, unsigned& prefix) {
+    const unsigned diff = kmin ^ kmax;
+    prefix = diff ? kmin & ~(0xffffffffu >> __clz(diff)) : kmin;
+    return diff ? 31 - __clz(diff) : -1;
+}
+
 // Warp-uniform: a slot for each taking lane, from one atomicAdd on *counter (slots may pass a cap).
 __device__ __forceinline__ unsigned llf_warp_slot(unsigned* counter, const bool take) {
     const unsigned hits = __ballot_sync(FULL, take);
@@ -896,9 +905,7 @@ __device__ __forceinline__ void llf_scan_body(float (&v)[SV], LlfScanShared& sh,
             for (int j = 1; j < SNT / 32; j++) { kmin = min(kmin, keys[j]); kmax = max(kmax, keys[j]); }
             kmin = __reduce_min_sync(FULL, kmin);
             kmax = __reduce_max_sync(FULL, kmax);
-            const unsigned diff = kmin ^ kmax;
-            res = diff ? kmin & ~(0xffffffffu >> __clz(diff)) : kmin;  // every maximum is at or above it
-            for (int b = diff ? 31 - __clz(diff) : -1; b >= SCAN_LOW_BITS; b--) {
+            for (int b = llf_key_prefix(kmin, kmax, res); b >= SCAN_LOW_BITS; b--) {
                 const unsigned cand = res | (1u << b);
                 unsigned c = 0;
                 #pragma unroll
@@ -1049,7 +1056,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     __shared__ float s_m;
     __shared__ int s_arg;
     __shared__ double s_logz;
-    __shared__ unsigned s_lstar, s_flag, s_n, s_nc, s_nk, s_tau[2], s_part[2][FNT / 32];
+    __shared__ unsigned s_lstar, s_flag, s_n, s_nc, s_nk, s_tau[2], s_part[2][FNT / 32], s_range[2][FNT / 32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = row0 + blockIdx.x;
     const float inv_t_row = inv_t_arr[row];
@@ -1136,19 +1143,28 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
         return;
     }
     // Each slice listed its own ~`need` largest, so the lists hold ~`need` per slice: keep
-    // only those at or above the row's need-th largest (bit by bit, every warp counting).
-    unsigned mk[FCAP / FNT];
+    // only those at or above the row's need-th largest (bit by bit, every warp counting, from
+    // the candidates' common prefix down to SCAN_LOW_BITS: a few more may stay).
+    unsigned mk[FCAP / FNT], kmin = 0xffffffffu, kmax = 0u;
     int mi[FCAP / FNT];
     #pragma unroll
     for (int j = 0; j < FCAP / FNT; j++) {
         const unsigned c = tid + j * FNT;
         mk[j] = c < listed ? s_ck[c] : 0u;  // key 0 is below every candidate bit pattern tried
         mi[j] = c < listed ? s_ci[c] : 0;
+        kmin = c < listed ? min(kmin, mk[j]) : kmin;
+        kmax = max(kmax, mk[j]);
     }
-    __syncthreads();  // s_ck and s_ci are rewritten below
+    kmin = __reduce_min_sync(FULL, kmin);
+    kmax = __reduce_max_sync(FULL, kmax);
+    if (lane == 0) { s_range[0][warp] = kmin; s_range[1][warp] = kmax; }
+    __syncthreads();  // also: s_ck and s_ci are rewritten below
+    #pragma unroll
+    for (int w = 0; w < FNT / 32; w++) { kmin = min(kmin, s_range[0][w]); kmax = max(kmax, s_range[1][w]); }
     const int need = max(top_k, n_top);
-    unsigned tau_need = 0;
-    for (int b = need > 0 ? 31 : -1; b >= 0; b--) {
+    unsigned tau_need;
+    const int top_bit = llf_key_prefix(kmin, kmax, tau_need);
+    for (int b = need > 0 ? top_bit : -1; b >= SCAN_LOW_BITS; b--) {
         const unsigned cand = tau_need | (1u << b);
         unsigned c = 0;
         #pragma unroll
@@ -1176,7 +1192,9 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
         const unsigned kk = warp == 0 ? (unsigned)top_k : (unsigned)n_top;
         unsigned res = 0;
         if (kk > 0) {
-            for (int b = 31; b >= 0; b--) {
+            unsigned lo_k = 0xffffffffu, hi_k = 0u;
+            for (unsigned j = lane; j < nc; j += 32) { lo_k = min(lo_k, s_ck[j]); hi_k = max(hi_k, s_ck[j]); }
+            for (int b = llf_key_prefix(__reduce_min_sync(FULL, lo_k), __reduce_max_sync(FULL, hi_k), res); b >= 0; b--) {
                 const unsigned cand = res | (1u << b);
                 unsigned c = 0;
                 for (unsigned j = lane; j < nc; j += 32) c += s_ck[j] >= cand;
