@@ -761,6 +761,7 @@ _FAST_SOURCE = (
 #define SNW (SNT / 32)
 #define SSLICE (SNT * SV)
 #define FCAP 2048             // candidates a finishing CTA holds
+#define GATHER_LOADS 8        // loads a finishing thread has in flight in that pass
 
 // How many of a row's largest logits the fast path needs, or -1 when it cannot do the row.
 __device__ __forceinline__ int llf_fast_need(const float inv_t, const int top_k, const int n_top) {
@@ -1123,17 +1124,36 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
         if (tid == 0) done[row] = 0;
         return;
     }
-    // Gather the listed logits at or above the largest bound: a warp per slice's list.
+    // Gather the listed logits at or above the largest bound.  The lists are ~need + a few
+    // long: entry j < head of every list is one thread's, and each thread issues all its loads
+    // before it keeps any (one round trip to L2, not one per list); the rare entries past the
+    // head follow, a warp per list.
     const unsigned lstar = s_lstar;
+    const int need = max(top_k, n_top);
+    const int head_bits = min(32 - __clz(need + need / 4 + 7), 8), head = 1 << head_bits;  // >= need * 1.25 + 8
+    const int2* row_lists = cands + row * slices * SCAP;
+    const auto keep = [&](const int2 c, const bool present) {  // warp-uniform
+        const bool take = present && llf_key(__int_as_float(c.y)) >= lstar;
+        const unsigned slot = llf_warp_slot(&s_n, take);
+        if (take && slot < FCAP) { s_ci[slot] = c.x; s_ck[slot] = llf_key(__int_as_float(c.y)); }
+    };
+    for (int e0 = 0; e0 < slices * head; e0 += FNT * GATHER_LOADS) {
+        int2 c[GATHER_LOADS];
+        bool present[GATHER_LOADS];
+        #pragma unroll
+        for (int u = 0; u < GATHER_LOADS; u++) {
+            const int e = e0 + u * FNT + tid, sl = e >> head_bits, j = e & (head - 1);
+            present[u] = e < slices * head && j < (int)min(s_st[sl][4], (unsigned)SCAP);
+            c[u] = present[u] ? row_lists[sl * SCAP + j] : make_int2(0, 0);
+        }
+        #pragma unroll
+        for (int u = 0; u < GATHER_LOADS; u++) keep(c[u], present[u]);
+    }
     for (int sl = warp; sl < slices; sl += FNT / 32) {
-        const int2* listed = cands + (row * slices + sl) * SCAP;
         const unsigned count = min(s_st[sl][4], (unsigned)SCAP);
-        for (unsigned j0 = 0; j0 < count; j0 += 32) {
+        for (unsigned j0 = head; j0 < count; j0 += 32) {
             const unsigned j = j0 + lane;
-            const int2 c = j < count ? listed[j] : make_int2(0, 0);
-            const bool take = j < count && llf_key(__int_as_float(c.y)) >= lstar;
-            const unsigned slot = llf_warp_slot(&s_n, take);
-            if (take && slot < FCAP) { s_ci[slot] = c.x; s_ck[slot] = llf_key(__int_as_float(c.y)); }
+            keep(j < count ? row_lists[sl * SCAP + j] : make_int2(0, 0), j < count);
         }
     }
     __syncthreads();
@@ -1161,7 +1181,6 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     __syncthreads();  // also: s_ck and s_ci are rewritten below
     #pragma unroll
     for (int w = 0; w < FNT / 32; w++) { kmin = min(kmin, s_range[0][w]); kmax = max(kmax, s_range[1][w]); }
-    const int need = max(top_k, n_top);
     unsigned tau_need;
     const int top_bit = llf_key_prefix(kmin, kmax, tau_need);
     for (int b = need > 0 ? top_bit : -1; b >= SCAN_LOW_BITS; b--) {
