@@ -884,7 +884,7 @@ __device__ __forceinline__ void llf_scan_body(float (&v)[SV], LlfScanShared& sh,
         for (int k = 0; k < SV; k++) tz += llf_ex2(fmaf(v[k], c, -off));
     }
     int ti = INT_MAX_;
-    if (tk >= 0) ti = (int)(lo + (HALF ? 8 * ((tk >> 3) * SNT + tid) + (tk & 7) : 4 * ((tk >> 2) * SNT + tid) + (tk & 3)));
+    if (tk >= 0) ti = (int)(lo + llf_scan_pos<HALF>(tk));
     sh.tk[tid] = llf_key(tm);
     llf_warp_merge(tm, ti, tz, inv_t);
     const unsigned wbad = __reduce_or_sync(FULL, (unsigned)bad);
