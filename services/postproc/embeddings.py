@@ -134,7 +134,7 @@ def pool(
     if normalize:
         norms = xp.sqrt((out * out).sum(axis=1, keepdims=True))
         out = out / xp.maximum(norms, xp.float32(_MIN_NORM))
-    result = out.get() if hasattr(out, "get") else out
+    result = _to_host(out)
     return np.ascontiguousarray(result, dtype=np.float32)
 
 
@@ -284,17 +284,17 @@ class CorpusStore:
                 cand, cand_scores = _exact_top_k(xp, q, vectors, corpus.size, k, select)
             else:
                 cand, cand_scores = _rescored_top_k(xp, q, vectors, corpus.size, k, select, self.fast_scores)
-            # Sort the survivors by row first so equal scores come out in insertion order.
-            by_row = xp.argsort(cand, axis=1)
+            # The k survivors of each query are ordered on the host (a few dozen values; on the
+            # GPU each of these small steps costs a launch): by row first, so equal scores come
+            # out in insertion order, then by score.
+            cand, cand_scores = _to_host(cand), _to_host(cand_scores)
+            by_row = np.argsort(cand, axis=1)
             cand, cand_scores = (
-                xp.take_along_axis(cand, by_row, axis=1),
-                xp.take_along_axis(cand_scores, by_row, axis=1),
+                np.take_along_axis(cand, by_row, axis=1),
+                np.take_along_axis(cand_scores, by_row, axis=1),
             )
-            order = xp.argsort(-cand_scores, axis=1, kind="stable") if xp is np else xp.argsort(-cand_scores, axis=1)
-            best = xp.take_along_axis(cand, order, axis=1)
-            best_scores = xp.take_along_axis(cand_scores, order, axis=1)
-            rows = best.get() if hasattr(best, "get") else best
-            values = best_scores.get() if hasattr(best_scores, "get") else best_scores
+            order = np.argsort(-cand_scores, axis=1, kind="stable")
+            rows, values = np.take_along_axis(cand, order, axis=1), np.take_along_axis(cand_scores, order, axis=1)
             ids = corpus.ids
             return [
                 SearchHits([ids[r] for r in row.tolist()], np.asarray(v, dtype=np.float32))
@@ -363,3 +363,8 @@ def _top_k(xp: Any, values: Any, k: int) -> Any:
     if k >= values.shape[1]:
         return xp.broadcast_to(xp.arange(values.shape[1]), values.shape)
     return xp.argpartition(-values, k - 1, axis=1)[:, :k]
+
+
+def _to_host(a: Any) -> np.ndarray:
+    """A CuPy array copied to the host; a NumPy array as it is."""
+    return a.get() if hasattr(a, "get") else a
