@@ -160,12 +160,6 @@ def bench_sampling(cp: Any, backend: CupyBackend, d2d: float, dtype: type, rows_
                     fused = _row(f"sample_{kind}", "cupy_fused", dtype, batch, vocab, f_us, nbytes, d2d)
                     rows_out.append(fused)
                     print(_fmt(fused), flush=True)
-                    sampler.stream_scan = False  # the scan as one CTA per slice, as the peer of the streaming one
-                    d_us = gpu_time_us(cp, sampler.stream, lambda i, p=prepared: sampler.launch(p[i]), n_inputs)
-                    sampler.stream_scan = True
-                    direct = _row(f"sample_{kind}", "cupy_direct_scan", dtype, batch, vocab, d_us, nbytes, d2d)
-                    rows_out.append(direct)
-                    print(_fmt(direct), flush=True)
                 if kind == "topk_topp" and torch is not None and dtype is np.float32:
                     t_us = bench_torch(torch, logits, n_inputs)
                     rows_out.append(_row("sample_topk_topp", "torch", dtype, batch, vocab, t_us, nbytes, d2d))

@@ -1,7 +1,7 @@
 """Per-kernel times of the sampling fast path on a GPU, and what its scan lists.
 
 For top-k 50 + top-p 0.9 over random float32 logits, at vocab 32k/128k/256k and batch 1/64/256:
-the scan kernel alone (one CTA a slice, and the streaming one), the finishing kernel alone, the whole launch (penalties, scan, finish,
+the scan kernel alone, the finishing kernel alone, the whole launch (penalties, scan, finish,
 fused kernel for the rows given back), the fused kernel alone; then rows done by the fast
 path, candidates listed per slice, and candidates the finishing CTA keeps.  Times are CUDA
 events around 30 back-to-back launches on the sampler's stream.
@@ -18,14 +18,7 @@ from typing import Any
 import numpy as np
 
 from services.postproc.sampling import RowParams, SampleLimits, make_sample_batch
-from services.postproc.sampling_cuda import (
-    FINISH_THREADS,
-    SCAN_CAP,
-    SCAN_CTAS_PER_SM,
-    SCAN_SLICE,
-    SCAN_STAT_WORDS,
-    SCAN_THREADS,
-)
+from services.postproc.sampling_cuda import FINISH_THREADS, SCAN_CAP, SCAN_STAT_WORDS, SCAN_THREADS
 
 
 def timed_us(cp: Any, stream: Any, launch: Callable[[], None], n: int = 30) -> float:
@@ -63,14 +56,6 @@ def profile(cp: Any, sampler: Any, vocab: int, rows: int, rng: np.random.Generat
         np.int32(prepared.width), p["done"],
     )  # fmt: skip
     scan = timed_us(cp, stream, lambda: sampler._scan((rows * slices,), (SCAN_THREADS,), scan_args))
-    items = rows * slices
-    ctas = min(items, sampler._sm_count * SCAN_CTAS_PER_SM)
-    stream_args = (*scan_args, np.int64(items))
-    streamed = timed_us(
-        cp,
-        stream,
-        lambda: sampler._scan_stream((ctas,), (SCAN_THREADS,), stream_args, shared_mem=2 * SCAN_SLICE * 4),
-    )
     finish = timed_us(cp, stream, lambda: sampler._finish((rows,), (FINISH_THREADS,), finish_args))
     whole = timed_us(cp, stream, lambda: sampler.launch(prepared))
     fused = timed_us(cp, stream, lambda: sampler.launch(prepared, fast=False))
@@ -82,8 +67,7 @@ def profile(cp: Any, sampler: Any, vocab: int, rows: int, rng: np.random.Generat
     valid = np.arange(SCAN_CAP) < np.minimum(counts, SCAN_CAP)[:, :, None]
     above = ((listed >= bounds.max(axis=1)[:, None, None]) & valid).sum(axis=(1, 2))
     return (
-        f"vocab {vocab} batch {rows} ({slices} slices): scan {scan:.1f} µs (streaming {streamed:.1f} µs), "
-        f"finish {finish:.1f} µs, "
+        f"vocab {vocab} batch {rows} ({slices} slices): scan {scan:.1f} µs, finish {finish:.1f} µs, "
         f"whole launch {whole:.1f} µs, fused kernel alone {fused:.1f} µs | rows done by the fast path "
         f"{int(p['done'].get().sum())}/{rows} | listed per slice: mean {counts.mean():.0f}, max {counts.max()} "
         f"| at or above the largest slice bound: mean {above.mean():.0f}"

@@ -445,8 +445,7 @@ class CupyBackend(_Embeddings):
 
     def _self_check_sample(self) -> None:
         """Every fused-kernel variant must agree with NumPy (else no CuPy backend); the fast
-        path must too, with the streaming scan or else the plain one, or it is turned off and
-        the fused kernel samples every row."""
+        path must too, else it is turned off and the fused kernel samples every row."""
         batch = _self_check_sample_batch()
         want = sample_numpy(batch)
 
@@ -463,21 +462,13 @@ class CupyBackend(_Embeddings):
             return None if same else f"tokens {got.token.tolist()} vs {want.token.tolist()}"
 
         with self._device:
-            for stream_scan in (True, False):  # the streaming scan first; the plain one if it fails
-                self.sampler.stream_scan = stream_scan
-                try:
-                    if problem := disagreement(None, fast=True):
-                        problem = f"it disagreed with NumPy: {problem}"
-                except Exception as exc:  # costs the fast path, not the backend
-                    problem = str(exc)
-                if not problem:
-                    break
-                log.warning(
-                    "sampling: the fast path with %s scan is off: %s",
-                    "the streaming" if stream_scan else "the plain",
-                    problem,
-                )
-            else:
+            try:
+                if problem := disagreement(None, fast=True):
+                    problem = f"it disagreed with NumPy: {problem}"
+            except Exception as exc:  # costs the fast path, not the backend
+                problem = str(exc)
+            if problem:
+                log.warning("sampling: the fast path disabled: %s", problem)
                 self.sampler.fast_path = False
             # After the fast path, so a failure of it that broke the CUDA context shows here.
             for cluster in (1, 2, 4, 8):  # compiles and warms every kernel variant

@@ -997,49 +997,6 @@ extern "C" __global__ void __launch_bounds__(SNT, SCAN_CTAS) llf_scan(
     llf_scan_slice(v, is_half, vocab, row, slice, slices, inv_t_arr, top_k_arr, n_top_arr, top_stride, stats, cands);
 }
 
-// The same scan for rows of 16-byte aligned slices, by persistent CTAs: each takes slices
-// gridDim.x apart and copies the next one into shared memory (cp.async) while it works on
-// the current one, so a CTA always has a slice in flight.  With one slice per CTA, the
-// GPU alternated between everyone loading and everyone computing (1.2 TB/s on an H100).
-__device__ __forceinline__ void llf_prefetch(unsigned char* dst, const unsigned char* src, const int nbytes) {
-    for (int o = threadIdx.x * 16; o < nbytes; o += SNT * 16) {
-        const unsigned d = (unsigned)__cvta_generic_to_shared(dst + o);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + o) : "memory");
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(SNT, SCAN_CTAS) llf_scan_stream(
-    const void* __restrict__ logits, const int is_half, const long long vocab, const long long row0,
-    const int slices, const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr,
-    const int* __restrict__ n_top_arr, const int top_stride, unsigned* __restrict__ stats, int2* __restrict__ cands,
-    const long long items)
-{
-    extern __shared__ __align__(16) unsigned char s_stage[];  // two slices
-    const int esize = is_half ? 2 : 4;
-    // Item q is slice q % slices of row row0 + q / slices.
-    const auto src_of = [&](const long long q) {
-        return (const unsigned char*)logits + ((row0 + q / slices) * vocab + (q % slices) * (long long)SSLICE) * esize;
-    };
-    const auto bytes_of = [&](const long long q) {
-        return (int)min((long long)SSLICE, vocab - (q % slices) * (long long)SSLICE) * esize;
-    };
-    long long item = blockIdx.x;
-    if (item < items) llf_prefetch(s_stage, src_of(item), bytes_of(item));
-    asm volatile("cp.async.commit_group;" ::: "memory");
-    for (int k = 0; item < items; k++, item += gridDim.x) {
-        const long long next = item + gridDim.x;
-        if (next < items) llf_prefetch(s_stage + ((k + 1) & 1) * SSLICE * esize, src_of(next), bytes_of(next));
-        asm volatile("cp.async.commit_group;" ::: "memory");
-        asm volatile("cp.async.wait_group 1;" ::: "memory");  // all but the newest group: this item landed
-        __syncthreads();
-        float v[SV];  // generic loads from shared memory, the same code as from device memory
-        llf_scan_load(v, s_stage + (k & 1) * SSLICE * esize, is_half, vocab, 0, 0, bytes_of(item) / esize);
-        llf_scan_slice(v, is_half, vocab, row0 + item / slices, (int)(item % slices), slices, inv_t_arr, top_k_arr,
-                       n_top_arr, top_stride, stats, cands);
-        __syncthreads();  // the next prefetch but one refills this buffer; the shared state is reused
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     const long long vocab, const long long row0, const int slices, const float* __restrict__ inv_t_arr,
     const int* __restrict__ top_k_arr, const float* __restrict__ top_p_arr, const float* __restrict__ min_p_arr,
@@ -1413,11 +1370,8 @@ class CupySampler:
         self._pinned_in = PinnedBuffer(cupy)
         self._pinned_out = PinnedBuffer(cupy)
         self._scan = module.get_function("llf_scan")
-        self._scan_stream = module.get_function("llf_scan_stream")
-        self._scan_stream.max_dynamic_shared_size_bytes = 2 * SCAN_SLICE * 4
         self._finish = module.get_function("llf_finish")
         self.fast_path = True  # the backend turns it off when its start-up check disagrees
-        self.stream_scan = True  # persistent scan CTAs for 16-byte aligned rows (else one CTA a slice)
 
     def kernel(self, cluster: int) -> Any:
         """The compiled sampling kernel for ``cluster`` CTAs per row (for its attributes)."""
@@ -1552,29 +1506,24 @@ class CupySampler:
     def _launch_fast(self, prepared: DeviceSampleBatch, r0: int, rows: int, stats: Any, cands: Any) -> None:
         p, out = prepared.params, prepared.out
         vocab, row0, slices = np.int64(prepared.vocab), np.int64(r0), np.int32(prepared.slices)
-        itemsize = prepared.logits.itemsize
-        is_half = np.int32(itemsize == 2)
-        scan_args = (
-            prepared.logits,
-            is_half,
-            vocab,
-            row0,
-            slices,
-            p["inv_t"],
-            p["top_k"],
-            p["n_top"],
-            np.int32(prepared.width),
-            stats,
-            cands,
+        is_half = np.int32(prepared.logits.dtype == self._cp.float16)
+        self._scan(
+            (rows * prepared.slices,),
+            (SCAN_THREADS,),
+            (
+                prepared.logits,
+                is_half,
+                vocab,
+                row0,
+                slices,
+                p["inv_t"],
+                p["top_k"],
+                p["n_top"],
+                np.int32(prepared.width),
+                stats,
+                cands,
+            ),
         )
-        items = rows * prepared.slices
-        if self.stream_scan and prepared.vocab * itemsize % 16 == 0:
-            ctas = min(items, self._sm_count * SCAN_CTAS_PER_SM)
-            self._scan_stream(
-                (ctas,), (SCAN_THREADS,), (*scan_args, np.int64(items)), shared_mem=2 * SCAN_SLICE * itemsize
-            )
-        else:
-            self._scan((items,), (SCAN_THREADS,), scan_args)
         self._finish(
             (rows,),
             (FINISH_THREADS,),
