@@ -48,12 +48,12 @@ def profile(cp: Any, sampler: Any, vocab: int, rows: int, rng: np.random.Generat
     p, out, slices, stream = prepared.params, prepared.out, prepared.slices, sampler.stream
     scan_args = (
         prepared.logits, np.int32(0), np.int64(vocab), np.int64(0), np.int32(slices),
-        p["inv_t"], p["top_k"], p["n_top"], np.int32(prepared.width), stats, cands,
+        p["inv_t"], p["top_k"], p["n_top"], np.int32(prepared.width), stats, cands, p["given_back"],
     )  # fmt: skip
     finish_args = (
         np.int64(vocab), np.int64(0), np.int32(slices), p["inv_t"], p["top_k"], p["top_p"], p["min_p"],
         p["seed"], p["n_top"], stats, cands, out["token"], out["logprob"], out["top_ids"], out["top_lp"],
-        np.int32(prepared.width), p["done"],
+        np.int32(prepared.width), p["given_back"],
     )  # fmt: skip
     scan = timed_us(cp, stream, lambda: sampler._scan((rows * slices,), (SCAN_THREADS,), scan_args))
     finish = timed_us(cp, stream, lambda: sampler._finish((rows,), (FINISH_THREADS,), finish_args))
@@ -61,6 +61,7 @@ def profile(cp: Any, sampler: Any, vocab: int, rows: int, rng: np.random.Generat
     fused = timed_us(cp, stream, lambda: sampler.launch(prepared, fast=False))
     sampler.launch(prepared)
     stream.synchronize()
+    given_back = int(p["given_back"][0].get())
     st = stats.get().reshape(rows, slices, SCAN_STAT_WORDS)
     counts, bounds = st[:, :, 4], st[:, :, 5]
     listed = keys(cands.get().reshape(rows, slices, SCAN_CAP, 2)[:, :, :, 1].view(np.uint32))
@@ -69,7 +70,7 @@ def profile(cp: Any, sampler: Any, vocab: int, rows: int, rng: np.random.Generat
     return (
         f"vocab {vocab} batch {rows} ({slices} slices): scan {scan:.1f} µs, finish {finish:.1f} µs, "
         f"whole launch {whole:.1f} µs, fused kernel alone {fused:.1f} µs | rows done by the fast path "
-        f"{int(p['done'].get().sum())}/{rows} | listed per slice: mean {counts.mean():.0f}, max {counts.max()} "
+        f"{rows - given_back}/{rows} | listed per slice: mean {counts.mean():.0f}, max {counts.max()} "
         f"| at or above the largest slice bound: mean {above.mean():.0f}"
     )
 

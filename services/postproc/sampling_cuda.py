@@ -490,7 +490,8 @@ __device__ __forceinline__ void llf_warp_merge(float& m, int& i, float& z, const
     }
 }
 
-__device__ void llf_sample_body(
+// Not inlined: the kernels call it in a loop, and inlined it spilled registers in its own loops.
+__device__ __noinline__ void llf_sample_body(
     const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, const long long row,
     const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr, const float* __restrict__ top_p_arr,
     const float* __restrict__ min_p_arr, const unsigned long long* __restrict__ seed_arr,
@@ -756,7 +757,7 @@ _FAST_SOURCE = (
 // merges the statistics, keeps the listed logits at or above the row's need-th largest
 // (ranking all the lists costs quadratic time: 40-90 us at 16-32 slices), and does top-k,
 // top-n, top-p, min-p and the draws on those few dozen.  Rows it cannot finish (no top-k,
-// top-k over FAST_MAX_K, a list that overflowed: heavy ties) are marked not done, and the
+// top-k over FAST_MAX_K, a list that overflowed: heavy ties) are given back (listed), and the
 // fused kernel does them.
 #define SNW (SNT / 32)
 #define SSLICE (SNT * SV)
@@ -986,15 +987,25 @@ __device__ __forceinline__ void llf_scan_slice(
 extern "C" __global__ void __launch_bounds__(SNT, SCAN_CTAS) llf_scan(
     const void* __restrict__ logits, const int is_half, const long long vocab, const long long row0,
     const int slices, const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr,
-    const int* __restrict__ n_top_arr, const int top_stride, unsigned* __restrict__ stats, int2* __restrict__ cands)
+    const int* __restrict__ n_top_arr, const int top_stride, unsigned* __restrict__ stats, int2* __restrict__ cands,
+    int* __restrict__ given_back)
 {
     const long long row = row0 + blockIdx.x / slices;
     const int slice = blockIdx.x % slices;
     const long long lo = (long long)slice * SSLICE;
+    if (blockIdx.x == 0 && threadIdx.x == 0) given_back[0] = 0;  // the finishing kernel, next, lists rows there
     float v[SV];
     // The logits are loaded before the row's parameters are looked at, so both reads overlap.
     llf_scan_load(v, logits, is_half, vocab, row, lo, (int)min((long long)SSLICE, vocab - lo));
     llf_scan_slice(v, is_half, vocab, row, slice, slices, inv_t_arr, top_k_arr, n_top_arr, top_stride, stats, cands);
+}
+
+// A row for the fused kernel: appended to the list after given_back[0], its length (the scan
+// zeroes it; a finishing kernel run again without the scan, as a profiler does, stops at the
+// grid's rows).
+__device__ __forceinline__ void llf_give_back(int* given_back, const long long row) {
+    const int q = atomicAdd(given_back, 1);
+    if (q < (int)gridDim.x) given_back[1 + q] = (int)row;
 }
 
 extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
@@ -1003,7 +1014,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     const unsigned long long* __restrict__ seed_arr, const int* __restrict__ n_top_arr,
     const unsigned* __restrict__ stats, const int2* __restrict__ cands, int* __restrict__ out_token,
     float* __restrict__ out_logprob, int* __restrict__ out_top_ids, float* __restrict__ out_top_lp,
-    const int top_stride, int* __restrict__ done)
+    const int top_stride, int* __restrict__ given_back)
 {
     __shared__ unsigned s_st[MAX_SLICES][6];
     __shared__ int s_ci[FCAP];        // candidates: vocabulary index, key
@@ -1023,7 +1034,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     const int top_k = greedy ? 0 : top_k_arr[row];
     const int n_top = llf_n_top(n_top_arr, row, vocab, top_stride);
     if (llf_fast_need(inv_t_row, top_k, n_top) < 0) {
-        if (tid == 0) done[row] = 0;
+        if (tid == 0) llf_give_back(given_back, row);
         return;
     }
     const unsigned* st = stats + row * slices * ST_WORDS;
@@ -1073,12 +1084,12 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     }
     __syncthreads();
     if (s_flag == 1u) {  // NaN or inf: flagged, as the fused kernel does
-        if (tid == 0) { out_token[row] = -1; out_logprob[row] = 0.0f; done[row] = 1; }
+        if (tid == 0) { out_token[row] = -1; out_logprob[row] = 0.0f; }
         for (int j = tid; j < top_stride; j += FNT) { out_top_ids[row * top_stride + j] = -1; out_top_lp[row * top_stride + j] = 0.0f; }
         return;
     }
     if (s_flag == 2u) {
-        if (tid == 0) done[row] = 0;
+        if (tid == 0) llf_give_back(given_back, row);
         return;
     }
     // Gather the listed logits at or above the largest bound.  The lists are ~need + a few
@@ -1116,7 +1127,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     __syncthreads();
     const unsigned listed = s_n;
     if (listed > FCAP) {
-        if (tid == 0) done[row] = 0;
+        if (tid == 0) llf_give_back(given_back, row);
         return;
     }
     // Each slice listed its own ~`need` largest, so the lists hold ~`need` per slice: keep
@@ -1271,7 +1282,6 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     if (tid == 0) {
         out_token[row] = token;
         out_logprob[row] = (float)((double)__fmul_rn(__fsub_rn(x_token, m), inv_t) - log_z);
-        done[row] = 1;
     }
 }
 """
@@ -1283,21 +1293,25 @@ _SAMPLE_ARGS = (
     "const float* __restrict__ top_p, const float* __restrict__ min_p, "
     "const unsigned long long* __restrict__ seed, const int* __restrict__ n_top, int* __restrict__ out_token, "
     "float* __restrict__ out_logprob, int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, "
-    "const int top_stride, const int* __restrict__ done"
+    "const int top_stride, const int n_rows, const int* __restrict__ given_back, const int listed"
 )
 _SAMPLE_NAMES = (
     "logits, is_half, vocab, slice, row, inv_t, top_k, top_p, min_p, seed, n_top, out_token, out_logprob, "
     "out_top_ids, out_top_lp, top_stride"
 )
-# A row's CTAs leave at once when the fast path did the row.
+# Rows row0 .. row0 + n_rows - 1, or (listed) the given_back[0] rows the fast path gave back,
+# listed from given_back[1]: then the grid is a few clusters, which leave at once when the
+# list is empty, instead of a cluster per row that must each start and leave.
 SOURCE = (
     _SOURCE
     + _FAST_SOURCE
     + "".join(
         f'extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__({c}, 1, 1) llf_sample_c{c}('
         f"{_SAMPLE_ARGS}) {{\n"
-        f"    const long long row = row0 + blockIdx.x / {c};\n"
-        f"    if (!done[row]) llf_sample_body({_SAMPLE_NAMES});\n}}\n"
+        f"    const int n = listed ? min(given_back[0], n_rows) : n_rows;\n"
+        f"    for (int q = blockIdx.x / {c}; q < n; q += gridDim.x / {c}) {{\n"
+        f"        const long long row = listed ? given_back[1 + q] : row0 + q;\n"
+        f"        llf_sample_body({_SAMPLE_NAMES});\n    }}\n}}\n"
         for c in CLUSTER_SIZES
     )
 )
@@ -1391,7 +1405,7 @@ class CupySampler:
             "pen_rows": batch.penalty_rows,
             "pen_tokens": batch.penalty_tokens,
             "pen_counts": batch.penalty_counts,
-            "done": np.zeros(batch.n_rows, np.int32),  # rows the fast path finished
+            "given_back": np.zeros(batch.n_rows + 1, np.int32),  # rows the fast path leaves to the fused kernel
         }
 
     def prepare(self, batch: SampleBatch, *, upload_logits: bool = True) -> DeviceSampleBatch:
@@ -1474,12 +1488,13 @@ class CupySampler:
                 c, slice_ = cluster, _slice(prepared.vocab, cluster)
             if slice_ > MAX_SLICE:
                 raise ValueError(f"vocab {prepared.vocab} needs more than {max(CLUSTER_SIZES)} CTAs per row")
-            if fast and prepared.scan is not None and prepared.fast[r0:r1].any():
+            listed = fast and prepared.scan is not None and bool(prepared.fast[r0:r1].any())
+            if listed:
                 self._launch_fast(prepared, r0, rows, *prepared.scan)
-            elif prepared.scan is not None:
-                p["done"][r0:r1].fill(0)  # a fast launch of the same batch may have marked them
+            # Listed: about one CTA per SM (the fused kernel's shared memory fits one or two).
+            clusters = min(rows, max(1, 2 * self._sm_count // c)) if listed else rows
             self._kernels[c](
-                (rows * c,),
+                (clusters * c,),
                 (NT,),
                 (
                     prepared.logits,
@@ -1498,7 +1513,9 @@ class CupySampler:
                     prepared.out["top_ids"],
                     prepared.out["top_lp"],
                     np.int32(prepared.width),
-                    p["done"],
+                    np.int32(rows),
+                    p["given_back"],
+                    np.int32(listed),
                 ),
                 shared_mem=slice_ * 4,
             )
@@ -1522,6 +1539,7 @@ class CupySampler:
                 np.int32(prepared.width),
                 stats,
                 cands,
+                p["given_back"],
             ),
         )
         self._finish(
@@ -1544,7 +1562,7 @@ class CupySampler:
                 out["top_ids"],
                 out["top_lp"],
                 np.int32(prepared.width),
-                p["done"],
+                p["given_back"],
             ),
         )
 
