@@ -490,8 +490,7 @@ __device__ __forceinline__ void llf_warp_merge(float& m, int& i, float& z, const
     }
 }
 
-// Not inlined: the kernels call it in a loop, and inlined it spilled registers in its own loops.
-__device__ __noinline__ void llf_sample_body(
+__device__ void llf_sample_body(
     const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, const long long row,
     const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr, const float* __restrict__ top_p_arr,
     const float* __restrict__ min_p_arr, const unsigned long long* __restrict__ seed_arr,
@@ -1028,7 +1027,17 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     __shared__ unsigned s_lstar, s_flag, s_n, s_nc, s_nk, s_tau[2], s_part[2][FNT / 32], s_range[2][FNT / 32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = row0 + blockIdx.x;
-    const float inv_t_row = inv_t_arr[row];
+    // Every global read this CTA needs before its lists is issued here, at once: the slice
+    // statistics (whether or not the row turns out to be the fast path's) and the parameters.
+    const unsigned* st = stats + row * slices * ST_WORDS;
+    unsigned st_words[(MAX_SLICES * 6 + FNT - 1) / FNT];
+    #pragma unroll
+    for (int j = 0; j < (MAX_SLICES * 6 + FNT - 1) / FNT; j++) {
+        const int q = tid + j * FNT;
+        st_words[j] = q < slices * 6 ? st[(q / 6) * ST_WORDS + q % 6] : 0u;
+    }
+    const float inv_t_row = inv_t_arr[row], top_p = top_p_arr[row], min_p = min_p_arr[row];
+    const unsigned long long seed = seed_arr[row];
     const bool greedy = !(inv_t_row > 0.0f);
     const float inv_t = greedy ? 1.0f : inv_t_row;
     const int top_k = greedy ? 0 : top_k_arr[row];
@@ -1037,8 +1046,11 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
         if (tid == 0) llf_give_back(given_back, row);
         return;
     }
-    const unsigned* st = stats + row * slices * ST_WORDS;
-    for (int q = tid; q < slices * 6; q += FNT) s_st[q / 6][q % 6] = st[(q / 6) * ST_WORDS + q % 6];
+    #pragma unroll
+    for (int j = 0; j < (MAX_SLICES * 6 + FNT - 1) / FNT; j++) {
+        const int q = tid + j * FNT;
+        if (q < slices * 6) s_st[q / 6][q % 6] = st_words[j];
+    }
     __syncthreads();
     if (warp == 0) {  // lane l merges slices 2l and 2l + 1 (MAX_SLICES <= 64), then the warp its lanes
         float m = NEG_INF;
@@ -1233,8 +1245,6 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
         __syncthreads();
         if (warp == 0) {  // the draws of the sampling module, on the top-k set alone
             const unsigned nk = s_nk;
-            const float top_p = top_p_arr[row], min_p = min_p_arr[row];
-            const unsigned long long seed = seed_arr[row];
             double z_k = 0.0, z = 0.0;
             for (unsigned p = lane; p < nk; p += 32) {
                 z_k += (double)s_kw[p];
@@ -1287,31 +1297,42 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
 """
 )
 
-_SAMPLE_ARGS = (
+_ROW_PARAMS = (  # llf_sample_body's
     "const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, "
-    "const long long row0, const float* __restrict__ inv_t, const int* __restrict__ top_k, "
+    "const long long row, const float* __restrict__ inv_t, const int* __restrict__ top_k, "
     "const float* __restrict__ top_p, const float* __restrict__ min_p, "
     "const unsigned long long* __restrict__ seed, const int* __restrict__ n_top, int* __restrict__ out_token, "
     "float* __restrict__ out_logprob, int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, "
-    "const int top_stride, const int n_rows, const int* __restrict__ given_back, const int listed"
+    "const int top_stride"
+)
+_SAMPLE_ARGS = (  # the kernels'
+    _ROW_PARAMS.replace("const long long row,", "const long long row0,")
+    + ", const int n_rows, const int* __restrict__ given_back"
 )
 _SAMPLE_NAMES = (
     "logits, is_half, vocab, slice, row, inv_t, top_k, top_p, min_p, seed, n_top, out_token, out_logprob, "
     "out_top_ids, out_top_lp, top_stride"
 )
-# Rows row0 .. row0 + n_rows - 1, or (listed) the given_back[0] rows the fast path gave back,
-# listed from given_back[1]: then the grid is a few clusters, which leave at once when the
-# list is empty, instead of a cluster per row that must each start and leave.
+# llf_sample_c{c}: a cluster per row, row0 .. row0 + n_rows - 1.  llf_sample_list_c{c}: the
+# given_back[0] rows the fast path gave back, listed from given_back[1], by a few clusters
+# that leave at once when the list is empty (not a cluster per row that must start and leave).
+# The list kernels call the body through llf_sample_row, not inlined: inlined into their
+# loop it spilled registers, and the one-row kernels keep it inlined.
 SOURCE = (
     _SOURCE
     + _FAST_SOURCE
+    + f"__device__ __noinline__ void llf_sample_row({_ROW_PARAMS}) {{\n    llf_sample_body({_SAMPLE_NAMES});\n}}\n"
     + "".join(
         f'extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__({c}, 1, 1) llf_sample_c{c}('
         f"{_SAMPLE_ARGS}) {{\n"
-        f"    const int n = listed ? min(given_back[0], n_rows) : n_rows;\n"
+        f"    const long long row = row0 + blockIdx.x / {c};\n"
+        f"    llf_sample_body({_SAMPLE_NAMES});\n}}\n"
+        f'extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__({c}, 1, 1) llf_sample_list_c{c}('
+        f"{_SAMPLE_ARGS}) {{\n"
+        f"    const int n = min(given_back[0], n_rows);\n"
         f"    for (int q = blockIdx.x / {c}; q < n; q += gridDim.x / {c}) {{\n"
-        f"        const long long row = listed ? given_back[1 + q] : row0 + q;\n"
-        f"        llf_sample_body({_SAMPLE_NAMES});\n    }}\n}}\n"
+        f"        const long long row = given_back[1 + q];\n"
+        f"        llf_sample_row({_SAMPLE_NAMES});\n    }}\n}}\n"
         for c in CLUSTER_SIZES
     )
 )
@@ -1376,7 +1397,8 @@ class CupySampler:
         self._copy_stream = copy_stream
         module = cupy.RawModule(code=SOURCE, options=("-std=c++17",))
         self._kernels = {c: module.get_function(f"llf_sample_c{c}") for c in CLUSTER_SIZES}
-        for kernel in self._kernels.values():
+        self._list_kernels = {c: module.get_function(f"llf_sample_list_c{c}") for c in CLUSTER_SIZES}
+        for kernel in (*self._kernels.values(), *self._list_kernels.values()):
             kernel.max_dynamic_shared_size_bytes = MAX_SLICE * 4  # compiles the module now
         self._penalties = module.get_function("llf_penalties")
         self._pinned_params = PinnedBuffer(cupy)
@@ -1493,7 +1515,7 @@ class CupySampler:
                 self._launch_fast(prepared, r0, rows, *prepared.scan)
             # Listed: about one CTA per SM (the fused kernel's shared memory fits one or two).
             clusters = min(rows, max(1, 2 * self._sm_count // c)) if listed else rows
-            self._kernels[c](
+            (self._list_kernels if listed else self._kernels)[c](
                 (clusters * c,),
                 (NT,),
                 (
@@ -1515,7 +1537,6 @@ class CupySampler:
                     np.int32(prepared.width),
                     np.int32(rows),
                     p["given_back"],
-                    np.int32(listed),
                 ),
                 shared_mem=slice_ * 4,
             )
