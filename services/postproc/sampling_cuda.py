@@ -982,7 +982,6 @@ __device__ __forceinline__ void llf_scan_slice(
     }
 }
 
-
 extern "C" __global__ void __launch_bounds__(SNT, SCAN_CTAS) llf_scan(
     const void* __restrict__ logits, const int is_half, const long long vocab, const long long row0,
     const int slices, const float* __restrict__ inv_t_arr, const int* __restrict__ top_k_arr,
