@@ -849,63 +849,55 @@ __device__ __forceinline__ float llf_ex2(const float x) {
 
 struct LlfScanShared {
     unsigned tk[SNT];  // each thread's largest logit, as a key
-    float wf[SNW], wz[SNW];
-    int wi[SNW];
-    unsigned wb[SNW];
+    float wz[SNW];
+    unsigned wi[SNW];
     unsigned bound, count;
+    float4 stash[SNW][SV / 4 * 32];  // each warp's listing lanes' logits, [vector][lane]
 };
 
 // The scan of one slice once its logits are in registers.  HALF and WHOLE (all SSLICE
-// logits present) are compile-time, so the loops carry no per-logit position checks.
+// logits present) are compile-time, so the loops carry no per-logit position checks.  The
+// scan is bound by instruction issue more than by memory, so the per-logit work is kept to
+// a max, a finite check, an FMA, an EX2, an add and a compare; the argmax is looked up
+// afterwards, by the few threads holding the slice max.  After the first barrier every warp
+// reads all thread maxima, so the softmax sum is taken against the slice max at once
+// (nothing to rescale), while warp 0 searches the bound.
 template <bool HALF, bool WHOLE>
 __device__ __forceinline__ void llf_scan_body(float (&v)[SV], LlfScanShared& sh, const int n, const long long lo,
                                               const float inv_t, const int need, unsigned* __restrict__ st,
                                               int2* __restrict__ mine)
 {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    // Max, first argmax (a thread's positions ascend with k), finite check.
-    float tm = NEG_INF;
-    int tk = -1;
+    float tmq[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF};  // four chains, for latency
     bool bad = false;
     #pragma unroll
     for (int k = 0; k < SV; k++) {
         if (WHOLE || llf_scan_pos<HALF>(k) < n) {
-            const float x = v[k] + 0.0f;  // as the fused kernel: -0 -> +0
-            v[k] = x;
-            bad |= !(fabsf(x) <= 3.402823466e38f);
-            if (x > tm) { tm = x; tk = k; }
+            tmq[k & 3] = fmaxf(tmq[k & 3], v[k]);
+            bad |= !(fabsf(v[k]) <= 3.402823466e38f);
         }
     }
-    // The sum, one FMA and one EX2 a logit; absent logits are -inf and add 0.
-    float tz = 0.0f;
-    if (tm != NEG_INF) {
-        const float c = inv_t * 1.4426950408889634f, off = tm * c;
-        #pragma unroll
-        for (int k = 0; k < SV; k++) tz += llf_ex2(fmaf(v[k], c, -off));
-    }
-    int ti = INT_MAX_;
-    if (tk >= 0) ti = (int)(lo + llf_scan_pos<HALF>(tk));
+    // fmaxf skips NaN (flagged bad above); + 0.0f makes a -0 max +0, as the fused kernel does.
+    const float tm = fmaxf(fmaxf(tmq[0], tmq[1]), fmaxf(tmq[2], tmq[3])) + 0.0f;
     sh.tk[tid] = llf_key(tm);
-    llf_warp_merge(tm, ti, tz, inv_t);
-    const unsigned wbad = __reduce_or_sync(FULL, (unsigned)bad);
-    if (lane == 0) { sh.wf[warp] = tm; sh.wi[warp] = ti; sh.wz[warp] = tz; sh.wb[warp] = wbad; }
     if (tid == 0) sh.count = 0;
     __syncthreads();
+    unsigned keys[SNT / 32];
+    #pragma unroll
+    for (int j = 0; j < SNT / 32; j++) keys[j] = sh.tk[lane * (SNT / 32) + j];
+    unsigned kmin = keys[0], kmax = keys[0];
+    #pragma unroll
+    for (int j = 1; j < SNT / 32; j++) { kmin = min(kmin, keys[j]); kmax = max(kmax, keys[j]); }
+    kmax = __reduce_max_sync(FULL, kmax);
+    const float m = llf_unkey(kmax);  // the slice max (a key is a bijection of non-NaN floats)
     // A bound with at least `need` thread maxima, hence `need` logits, at or above it: bit by
     // bit, the largest key with `need` maxima at or above it.  The maxima share the bits above
     // their highest differing one, and the search stops SCAN_LOW_BITS short of exact: a
     // smaller bound only lists a few more logits.
     if (warp == 0) {
-        unsigned keys[SNT / 32];
-        #pragma unroll
-        for (int j = 0; j < SNT / 32; j++) keys[j] = sh.tk[lane * (SNT / 32) + j];
+        kmin = __reduce_min_sync(FULL, kmin);
         unsigned res = 0xffffffffu;  // need == 0: list nothing
         if (need > 0) {
-            unsigned kmin = keys[0], kmax = keys[0];
-            #pragma unroll
-            for (int j = 1; j < SNT / 32; j++) { kmin = min(kmin, keys[j]); kmax = max(kmax, keys[j]); }
-            kmin = __reduce_min_sync(FULL, kmin);
-            kmax = __reduce_max_sync(FULL, kmax);
             for (int b = llf_key_prefix(kmin, kmax, res); b >= SCAN_LOW_BITS; b--) {
                 const unsigned cand = res | (1u << b);
                 unsigned c = 0;
@@ -916,15 +908,33 @@ __device__ __forceinline__ void llf_scan_body(float (&v)[SV], LlfScanShared& sh,
         }
         if (lane == 0) sh.bound = res;
     }
+    // The sum against the slice max, one FMA and one EX2 a logit; absent logits are -inf and add 0.
+    float tz = 0.0f;
+    if (m != NEG_INF) {
+        const float c = inv_t * 1.4426950408889634f, off = m * c;
+        #pragma unroll
+        for (int k = 0; k < SV; k++) tz += llf_ex2(fmaf(v[k], c, -off));
+    }
+    // The first argmax: the smallest position holding the max, over the CTA (INT_MAX_: none).
+    unsigned ti = (unsigned)INT_MAX_;
+    if (__any_sync(FULL, tm == m) && tm == m) {  // warp-uniform first, so other warps branch past it
+        #pragma unroll
+        for (int k = SV - 1; k >= 0; k--)
+            if ((WHOLE || llf_scan_pos<HALF>(k) < n) && v[k] == m) ti = (unsigned)(lo + llf_scan_pos<HALF>(k));
+    }
     __syncthreads();
     const unsigned bound = sh.bound;
     // As a float: keys up to -inf's (NaN patterns) list every logit present.
     const float bf = bound <= 0x007fffffu ? NEG_INF : llf_unkey(bound);
     if (need > 0 && __any_sync(FULL, tm >= bf || !WHOLE)) {
+        // Two instructions a logit: a compare to all-ones or zero, then a masked OR.
         unsigned mask = 0;
         #pragma unroll
-        for (int k = 0; k < SV; k++)
-            if ((WHOLE || llf_scan_pos<HALF>(k) < n) && v[k] >= bf) mask |= 1u << k;
+        for (int k = 0; k < SV; k++) {
+            unsigned ge;
+            asm("set.ge.u32.f32 %0, %1, %2;" : "=r"(ge) : "f"(v[k]), "f"(bf));
+            if (WHOLE || llf_scan_pos<HALF>(k) < n) mask |= ge & (1u << k);
+        }
         // One atomicAdd a warp: each lane's first slot from an inclusive scan of the counts.
         const unsigned cnt = __popc(mask);
         unsigned incl = cnt;
@@ -937,22 +947,32 @@ __device__ __forceinline__ void llf_scan_body(float (&v)[SV], LlfScanShared& sh,
         if (lane == 31 && incl) first = atomicAdd(&sh.count, incl);
         unsigned slot = __shfl_sync(FULL, first, 31) + incl - cnt;
         if (mask) {
+            // A lane lists its few set bits only, not all SV registers: its logits go to its
+            // own shared stash, which it then reads by position (no other lane reads it).
+            float4* stash = sh.stash[warp];
             #pragma unroll
-            for (int k = 0; k < SV; k++) {
-                const bool take = (mask >> k) & 1u;
-                if (take && slot < SCAP) mine[slot] = make_int2((int)(lo + llf_scan_pos<HALF>(k)), __float_as_int(v[k]));
-                slot += take;
+            for (int j = 0; j < SV / 4; j++) stash[j * 32 + lane] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+            for (; mask && slot < SCAP; mask &= mask - 1, slot++) {
+                const int k = __ffs(mask) - 1;
+                const float x = ((const float*)&stash[(k >> 2) * 32 + lane])[k & 3];
+                mine[slot] = make_int2((int)(lo + llf_scan_pos<HALF>(k)), __float_as_int(x + 0.0f));
             }
         }
     }
-    __syncthreads();
+    const unsigned wi = __reduce_min_sync(FULL, ti);
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) tz += __shfl_xor_sync(FULL, tz, o);
+    if (lane == 0) { sh.wz[warp] = tz; sh.wi[warp] = wi; }
+    const int any_bad = __syncthreads_or(bad);
     if (tid == 0) {
-        unsigned b = sh.wb[0];
-        for (int w = 1; w < SNW; w++) { llf_merge(tm, ti, tz, sh.wf[w], sh.wi[w], sh.wz[w], inv_t); b |= sh.wb[w]; }
-        st[0] = __float_as_uint(tm);
-        st[1] = __float_as_uint(tz);
-        st[2] = (unsigned)ti;
-        st[3] = b;
+        float z = sh.wz[0];
+        unsigned i = sh.wi[0];
+        #pragma unroll
+        for (int w = 1; w < SNW; w++) { z += sh.wz[w]; i = min(i, sh.wi[w]); }
+        st[0] = __float_as_uint(m);
+        st[1] = __float_as_uint(z);
+        st[2] = i;
+        st[3] = (unsigned)any_bad;
         st[4] = sh.count;
         st[5] = bound;
     }
@@ -1544,24 +1564,22 @@ class CupySampler:
         p, out = prepared.params, prepared.out
         vocab, row0, slices = np.int64(prepared.vocab), np.int64(r0), np.int32(prepared.slices)
         is_half = np.int32(prepared.logits.dtype == self._cp.float16)
-        self._scan(
-            (rows * prepared.slices,),
-            (SCAN_THREADS,),
-            (
-                prepared.logits,
-                is_half,
-                vocab,
-                row0,
-                slices,
-                p["inv_t"],
-                p["top_k"],
-                p["n_top"],
-                np.int32(prepared.width),
-                stats,
-                cands,
-                p["given_back"],
-            ),
+        items = rows * prepared.slices
+        scan_args = (
+            prepared.logits,
+            is_half,
+            vocab,
+            row0,
+            slices,
+            p["inv_t"],
+            p["top_k"],
+            p["n_top"],
+            np.int32(prepared.width),
+            stats,
+            cands,
+            p["given_back"],
         )
+        self._scan((items,), (SCAN_THREADS,), scan_args)
         self._finish(
             (rows,),
             (FINISH_THREADS,),
