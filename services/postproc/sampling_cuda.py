@@ -1044,7 +1044,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     __shared__ float s_m;
     __shared__ int s_arg;
     __shared__ double s_logz;
-    __shared__ unsigned s_lstar, s_flag, s_n, s_nc, s_nk, s_tau[2], s_part[2][FNT / 32], s_range[2][FNT / 32];
+    __shared__ unsigned s_lstar, s_flag, s_n, s_nc, s_nk, s_tau[2], s_tau_need, s_hist[FNT];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = row0 + blockIdx.x;
     // Every global read this CTA needs before its lists is issued here, at once: the slice
@@ -1071,6 +1071,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
         const int q = tid + j * FNT;
         if (q < slices * 6) s_st[q / 6][q % 6] = st_words[j];
     }
+    s_hist[tid] = 0u;
     __syncthreads();
     if (warp == 0) {  // lane l merges slices 2l and 2l + 1 (MAX_SLICES <= 64), then the warp its lanes
         float m = NEG_INF;
@@ -1130,12 +1131,21 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     // head follow, a warp per list.
     const unsigned lstar = s_lstar;
     const int need = max(top_k, n_top);
+    // Every kept key lies in [lstar, the row max's key], so shares their bits above the highest
+    // differing one: the 8 bits below those are a monotone histogram digit, counted as kept.
+    unsigned hist_prefix;
+    const int hist_shift = max(llf_key_prefix(lstar, llf_key(s_m), hist_prefix) - 7, 0);
     const int head_bits = min(32 - __clz(need + need / 4 + 7), 8), head = 1 << head_bits;  // >= need * 1.25 + 8
     const int2* row_lists = cands + row * slices * SCAP;
     const auto keep = [&](const int2 c, const bool present) {  // warp-uniform
         const bool take = present && llf_key(__int_as_float(c.y)) >= lstar;
         const unsigned slot = llf_warp_slot(&s_n, take);
-        if (take && slot < FCAP) { s_ci[slot] = c.x; s_ck[slot] = llf_key(__int_as_float(c.y)); }
+        if (take && slot < FCAP) {
+            const unsigned key = llf_key(__int_as_float(c.y));
+            s_ci[slot] = c.x;
+            s_ck[slot] = key;
+            atomicAdd(&s_hist[(key >> hist_shift) & 0xffu], 1u);
+        }
     };
     for (int e0 = 0; e0 < slices * head; e0 += FNT * GATHER_LOADS) {
         int2 c[GATHER_LOADS];
@@ -1163,39 +1173,41 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
         return;
     }
     // Each slice listed its own ~`need` largest, so the lists hold ~`need` per slice: keep
-    // only those at or above the row's need-th largest (bit by bit, every warp counting, from
-    // the candidates' common prefix down to SCAN_LOW_BITS: a few more may stay).
-    unsigned mk[FCAP / FNT], kmin = 0xffffffffu, kmax = 0u;
+    // only those at or above the row's need-th largest, to the histogram's digit: warp 0 finds
+    // the highest bin with `need` kept keys in it and above (a few more may stay: those in it).
+    unsigned mk[FCAP / FNT];
     int mi[FCAP / FNT];
     #pragma unroll
     for (int j = 0; j < FCAP / FNT; j++) {
         const unsigned c = tid + j * FNT;
-        mk[j] = c < listed ? s_ck[c] : 0u;  // key 0 is below every candidate bit pattern tried
+        mk[j] = c < listed ? s_ck[c] : 0u;
         mi[j] = c < listed ? s_ci[c] : 0;
-        kmin = c < listed ? min(kmin, mk[j]) : kmin;
-        kmax = max(kmax, mk[j]);
     }
-    kmin = __reduce_min_sync(FULL, kmin);
-    kmax = __reduce_max_sync(FULL, kmax);
-    if (lane == 0) { s_range[0][warp] = kmin; s_range[1][warp] = kmax; }
+    if (warp == 0) {
+        unsigned h[FNT / 32], sum = 0;  // lane l: bins 8l .. 8l + 7
+        #pragma unroll
+        for (int j = 0; j < FNT / 32; j++) { h[j] = s_hist[lane * (FNT / 32) + j]; sum += h[j]; }
+        unsigned above = sum;  // kept keys in this lane's bins and all higher lanes'
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned y = __shfl_down_sync(FULL, above, o);
+            if (lane + o < 32) above += y;
+        }
+        above -= sum;  // higher lanes' only
+        int bin = -1;
+        #pragma unroll
+        for (int j = FNT / 32 - 1; j >= 0; j--) {
+            above += h[j];
+            if (bin < 0 && above >= (unsigned)need) bin = lane * (FNT / 32) + j;
+        }
+        // The highest lane that found a bin holds the highest such bin.
+        const unsigned found = __ballot_sync(FULL, bin >= 0);
+        const int hi = found ? 31 - __clz(found) : -1;
+        bin = __shfl_sync(FULL, bin, hi < 0 ? 0 : hi);
+        if (lane == 0) s_tau_need = need > 0 && hi >= 0 ? hist_prefix | ((unsigned)bin << hist_shift) : 0u;
+    }
     __syncthreads();  // also: s_ck and s_ci are rewritten below
-    #pragma unroll
-    for (int w = 0; w < FNT / 32; w++) { kmin = min(kmin, s_range[0][w]); kmax = max(kmax, s_range[1][w]); }
-    unsigned tau_need;
-    const int top_bit = llf_key_prefix(kmin, kmax, tau_need);
-    for (int b = need > 0 ? top_bit : -1; b >= SCAN_LOW_BITS; b--) {
-        const unsigned cand = tau_need | (1u << b);
-        unsigned c = 0;
-        #pragma unroll
-        for (int j = 0; j < FCAP / FNT; j++) c += mk[j] >= cand;
-        c = __reduce_add_sync(FULL, c);
-        if (lane == 0) s_part[b & 1][warp] = c;  // double-buffered: one barrier a bit
-        __syncthreads();
-        unsigned total = 0;
-        #pragma unroll
-        for (int w = 0; w < FNT / 32; w++) total += s_part[b & 1][w];
-        if (total >= (unsigned)need) tau_need = cand;
-    }
+    const unsigned tau_need = s_tau_need;
     #pragma unroll
     for (int j = 0; j < FCAP / FNT; j++) {
         if (tid + j * FNT < listed && mk[j] >= tau_need) {
