@@ -23,13 +23,17 @@ Only this module's :class:`CupySampler` touches CuPy; it is imported without it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from services.postproc.pdl import DependentLauncher
 from services.postproc.sampling import EXP2_COEFFS, EXP2_MIN, SampleBatch, SampleResult
 from services.postproc.staging import PinnedBuffer, layout
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["CLUSTER_SIZES", "FAST_MAX_K", "MAX_SLICE", "CupySampler", "DeviceSampleBatch", "fast_rows", "plan_clusters"]
 
@@ -958,6 +962,11 @@ __device__ __forceinline__ void llf_scan_body(float (&v)[SV], LlfScanShared& sh,
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) tz += __shfl_xor_sync(FULL, tz, o);
     if (lane == 0) { sh.wz[warp] = tz; sh.wi[warp] = wi; }
+    // Past its lists and statistics but for thread 0's last stores: once every scan CTA is
+    // here, the finishing kernel (a programmatic dependent launch) may start launching; it
+    // waits for the scan's end before it reads anything the scan writes.  H100: ~1 us a call,
+    // where a trigger at the scan's start let finishing CTAs crowd its last wave (slower).
+    asm volatile("griddepcontrol.launch_dependents;");
     const int any_bad = __syncthreads_or(bad);
     if (tid == 0) {
         float z = sh.wz[0];
@@ -1065,6 +1074,12 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     const long long row = row0 + blockIdx.x;
     // Every global read this CTA needs before its lists is issued here, at once: the slice
     // statistics (whether or not the row turns out to be the fast path's) and the parameters.
+    const float inv_t_row = inv_t_arr[row], top_p = top_p_arr[row], min_p = min_p_arr[row];
+    const unsigned long long seed = seed_arr[row];
+    // Launched as a programmatic dependent of the scan, this kernel starts while the scan's
+    // last CTAs finish: the parameters (uploaded before the scan) are read before this wait,
+    // everything the scan writes after it.  Launched plainly, the wait returns at once.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
     const unsigned* st = stats + row * slices * ST_WORDS;
     unsigned st_words[(MAX_SLICES * 6 + FNT - 1) / FNT];
     #pragma unroll
@@ -1072,8 +1087,6 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
         const int q = tid + j * FNT;
         st_words[j] = q < slices * 6 ? st[(q / 6) * ST_WORDS + q % 6] : 0u;
     }
-    const float inv_t_row = inv_t_arr[row], top_p = top_p_arr[row], min_p = min_p_arr[row];
-    const unsigned long long seed = seed_arr[row];
     const bool greedy = !(inv_t_row > 0.0f);
     const float inv_t = greedy ? 1.0f : inv_t_row;
     const int top_k = greedy ? 0 : top_k_arr[row];
@@ -1445,6 +1458,16 @@ def fast_rows(batch: SampleBatch) -> np.ndarray:
     return greedy | ((batch.top_k >= 1) & (batch.top_k <= FAST_MAX_K))
 
 
+def _row_param_args(params: dict[str, Any]) -> tuple[Any, ...]:
+    """The per-row parameter arrays, in the order the fused and the finishing kernels take them."""
+    return tuple(params[k] for k in ("inv_t", "top_k", "top_p", "min_p", "seed", "n_top"))
+
+
+def _output_args(out: dict[str, Any]) -> tuple[Any, ...]:
+    """The output arrays, in the order the fused and the finishing kernels take them."""
+    return tuple(out[k] for k in ("token", "logprob", "top_ids", "top_lp"))
+
+
 @dataclass
 class DeviceSampleBatch:
     """A batch whose logits and parameters are on the device, ready for :meth:`CupySampler.launch`."""
@@ -1486,6 +1509,7 @@ class CupySampler:
         self._pinned_out = PinnedBuffer(cupy)
         self._scan = module.get_function("llf_scan")
         self._finish = module.get_function("llf_finish")
+        self._dependent = DependentLauncher.load()  # None: the finishing kernel is launched plainly
         self.fast_path = True  # the backend turns it off when its start-up check disagrees
 
     def kernel(self, cluster: int) -> Any:
@@ -1603,16 +1627,8 @@ class CupySampler:
                     vocab,
                     np.int32(slice_),
                     np.int64(r0),
-                    p["inv_t"],
-                    p["top_k"],
-                    p["top_p"],
-                    p["min_p"],
-                    p["seed"],
-                    p["n_top"],
-                    prepared.out["token"],
-                    prepared.out["logprob"],
-                    prepared.out["top_ids"],
-                    prepared.out["top_lp"],
+                    *_row_param_args(p),
+                    *_output_args(prepared.out),
                     np.int32(prepared.width),
                     np.int32(rows),
                     p["given_back"],
@@ -1640,29 +1656,25 @@ class CupySampler:
             p["given_back"],
         )
         self._scan((items,), (SCAN_THREADS,), scan_args)
-        self._finish(
-            (rows,),
-            (FINISH_THREADS,),
-            (
-                vocab,
-                row0,
-                slices,
-                p["inv_t"],
-                p["top_k"],
-                p["top_p"],
-                p["min_p"],
-                p["seed"],
-                p["n_top"],
-                stats,
-                cands,
-                out["token"],
-                out["logprob"],
-                out["top_ids"],
-                out["top_lp"],
-                np.int32(prepared.width),
-                p["given_back"],
-            ),
+        finish_args = (
+            vocab,
+            row0,
+            slices,
+            *_row_param_args(p),
+            stats,
+            cands,
+            *_output_args(out),
+            np.int32(prepared.width),
+            p["given_back"],
         )
+        if self._dependent is not None:
+            try:
+                self._dependent.launch(self._finish, rows, FINISH_THREADS, finish_args, self.stream)
+                return
+            except RuntimeError as err:
+                _log.warning("programmatic dependent launch failed (%s); launching the finishing kernel plainly", err)
+                self._dependent = None
+        self._finish((rows,), (FINISH_THREADS,), finish_args)
 
     def download(self, prepared: DeviceSampleBatch, width: int) -> SampleResult:
         """Copy the results back (one DMA) and wait for the stream."""
