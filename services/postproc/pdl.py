@@ -62,7 +62,9 @@ class DependentLauncher:
         launch_ex.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         return cls(launch_ex)
 
-    def launch(self, kernel: Any, grid: int, block: int, args: tuple[Any, ...], stream: Any) -> None:
+    def launch(
+        self, kernel: Any, grid: int, block: int, args: tuple[Any, ...], stream: Any, shared_mem: int = 0
+    ) -> None:
         """Enqueue ``kernel`` (a CuPy ``RawKernel``) on ``stream``; raises ``RuntimeError`` when
         the kernel has no driver handle or the driver refuses, so the caller can launch plainly."""
         function = getattr(kernel, "kernel", kernel)  # RawKernel.kernel: the compiled Function
@@ -74,7 +76,7 @@ class DependentLauncher:
         config = _LaunchConfig(
             grid=(ctypes.c_uint32 * 3)(grid, 1, 1),
             block=(ctypes.c_uint32 * 3)(block, 1, 1),
-            shared_mem_bytes=0,
+            shared_mem_bytes=shared_mem,
             stream=stream.ptr,
             attrs=ctypes.pointer(self._attr),
             num_attrs=1,

@@ -1421,6 +1421,7 @@ SOURCE = (
         f"    llf_sample_body({_SAMPLE_NAMES});\n}}\n"
         f'extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__({c}, 1, 1) llf_sample_list_c{c}('
         f"{_SAMPLE_ARGS}) {{\n"
+        f'    asm volatile("griddepcontrol.wait;" ::: "memory");  // launched as a dependent of the finish\n'
         f"    const int n = min(given_back[0], n_rows);\n"
         f"    for (int q = blockIdx.x / {c}; q < n; q += gridDim.x / {c}) {{\n"
         f"        const long long row = given_back[1 + q];\n"
@@ -1509,7 +1510,7 @@ class CupySampler:
         self._pinned_out = PinnedBuffer(cupy)
         self._scan = module.get_function("llf_scan")
         self._finish = module.get_function("llf_finish")
-        self._dependent = DependentLauncher.load()  # None: the finishing kernel is launched plainly
+        self._dependent = DependentLauncher.load()  # None: the finishing and list kernels are launched plainly
         self.fast_path = True  # the backend turns it off when its start-up check disagrees
 
     def kernel(self, cluster: int) -> Any:
@@ -1616,25 +1617,23 @@ class CupySampler:
             listed = fast and prepared.scan is not None and bool(prepared.fast[r0:r1].any())
             if listed:
                 self._launch_fast(prepared, r0, rows, *prepared.scan)
-            # Listed: about one CTA per SM (the fused kernel's shared memory fits one or two).
-            clusters = min(rows, max(1, 2 * self._sm_count // c)) if listed else rows
-            (self._list_kernels if listed else self._kernels)[c](
-                (clusters * c,),
-                (NT,),
-                (
-                    prepared.logits,
-                    is_half,
-                    vocab,
-                    np.int32(slice_),
-                    np.int64(r0),
-                    *_row_param_args(p),
-                    *_output_args(prepared.out),
-                    np.int32(prepared.width),
-                    np.int32(rows),
-                    p["given_back"],
-                ),
-                shared_mem=slice_ * 4,
+            args = (
+                prepared.logits,
+                is_half,
+                vocab,
+                np.int32(slice_),
+                np.int64(r0),
+                *_row_param_args(p),
+                *_output_args(prepared.out),
+                np.int32(prepared.width),
+                np.int32(rows),
+                p["given_back"],
             )
+            if listed:  # about one CTA per SM (the fused kernel's shared memory fits one or two)
+                clusters = min(rows, max(1, 2 * self._sm_count // c))
+                self._launch_dependent(self._list_kernels[c], clusters * c, NT, args, slice_ * 4)
+            else:
+                self._kernels[c]((rows * c,), (NT,), args, shared_mem=slice_ * 4)
 
     def _launch_fast(self, prepared: DeviceSampleBatch, r0: int, rows: int, stats: Any, cands: Any) -> None:
         p, out = prepared.params, prepared.out
@@ -1667,14 +1666,20 @@ class CupySampler:
             np.int32(prepared.width),
             p["given_back"],
         )
+        self._launch_dependent(self._finish, rows, FINISH_THREADS, finish_args)
+
+    def _launch_dependent(self, kernel: Any, grid: int, block: int, args: tuple[Any, ...], shared_mem: int = 0) -> None:
+        """Launch ``kernel`` as a programmatic dependent of the kernel before it on the stream
+        (it may start as that one's CTAs finish; it waits for it with griddepcontrol.wait), or
+        plainly where the driver cannot."""
         if self._dependent is not None:
             try:
-                self._dependent.launch(self._finish, rows, FINISH_THREADS, finish_args, self.stream)
+                self._dependent.launch(kernel, grid, block, args, self.stream, shared_mem)
                 return
             except RuntimeError as err:
-                _log.warning("programmatic dependent launch failed (%s); launching the finishing kernel plainly", err)
+                _log.warning("programmatic dependent launch failed (%s); launching plainly from now on", err)
                 self._dependent = None
-        self._finish((rows,), (FINISH_THREADS,), finish_args)
+        kernel((grid,), (block,), args, shared_mem=shared_mem)
 
     def download(self, prepared: DeviceSampleBatch, width: int) -> SampleResult:
         """Copy the results back (one DMA) and wait for the stream."""
