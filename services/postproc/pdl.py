@@ -32,25 +32,35 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
     ]
 
 
-def _c_arg(a: Any) -> ctypes._SimpleCData:
-    if isinstance(a, np.int64):
-        return ctypes.c_int64(int(a))
-    if isinstance(a, np.int32):
-        return ctypes.c_int32(int(a))
-    if isinstance(a, np.float32):
-        return ctypes.c_float(float(a))
-    return ctypes.c_void_p(a.data.ptr)  # a CuPy array: its device pointer
+_MAX_ARGS = 64
+
+
+# Scalar kernel arguments as the integer whose low bytes the driver copies (little-endian);
+# a dict by exact type, as launches are on the hot path and isinstance chains cost ~0.3 us each.
+_SCALAR_BITS: dict[type, Any] = {np.int64: int, np.int32: int, np.float32: lambda a: int(a.view(np.int32))}
+
+
+def _arg_bits(a: Any) -> int:
+    to_bits = _SCALAR_BITS.get(type(a))
+    return to_bits(a) if to_bits is not None else a.data.ptr  # else a CuPy array: its device pointer
 
 
 class DependentLauncher:
     """Launches CuPy kernels with programmatic stream serialization; ``None`` from
-    :meth:`load` when the driver lacks ``cuLaunchKernelEx``."""
+    :meth:`load` when the driver lacks ``cuLaunchKernelEx``.  Not reentrant (one set of
+    argument slots): the sampler launches under its backend's lock."""
 
     def __init__(self, launch_ex: Any) -> None:
         self._launch_ex = launch_ex
         attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
         attr.value[0] = 1
         self._attr = attr
+        # One 8-byte slot an argument, and the pointers to them, made once: the driver copies
+        # the values during the launch call, so the next launch may overwrite them.
+        self._values = np.zeros(_MAX_ARGS, np.int64)
+        base = self._values.ctypes.data
+        self._pointers = (ctypes.c_void_p * _MAX_ARGS)(*[base + 8 * i for i in range(_MAX_ARGS)])
+        self._config = _LaunchConfig(attrs=ctypes.pointer(attr), num_attrs=1)
 
     @classmethod
     def load(cls) -> DependentLauncher | None:
@@ -71,16 +81,14 @@ class DependentLauncher:
         handle = getattr(function, "ptr", None)
         if not handle:
             raise RuntimeError(f"no CUfunction handle on {type(kernel).__name__}")
-        values = [_c_arg(a) for a in args]
-        pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        config = _LaunchConfig(
-            grid=(ctypes.c_uint32 * 3)(grid, 1, 1),
-            block=(ctypes.c_uint32 * 3)(block, 1, 1),
-            shared_mem_bytes=shared_mem,
-            stream=stream.ptr,
-            attrs=ctypes.pointer(self._attr),
-            num_attrs=1,
-        )
-        rc = self._launch_ex(ctypes.byref(config), handle, pointers, None)
+        if len(args) > _MAX_ARGS:
+            raise RuntimeError(f"{len(args)} kernel arguments, more than {_MAX_ARGS}")
+        self._values[: len(args)] = [_arg_bits(a) for a in args]
+        config = self._config  # reused, as the argument slots are
+        config.grid[:] = (grid, 1, 1)
+        config.block[:] = (block, 1, 1)
+        config.shared_mem_bytes = shared_mem
+        config.stream = stream.ptr
+        rc = self._launch_ex(ctypes.byref(config), handle, self._pointers, None)
         if rc != 0:
             raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc}")

@@ -1072,8 +1072,8 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
     __shared__ unsigned s_lstar, s_flag, s_n, s_nc, s_nk, s_tau[2], s_tau_need, s_hist[FNT], s_rank[FNT];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const long long row = row0 + blockIdx.x;
-    // Every global read this CTA needs before its lists is issued here, at once: the slice
-    // statistics (whether or not the row turns out to be the fast path's) and the parameters.
+    // Every global read this CTA needs before its lists is issued here: the parameters, then
+    // (past the wait) the slice statistics, whether or not the row turns out to be the fast path's.
     const float inv_t_row = inv_t_arr[row], top_p = top_p_arr[row], min_p = min_p_arr[row];
     const unsigned long long seed = seed_arr[row];
     // Launched as a programmatic dependent of the scan, this kernel starts while the scan's
