@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,20 +23,42 @@ from services.postproc.backends import DeviceOutOfMemoryError, NumpyBackend
 from services.postproc.config import PostprocSettings
 from services.postproc.sampling import RowParams, SampleBatch, SampleResult, make_sample_batch, sample_numpy
 from services.postproc.servicer import PostprocServicer
+from services.postproc.token_stats import PackedBatch, TokenStatsResult
 
 VOCAB = 512
 
 
 class FlakyBackend(NumpyBackend):
-    """NumPy, except that the next ``fail_samples`` sample calls run out of device memory."""
+    """NumPy, except that the next ``fail_samples`` sample calls run out of device memory, and
+    the first call of each operation takes ``STALL_SECONDS`` more.
 
+    The stall makes batching deterministic: while the first batch computes, every other
+    concurrent call is queued and joins the next batch.  Without it a loaded machine can
+    deliver the calls one by one, each after the previous one was answered.
+    """
+
+    STALL_SECONDS = 0.3
     fail_samples = 0
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._stalled: set[str] = set()
+
+    def _stall_once(self, operation: str) -> None:
+        if operation not in self._stalled:
+            self._stalled.add(operation)
+            time.sleep(self.STALL_SECONDS)
+
     def sample(self, batch: SampleBatch) -> SampleResult:
+        self._stall_once("sample")
         if self.fail_samples:
             self.fail_samples -= 1
             raise DeviceOutOfMemoryError("device out of memory: test")
         return super().sample(batch)
+
+    def token_stats(self, packed: PackedBatch, **kwargs: Any) -> TokenStatsResult:
+        self._stall_once("token_stats")
+        return super().token_stats(packed, **kwargs)
 
 
 @dataclass
