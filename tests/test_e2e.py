@@ -4,6 +4,7 @@ postproc and gateway on free loopback ports, driven through the public gateway."
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -129,17 +130,25 @@ async def test_reflection_lets_a_foreign_client_call_generate(stack: Stack) -> N
         "grpc",
         "--http2-prior-knowledge",
         "-d",
-        # Long enough that the stream spans several reads even on a loaded machine (a lagging
-        # reader gets pending tokens merged into one chunk, by design).
-        '{"prompt":"hello","max_tokens":160,"ignore_eos":true}',
+        '{"prompt":"hello","max_tokens":40,"ignore_eos":true}',
         f"http://{address}/llamafleet.v1.Gateway/Generate",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
-    assert out.decode().count('"chunk"') >= 2
-    assert '"result"' in out.decode()
+    # buf prints one JSON object a message.  How many chunks the tokens come in depends on how
+    # fast buf reads (a lagging reader gets them merged), so only their sum is checked here;
+    # test_tokens_stream_through_every_service checks that they stream.
+    text, events = out.decode(), []
+    rest = text.strip()
+    while rest:  # each pass consumes one object (raw_decode raises on anything else)
+        event, end = json.JSONDecoder().raw_decode(rest)
+        events.append(event)
+        rest = rest[end:].lstrip()
+    *chunks, last = events
+    assert chunks and all(set(e) == {"chunk"} for e in chunks), text
+    assert sum(e["chunk"].get("tokens", 0) for e in chunks) == last["result"]["usage"]["completionTokens"] == 40
 
 
 @pytest.mark.asyncio(loop_scope="module")
