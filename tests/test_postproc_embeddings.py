@@ -123,6 +123,36 @@ def test_a_fast_product_within_the_error_bound_gives_the_exact_results(
         assert len(set(got.ids)) == len(got.ids)
 
 
+def test_queries_near_ties_at_the_cut_are_rescored_wider_before_an_exact_search() -> None:
+    k, dim = 5, 8
+    # Query 0 (along e0): k rows at cos 0.9, then 100 rows within SCORE_ERROR below them, so
+    # the k + 64 best by the fast product leave it unsure; the rest are far below.  Query 1
+    # (along e2): every row scores ~0.29 (ties up to rounding), so it stays unsure and is searched exactly.
+    cosines = np.concatenate([np.full(k, 0.9), np.full(100, 0.9 - SCORE_ERROR / 4), np.linspace(0.5, -0.5, 500)])
+    corpus = np.zeros((len(cosines), dim))
+    corpus[:, 0], corpus[:, 1], corpus[:, 2] = cosines, np.sqrt(1 - cosines**2), 0.3
+    q = np.eye(dim)[[0, 2]].astype(np.float32)
+    calls: list[tuple[int, int]] = []
+
+    def select(scores: Any, size: int, m: int) -> tuple[Any, Any]:
+        calls.append((len(scores), m))
+        return np.argsort(-scores[:, :size], axis=1, kind="stable")[:, :m], np.zeros(len(scores), bool)
+
+    def exact_product(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return a @ b  # within any error bound: how far the search escalates depends on the data alone
+
+    store, exact = CorpusStore(np, 1 << 30, fast_scores=exact_product, select_rows=select), CorpusStore(np, 1 << 30)
+    ids = [f"v{i}" for i in range(len(corpus))]
+    store.add("c", corpus.astype(np.float32), ids)
+    exact.add("c", corpus.astype(np.float32), ids)
+    got, want = store.search("c", q, k), exact.search("c", q, k)
+    assert got[0].ids == want[0].ids == [f"v{i}" for i in range(k)]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-6)
+    # Both queries k + 64; both again with k + 256 (query 0 is settled there); query 1 exactly.
+    assert calls == [(2, k + 64), (2, k + 256), (1, k)]
+
+
 def test_corpus_add_replace_remove_and_search(xp: Any) -> None:
     rng = np.random.default_rng(3)
     store = CorpusStore(xp, 1 << 30)

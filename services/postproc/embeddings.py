@@ -10,8 +10,9 @@ there instead, and the partition only for the queries it gives back.
 Given ``fast_scores`` (on the GPU: the product on TF32 tensor cores), the full product is
 only a filter: every score it gives is within :data:`SCORE_ERROR` of the exact one, so the
 k + 64 best rows by it are rescored exactly, and a query keeps that answer only when its
-k-th exact score beats every row left out by more than the error; the rest (near-ties
-across the cut) are searched exactly.  The results are the exact search's either way.
+k-th exact score beats every row left out by more than the error.  The rest (near-ties
+across the cut) get k + 256 rows rescored the same way, and only those still unsure are
+searched exactly.  The results are the exact search's either way.
 NumPy only at import.
 """
 
@@ -46,7 +47,8 @@ _GROUP = 1024  # rows per search group; corpus capacities are multiples of it
 # (relative error 2^-11, so 2^-10 per product and, by Cauchy-Schwarz, in the sum), plus the
 # float32 accumulation; twice that for safety.
 SCORE_ERROR = 2e-3
-_RESCORE_EXTRA = 64  # rows rescored beyond k
+# Rows rescored beyond k; the later counts only for the queries the one before left unsure.
+_RESCORE_EXTRA = (64, 256)
 
 # select(scores, size, m) -> (rows [queries, m], failed [queries]) or None (can't): the m best
 # of scores[:, :size] per query; rows of failed queries are ignored.
@@ -342,8 +344,27 @@ def _rescored_top_k(
 ) -> tuple[Any, Any]:
     """What :func:`_exact_top_k` returns, with the full product computed by ``fast_scores``
     and only the best rows by it rescored exactly (see the module docstring)."""
-    m = min(k + _RESCORE_EXTRA, size)
     approx = fast_scores(q, vectors.T)
+    cand, cand_scores, unsure = _rescore(xp, q, approx, vectors, size, k, k + _RESCORE_EXTRA[0], select)
+    # A query left unsure has its near-ties close to the cut: rescoring more of its rows by
+    # the same fast product usually settles it, for much less than an exact product.
+    for extra in _RESCORE_EXTRA[1:]:
+        if not len(unsure):
+            return cand, cand_scores
+        rows, scores, still = _rescore(xp, q[unsure], approx[unsure], vectors, size, k, k + extra, select)
+        cand[unsure], cand_scores[unsure] = rows, scores
+        unsure = unsure[still]
+    if len(unsure):
+        cand[unsure], cand_scores[unsure] = _exact_top_k(xp, q[unsure], vectors, size, k, select)
+    return cand, cand_scores
+
+
+def _rescore(
+    xp: Any, q: Any, approx: Any, vectors: Any, size: int, k: int, m: int, select: SelectRows | None
+) -> tuple[Any, Any, Any]:
+    """Each query's top ``k`` among its ``m`` best rows by the fast scores ``approx``, rescored
+    exactly, and the indices of the queries whose answer may differ from the exact search's."""
+    m = min(m, size)
     rows = _best_rows(xp, approx, size, m, select)
     # Every row left out scores (fast) at most the lowest fast score kept.
     left_out = (
@@ -352,10 +373,7 @@ def _rescored_top_k(
     exact = xp.matmul(vectors[rows], q[:, :, None])[:, :, 0]
     pick = _top_k(xp, exact, k)
     cand, cand_scores = xp.take_along_axis(rows, pick, axis=1), xp.take_along_axis(exact, pick, axis=1)
-    unsure = xp.nonzero(cand_scores.min(axis=1) <= left_out + SCORE_ERROR)[0]
-    if len(unsure):
-        cand[unsure], cand_scores[unsure] = _exact_top_k(xp, q[unsure], vectors, size, k, select)
-    return cand, cand_scores
+    return cand, cand_scores, xp.nonzero(cand_scores.min(axis=1) <= left_out + SCORE_ERROR)[0]
 
 
 def _top_k(xp: Any, values: Any, k: int) -> Any:
