@@ -167,6 +167,24 @@ def test_same_seed_same_token_whatever_the_batch() -> None:
     assert sample_numpy(merged).token.tolist() == [*alone[2:], *alone[:2]]
 
 
+def test_a_batch_over_several_row_blocks_matches_each_row_alone() -> None:
+    # 100k logits a row: sample_numpy takes two rows at a time, so the penalties of rows 1-4
+    # and the NaN of row 3 fall in different blocks.
+    rng = np.random.default_rng(6)
+    logits = rng.normal(scale=2, size=(5, 100_000)).astype(np.float32)
+    logits[3, 7] = np.nan
+    rows = [
+        RowParams(top_k=40, top_p=0.9, seed=s, repetition_penalty=1.3, presence_penalty=0.5, top_logprobs=4, history=h)
+        for s, h in zip(range(5), ([], [1, 2, 2], [5], [9, 9, 9], np.argsort(-logits[4])[:3].tolist()), strict=True)
+    ]
+    together = sample_numpy(make_sample_batch(logits, rows))
+    for i in range(5):
+        alone = sample_numpy(make_sample_batch(logits[i : i + 1], [rows[i]]))
+        for field in ("token", "logprob", "top_tokens", "top_logprobs", "invalid"):
+            assert getattr(together, field)[i].tolist() == getattr(alone, field)[0].tolist(), (i, field)
+    assert together.invalid.tolist() == [False, False, False, True, False]
+
+
 def test_rows_with_nan_or_inf_are_flagged_and_the_others_sampled() -> None:
     logits = np.zeros((3, 10), np.float32)
     logits[0, 3] = np.nan

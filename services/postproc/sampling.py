@@ -337,16 +337,22 @@ def exp_ref(d: FloatArray) -> FloatArray:
     return w
 
 
-def penalised_logits(batch: SampleBatch) -> FloatArray:
-    """The logits after the penalties (module docstring, step 1), as float32 with subnormals flushed."""
-    x = batch.logits.astype(np.float32)
-    if batch.penalty_rows.size:
-        r, t = batch.penalty_rows, batch.penalty_tokens
-        v = x[r, t]
+def penalised_logits(batch: SampleBatch, rows: slice = slice(None)) -> FloatArray:
+    """The logits of ``rows`` after the penalties (module docstring, step 1), as float32 with
+    subnormals flushed."""
+    start, stop, _ = rows.indices(batch.n_rows)
+    x = batch.logits[start:stop].astype(np.float32)
+    # penalty_rows is sorted: the entries of these rows are one run.
+    first, last = np.searchsorted(batch.penalty_rows, (start, stop))
+    if last > first:
+        r, t = batch.penalty_rows[first:last], batch.penalty_tokens[first:last]
+        v = x[r - start, t]
         rep = batch.repetition_penalty[r]
         v = np.where(v > 0, v / rep, v * rep)
-        v = v - (batch.penalty_counts.astype(np.float32) * batch.frequency_penalty[r] + batch.presence_penalty[r])
-        x[r, t] = v.astype(batch.logits.dtype).astype(np.float32)
+        v = v - (
+            batch.penalty_counts[first:last].astype(np.float32) * batch.frequency_penalty[r] + batch.presence_penalty[r]
+        )
+        x[r - start, t] = v.astype(batch.logits.dtype).astype(np.float32)
     # Subnormals and -0 (exponent bits all 0) become +0, so the GPU's integer keys order like the floats.
     x[(x.view(np.uint32) & np.uint32(0x7F800000)) == 0] = 0
     return x
@@ -361,20 +367,22 @@ def _draw(w: FloatArray, keep: npt.NDArray[np.bool_], target: float) -> int:
     return j
 
 
-_BLOCK = 256
+_GROUP = 256
 
 
 def _candidates(x: FloatArray, k: int) -> IntArray:
     """Ascending indices of ``x`` that hold every value at or above its ``k``-th largest.
 
-    The k-th largest of the maxima of 256-value blocks leaves at least ``k`` values at or
-    above it, so one pass over block maxima replaces a partition of the whole row.
+    The k-th largest of the maxima of disjoint 256-value groups leaves at least ``k`` values
+    at or above it, so one pass over group maxima replaces a partition of the whole row.
+    Group ``j`` holds every ``groups``-th value from ``j`` on: its maxima are one vectorised
+    maximum over 256 contiguous slices, not 512 short reductions (42 -> 19 us at 131072).
     """
-    blocks = x.size // _BLOCK
-    if blocks < 2 * k:
+    groups = x.size // _GROUP
+    if groups < 2 * k:
         return np.arange(x.size)
-    maxima = x[: blocks * _BLOCK].reshape(blocks, _BLOCK).max(axis=1)
-    return np.flatnonzero(x >= np.partition(maxima, blocks - k)[blocks - k])
+    maxima = x[: groups * _GROUP].reshape(_GROUP, groups).max(axis=0)
+    return np.flatnonzero(x >= np.partition(maxima, groups - k)[groups - k])
 
 
 def _top_k_set(x: FloatArray, top_k: int) -> IntArray:
@@ -419,28 +427,38 @@ def top_tokens(x: FloatArray, n: int) -> IntArray:
     return idx[np.lexsort((idx, -x[idx]))].astype(np.int32)
 
 
+# Rows of logits handled at a time by sample_numpy: a block's float32 copy and temporaries stay
+# in cache.  The whole batch at once (64 x 131072) spent 205 of its 478 us a row there.
+_BLOCK_BYTES = 1 << 20
+
+
 def sample_numpy(batch: SampleBatch) -> SampleResult:
     """Sample one token per row on the CPU (the reference for the CuPy kernels)."""
-    x = penalised_logits(batch)
     n_rows, width = batch.n_rows, batch.max_top_logprobs
     token = np.full(n_rows, -1, np.int32)
     logprob = np.zeros(n_rows, np.float32)
     top_ids = np.full((n_rows, width), -1, np.int32)
     top_lp = np.zeros((n_rows, width), np.float32)
-    invalid = ~np.isfinite(x).all(axis=1)
-    for r in np.flatnonzero(~invalid):
-        row = x[r]
-        m = row.max()
-        inv_t = batch.inv_temperature[r]
-        d = (row - m) * (inv_t if inv_t else np.float32(1))
-        log_z = math.log(float(np.exp(d).sum(dtype=np.float64)))
-        if inv_t == 0:
-            j = int(np.argmax(row))
-        else:
-            j = _sample_row(row, d, int(batch.top_k[r]), float(batch.top_p[r]), batch.min_p[r], int(batch.seed[r]))
-        token[r] = j
-        logprob[r] = float(d[j]) - log_z
-        ids = top_tokens(row, int(batch.top_logprobs[r]))
-        top_ids[r, : ids.size] = ids
-        top_lp[r, : ids.size] = d[ids].astype(np.float64) - log_z
+    invalid = np.zeros(n_rows, np.bool_)
+    block = max(1, _BLOCK_BYTES // (4 * batch.vocab))
+    for start in range(0, n_rows, block):
+        x = penalised_logits(batch, slice(start, start + block))
+        invalid[start : start + len(x)] = ~np.isfinite(x).all(axis=1)
+        for r in range(start, start + len(x)):
+            if invalid[r]:
+                continue
+            row = x[r - start]
+            m = row.max()
+            inv_t = batch.inv_temperature[r]
+            d = (row - m) * (inv_t if inv_t else np.float32(1))
+            log_z = math.log(float(np.exp(d).sum(dtype=np.float64)))
+            if inv_t == 0:
+                j = int(np.argmax(row))
+            else:
+                j = _sample_row(row, d, int(batch.top_k[r]), float(batch.top_p[r]), batch.min_p[r], int(batch.seed[r]))
+            token[r] = j
+            logprob[r] = float(d[j]) - log_z
+            ids = top_tokens(row, int(batch.top_logprobs[r]))
+            top_ids[r, : ids.size] = ids
+            top_lp[r, : ids.size] = d[ids].astype(np.float64) - log_z
     return SampleResult(token, logprob, top_ids, top_lp, invalid, backend="numpy")
