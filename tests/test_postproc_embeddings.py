@@ -123,6 +123,24 @@ def test_a_fast_product_within_the_error_bound_gives_the_exact_results(
         assert len(set(got.ids)) == len(got.ids)
 
 
+def test_searches_of_few_queries_take_the_exact_product() -> None:
+    rng = np.random.default_rng(8)
+    corpus = rng.normal(size=(500, 16)).astype(np.float32)
+    calls: list[int] = []
+
+    def fast(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        calls.append(len(a))
+        return a @ b
+
+    store = CorpusStore(np, 1 << 30, fast_scores=fast, fast_min_queries=3)
+    store.add("c", corpus, [str(i) for i in range(len(corpus))])
+    for n in (1, 2, 3, 5):
+        q = rng.normal(size=(n, 16)).astype(np.float32)
+        for h, w in zip(store.search("c", q, 4), brute_force(corpus, q, 4), strict=True):
+            np.testing.assert_allclose(h.scores, w, rtol=1e-5, atol=1e-5)
+    assert calls == [3, 5]
+
+
 def test_queries_near_ties_at_the_cut_are_rescored_wider_before_an_exact_search() -> None:
     k, dim = 5, 8
     # Query 0 (along e0): k rows at cos 0.9, then 100 rows within SCORE_ERROR below them, so

@@ -168,9 +168,13 @@ class CorpusStore:
         bytes_limit: int,
         fast_scores: Callable[[Any, Any], Any] | None = None,
         select_rows: SelectRows | None = None,
+        fast_min_queries: int = 1,
     ) -> None:
         self._xp = xp
         self.fast_scores = fast_scores  # a @ b within SCORE_ERROR of the exact product, faster; None: exact
+        # Searches of fewer queries take the exact product: while it is bound by reading the
+        # corpus, the fast one saves nothing and its rescoring costs extra.
+        self.fast_min_queries = fast_min_queries
         self.select_rows = select_rows
         self.bytes_limit = bytes_limit
         self._corpora: dict[str, _Corpus] = {}
@@ -282,7 +286,7 @@ class CorpusStore:
             q = xp.asarray(unit)
             vectors = corpus.vectors[: groups * _GROUP]
             select = self.select_rows
-            if self.fast_scores is None:
+            if self.fast_scores is None or len(q) < self.fast_min_queries:
                 cand, cand_scores = _exact_top_k(xp, q, vectors, corpus.size, k, select)
             else:
                 cand, cand_scores = _rescored_top_k(xp, q, vectors, corpus.size, k, select, self.fast_scores)
