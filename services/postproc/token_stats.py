@@ -277,15 +277,19 @@ def token_entropy_numpy(top_logprobs: FloatArray) -> FloatArray:
     n_rows, width = top_logprobs.shape
     if width == 0:
         return np.full(n_rows, np.nan, dtype=np.float32)
-    valid = top_logprobs > -np.inf
-    m = top_logprobs.max(axis=1)
+    # Transposed, each reduction over a row's few entries is ``width`` elementwise operations on
+    # contiguous columns: reductions of 20-value rows took most of the time (7.8 -> 2.6 ms for
+    # 65536 x 20).
+    t = np.ascontiguousarray(top_logprobs.T)
+    m = t.max(axis=0)
     has_any = m > -np.inf
     # Shift by the row max so exp never overflows and the largest weight is exactly 1 (Z >= 1).
-    d = top_logprobs - np.where(has_any, m, np.float32(0))[:, None]
+    d = t - np.where(has_any, m, np.float32(0))
     w = np.exp(d)  # exp(-inf) = 0 for padding
-    np.copyto(d, 0, where=~valid)  # 0 * -inf would be NaN
-    z = w.sum(axis=1)
-    wd = (w * d).sum(axis=1)
+    np.copyto(d, 0, where=~(t > -np.inf))  # 0 * -inf would be NaN
+    z = w.sum(axis=0)
+    d *= w
+    wd = d.sum(axis=0)
     # H = log Z - sum(w d) / Z: both terms are >= 0 (Z >= 1, d <= 0), so there is no cancellation.
     with np.errstate(divide="ignore", invalid="ignore"):
         h = np.log(z) - wd / z
