@@ -33,7 +33,7 @@ suites:
             cold vs warm model load through the node cache (1 GiB).         (~2 min)
   mpi       MPI ping-pong (mpi4py Send/Recv, 2 ranks) bandwidth and latency, 1 KiB-256 MiB,
             host buffers here; pinned and CuPy device buffers where CuPy finds a GPU. (~10 s)
-  postproc  the NumPy sampler (CPU) of benchmarks/postproc_bench.py; the postproc service end to
+  postproc  the NumPy sampler and TokenStats (CPU) of benchmarks/postproc_bench.py; the service end to
             end (Sample rows/s, p50/p99) with micro-batching off, wait 0 and wait 2 ms at
             1-256 concurrent callers. (~1 min; the GPU run is benchmarks/postproc_bench.py)
   all       every suite above, in that order (the default).
@@ -169,7 +169,7 @@ def postproc_cells(r: dict) -> list[str]:
 
 
 def run_postproc(ctx: BenchContext) -> None:
-    """The NumPy sampler of benchmarks/postproc_bench.py, then the service end to end on NumPy."""
+    """The NumPy sampler and TokenStats of benchmarks/postproc_bench.py, then the service end to end on NumPy."""
     from dataclasses import asdict
 
     from benchmarks import postproc_bench
@@ -180,15 +180,18 @@ def run_postproc(ctx: BenchContext) -> None:
     ctx.progress(f"postproc: NumPy sampling (CPU); peer: np.copyto at {copy / 1e9:.1f} GB/s (read + written)")
     rows: list = []
     postproc_bench.bench_numpy_sampling(rows, copy, quick=ctx.quick)
+    postproc_bench.bench_numpy_token_stats(rows, copy, quick=ctx.quick)
     records = [asdict(r) for r in rows]
     write_csv(ctx.csv_path("postproc_cpu.csv"), records)
     report = Report(
-        "Postproc sampling on the CPU (NumPy) — workload: top-k 50 + top-p 0.9 over random logits "
-        "(benchmarks/postproc_bench.py); peer: np.copyto bandwidth of this machine",
+        "Postproc sampling and TokenStats on the CPU (NumPy) — workloads: top-k 50 + top-p 0.9 over "
+        "random logits; responses of 256 tokens × top-20 logprobs (benchmarks/postproc_bench.py); "
+        "peer: np.copyto bandwidth of this machine",
         ["op", "impl", "batch", "vocab", "time µs", "input GB/s", "fraction of copy"],
         [postproc_cells(r) for r in records],
         note=f"Fraction = input bytes read once per second / np.copyto bytes read + written per second "
-        f"({copy / 1e9:.1f} GB/s), as postproc_bench.py counts its D2D reference. Best of 3.",
+        f"({copy / 1e9:.1f} GB/s), as postproc_bench.py counts its D2D reference. Sampling: best of 3; "
+        "TokenStats (batch = responses, vocab = top logprobs a token): median of 20.",
         labels=2,
     )
     report.show(ctx.console)

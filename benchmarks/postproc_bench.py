@@ -203,33 +203,53 @@ def bench_numpy_sampling(rows_out: list[Row], d2d: float, *, quick: bool = False
             print(_fmt(row), flush=True)
 
 
+TOKEN_STATS_RESPONSES = (1, 8, 64, 256)
+_STATS_TOKENS, _STATS_WIDTH = 256, 20  # tokens a response, top logprobs a token
+
+
+def token_stats_workload(rng: np.random.Generator, responses: int) -> tuple[PackedBatch, int, int]:
+    """``responses`` responses of 256 tokens with 20 sorted top logprobs each, and the bytes a
+    GPU call uploads and downloads for them."""
+    total = responses * _STATS_TOKENS
+    top = np.sort(rng.normal(-4, 2, size=(total, _STATS_WIDTH)).astype(np.float32), axis=1)[:, ::-1]
+    top = np.minimum(top, 0).copy()
+    packed = PackedBatch(top, top[:, 0].copy(), np.arange(0, total + 1, _STATS_TOKENS, dtype=np.int64))
+    return packed, top.nbytes + total * 4 + (responses + 1) * 8, total * 9 + responses * 32
+
+
+def wall_us(fn: Callable[[], object], repeats: int = 20) -> float:
+    """Median wall time of ``fn`` in microseconds, after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(samples)
+
+
+def bench_numpy_token_stats(rows_out: list[Row], copy: float, *, quick: bool = False) -> None:
+    """The NumPy TokenStats path; the fraction is of the host's copy bandwidth ``copy``."""
+    rng = np.random.default_rng(2)
+    for responses in (1, 8) if quick else TOKEN_STATS_RESPONSES:
+        packed, in_bytes, _ = token_stats_workload(rng, responses)
+        us = wall_us(lambda p=packed: token_stats_numpy(p))
+        row = _row("token_stats", "numpy", np.float32, responses, _STATS_WIDTH, us, in_bytes, copy)
+        rows_out.append(row)
+        print(_fmt(row), flush=True)
+
+
 def bench_token_stats(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float) -> None:
     rng = np.random.default_rng(2)
-    for responses in (1, 8, 64, 256):
-        tokens, width = 256, 20
-        total = responses * tokens
-        top = np.sort(rng.normal(-4, 2, size=(total, width)).astype(np.float32), axis=1)[:, ::-1]
-        top = np.minimum(top, 0).copy()
-        packed = PackedBatch(top, top[:, 0].copy(), np.arange(0, total + 1, tokens, dtype=np.int64))
-        in_bytes = top.nbytes + total * 4 + (responses + 1) * 8
-        out_bytes = total * 9 + responses * 32
-
-        def wall_us(fn: Callable[[], object]) -> float:
-            fn()
-            samples = []
-            for _ in range(20):
-                start = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - start) * 1e6)
-            return statistics.median(samples)
-
+    for responses in TOKEN_STATS_RESPONSES:
+        packed, in_bytes, out_bytes = token_stats_workload(rng, responses)
         stats_us = wall_us(lambda p=packed: backend.token_stats(p))
         base_us = wall_us(empty_kernel_and_copies(cp, in_bytes, out_bytes))
         pageable_us = wall_us(empty_kernel_and_copies(cp, in_bytes, out_bytes, pageable=True))
         np_us = wall_us(lambda p=packed: token_stats_numpy(p))
         rows = (("cupy", stats_us), ("empty+copies", base_us), ("empty+pageable", pageable_us), ("numpy", np_us))
         for impl, us in rows:
-            row = _row("token_stats", impl, np.float32, responses, width, us, in_bytes, d2d)
+            row = _row("token_stats", impl, np.float32, responses, _STATS_WIDTH, us, in_bytes, d2d)
             if impl == "cupy":
                 row.vs_torch = (
                     f"{stats_us / base_us:.2f}x of empty+copies, {stats_us / pageable_us:.2f}x of empty+pageable"
@@ -276,14 +296,7 @@ def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float)
             if (impl == "cupy_tf32" and fast is None) or (impl != "cupy_partition" and select is None):
                 continue
             store.fast_scores, store.select_rows = scores, rows
-            store.search("bench", q, 10)
-            cp.cuda.Device().synchronize()
-            samples = []
-            for _ in range(7):
-                start_t = time.perf_counter()
-                store.search("bench", q, 10)
-                samples.append((time.perf_counter() - start_t) * 1e6)
-            us = statistics.median(samples)
+            us = wall_us(lambda q=q: store.search("bench", q, 10), repeats=7)  # hits come back on the host
             row = _row("search_top10", impl, np.float32, queries, size, us, size * dim * 4, d2d)
             rows_out.append(row)
             print(_fmt(row), flush=True)
