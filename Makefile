@@ -39,6 +39,10 @@ test: $(STAMP)
 	cd protos && ../$(BIN)/buf lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The CuPy tests alone, on a CUDA machine (install CuPy for its CUDA first: pip install cupy-cuda12x).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
