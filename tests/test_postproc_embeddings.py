@@ -232,7 +232,7 @@ def test_rows_a_selector_gives_back_are_selected_by_partition() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("size", [1, 7, 1000, 1024, 5003, 300_000])
+@pytest.mark.parametrize("size", [1, 7, 1000, 1024, 5003, 8192, 8193, 70_000, 300_000])
 def test_row_select_kernel_equals_a_stable_sort(size: int) -> None:
     cupy = cupy_or_skip()
     from services.postproc.search_cuda import MAX_SELECT, CupyRowSelect
@@ -243,6 +243,7 @@ def test_row_select_kernel_equals_a_stable_sort(size: int) -> None:
     scores = rng.normal(size=(6, ld)).astype(np.float32)
     scores[1, : size // 2] = 0.5  # ties at the top
     scores[2] = np.round(scores[2], 1)  # ties everywhere, -0.0 and 0.0 among them
+    scores[4, ::997] = 4.0  # the best scores tie across chunks: the lower rows first
     scores[5] = np.where(rng.random(ld) < 0.5, -0.0, 0.0)  # -0.0 ties with 0.0, as in NumPy's sort
     scores[5, ::7] = rng.normal(size=scores[5, ::7].shape)
     for m in sorted({1, min(10, size), min(74, size), min(MAX_SELECT, size)}):

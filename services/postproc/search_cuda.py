@@ -1,12 +1,18 @@
 """CuPy path of corpus search's row selection: each query's best rows from its score row.
 
-One CTA per query reads its score row twice.  The first pass takes each thread's maximum;
-the ``m``-th largest of those maxima leaves at least ``m`` scores at or above it, so the
-second pass lists every score at or above it (usually about ``m`` of them) in shared
-memory, and a bitonic sort there gives the ``m`` best, ties to the lower row.  A query
-with more listed scores than shared memory holds (many equal vectors) is flagged for the
-caller's general selection.  This replaces a CuPy ``argpartition``, which sorts: at 256
-queries it took 33 ms for the rows a TF32 product computes in 1.5 ms.
+A score row is split over many CTAs.  One CTA reading a whole 1M-score row (8 MB, read
+twice) moved ~16 GB/s, since all the loads it has in flight are 16 KiB: 0.5 ms of a 1.5 ms
+search.  Now each CTA reads ``CHUNK`` scores and lists their ``m`` best (key, row) pairs,
+and one CTA per query selects the ``m`` best of those pairs.  A row within one chunk is
+selected by one CTA directly.
+
+Every selection is the same steps: each thread's maximum; the ``m``-th largest of those
+maxima leaves at least ``m`` values at or above it, so a second read (from L2 in a chunk)
+lists every value at or above it (usually about ``m`` of them) in shared memory, and a
+bitonic sort there gives the ``m`` best, ties to the lower row.  A query with more listed
+values than shared memory holds (many equal vectors) is flagged for the caller's general
+selection.  This replaces a CuPy ``argpartition``, which sorts: at 256 queries it took
+33 ms for the rows a TF32 product computes in 1.5 ms.
 
 Only :class:`CupyRowSelect` touches CuPy; the module imports without it.
 """
@@ -19,21 +25,24 @@ import numpy as np
 
 __all__ = ["MAX_SELECT", "CupyRowSelect"]
 
-NT = 1024  # threads per CTA
 # The m-th largest thread maximum needs m <= threads; near m = threads it is about the
-# smallest maximum and leaves more scores above it than the CTA holds, so stop at half.
-MAX_SELECT = NT // 2
-_CAP = 4096  # listed scores a CTA holds (32 KiB of keys and rows)
+# smallest maximum and leaves more values above it than the CTA holds, so stop at half.
+WHOLE_THREADS, WHOLE_CAP = 1024, 4096  # one CTA a query (and the merge of chunks' lists)
+CHUNK_THREADS, CHUNK_CAP = 256, 2048  # one CTA a chunk: 8 of them fit an SM
+CHUNK = 8192  # scores a chunk CTA reads: 32 each thread
+MAX_SELECT = WHOLE_THREADS // 2
 
+_DEFINES = {
+    "WHOLE_THREADS": WHOLE_THREADS,
+    "WHOLE_CAP": WHOLE_CAP,
+    "CHUNK_THREADS": CHUNK_THREADS,
+    "CHUNK_CAP": CHUNK_CAP,
+    "CHUNK": CHUNK,
+    "NO_ROW": "0x7fffffff",
+}
 SOURCE = (
-    r"""
-#define NT """
-    + str(NT)
+    "".join(f"#define {name} {value}\n" for name, value in _DEFINES.items())
     + r"""
-#define CAP """
-    + str(_CAP)
-    + r"""
-#define NO_ROW 0x7fffffff
 
 // Order-preserving unsigned keys of floats; -0 is made +0 first (NumPy ranks them as ties).
 __device__ __forceinline__ unsigned llf_key(const float x) {
@@ -46,6 +55,7 @@ __device__ __forceinline__ bool llf_before(unsigned ka, int ra, unsigned kb, int
 }
 
 // Sorts (key, row) pairs [0, p) by key down, row up; p a power of two.
+template <int NT>
 __device__ void llf_sort_pairs(unsigned* key, int* row, const int p) {
     for (int k = 2; k <= p; k <<= 1) {
         for (int j = k >> 1; j > 0; j >>= 1) {
@@ -65,63 +75,141 @@ __device__ void llf_sort_pairs(unsigned* key, int* row, const int p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NT) llf_row_select(
-    const float* __restrict__ scores, const long long ld, const int size, const int m,
-    int* __restrict__ out_rows, int* __restrict__ overflow)
-{
-    __shared__ unsigned s_key[CAP];
-    __shared__ int s_row[CAP];
-    __shared__ unsigned s_cnt;
-    const int tid = threadIdx.x;
-    const float* x = scores + (long long)blockIdx.x * ld;
-    const int n4 = (ld & 3) == 0 ? size >> 2 : 0;  // rows of a 16-byte aligned matrix: vector loads
+// The n values of one selection: scores x[0, n) of rows row0 + j (read as float4 where the
+// caller says x is 16-byte aligned), or the (key, row) pairs that chunks listed.
+struct LlfScores { const float* x; int row0; };
+struct LlfPairs { const unsigned* key; const int* row; };
 
+__device__ __forceinline__ unsigned llf_thread_max(const LlfScores in, const bool vec, const int n, const int nt) {
     unsigned best = 0;
-    for (int q = tid; q < n4; q += NT) {
-        const float4 v = ((const float4*)x)[q];
+    const int n4 = vec ? n >> 2 : 0;
+    #pragma unroll 4
+    for (int q = threadIdx.x; q < n4; q += nt) {
+        const float4 v = ((const float4*)in.x)[q];
         best = max(best, max(max(llf_key(v.x), llf_key(v.y)), max(llf_key(v.z), llf_key(v.w))));
     }
-    for (int j = 4 * n4 + tid; j < size; j += NT) best = max(best, llf_key(x[j]));
-    s_key[tid] = best;
-    s_row[tid] = tid;
-    if (tid == 0) s_cnt = 0;
-    __syncthreads();
-    llf_sort_pairs(s_key, s_row, NT);
-    const unsigned bound = s_key[m - 1];
-    __syncthreads();
+    for (int j = 4 * n4 + threadIdx.x; j < n; j += nt) best = max(best, llf_key(in.x[j]));
+    return best;
+}
 
-    for (int q = tid; q < n4; q += NT) {
-        const float4 v = ((const float4*)x)[q];
+__device__ __forceinline__ unsigned llf_thread_max(const LlfPairs in, bool, const int n, const int nt) {
+    unsigned best = 0;
+    for (int j = threadIdx.x; j < n; j += nt) best = max(best, in.key[j]);
+    return best;
+}
+
+__device__ __forceinline__ void llf_list(unsigned* s_key, int* s_row, unsigned* s_cnt, const int cap,
+                                         const unsigned k, const int row) {
+    const unsigned slot = atomicAdd(s_cnt, 1u);
+    if (slot < cap) { s_key[slot] = k; s_row[slot] = row; }
+}
+
+__device__ __forceinline__ void llf_list_at_least(const LlfScores in, const bool vec, const int n, const int nt,
+                                                  const unsigned bound, unsigned* s_key, int* s_row, unsigned* s_cnt,
+                                                  const int cap) {
+    const int n4 = vec ? n >> 2 : 0;
+    #pragma unroll 4
+    for (int q = threadIdx.x; q < n4; q += nt) {
+        const float4 v = ((const float4*)in.x)[q];
         const float f[4] = {v.x, v.y, v.z, v.w};
         #pragma unroll
         for (int e = 0; e < 4; e++) {
             const unsigned k = llf_key(f[e]);
-            if (k >= bound) {
-                const unsigned slot = atomicAdd(&s_cnt, 1u);
-                if (slot < CAP) { s_key[slot] = k; s_row[slot] = 4 * q + e; }
-            }
+            if (k >= bound) llf_list(s_key, s_row, s_cnt, cap, k, in.row0 + 4 * q + e);
         }
     }
-    for (int j = 4 * n4 + tid; j < size; j += NT) {
-        const unsigned k = llf_key(x[j]);
-        if (k >= bound) {
-            const unsigned slot = atomicAdd(&s_cnt, 1u);
-            if (slot < CAP) { s_key[slot] = k; s_row[slot] = j; }
-        }
+    for (int j = 4 * n4 + threadIdx.x; j < n; j += nt) {
+        const unsigned k = llf_key(in.x[j]);
+        if (k >= bound) llf_list(s_key, s_row, s_cnt, cap, k, in.row0 + j);
     }
+}
+
+__device__ __forceinline__ void llf_list_at_least(const LlfPairs in, bool, const int n, const int nt,
+                                                  const unsigned bound, unsigned* s_key, int* s_row, unsigned* s_cnt,
+                                                  const int cap) {
+    for (int j = threadIdx.x; j < n; j += nt) {
+        const unsigned k = in.key[j];
+        if (k >= bound) llf_list(s_key, s_row, s_cnt, cap, k, in.row[j]);
+    }
+}
+
+// The m best of n values (m <= NT / 2) in order: rows to out_row[0, m), and keys to out_key
+// unless it is null; (0, NO_ROW) past the values there are.  Sets *overflow when more
+// values tie at the bound than CAP holds (the outputs are then not written).
+template <int NT, int CAP, typename In>
+__device__ void llf_select(const In in, const bool vec, const int n, const int m, unsigned* __restrict__ out_key,
+                           int* __restrict__ out_row, int* __restrict__ overflow) {
+    static_assert(CAP >= NT, "the thread maxima are sorted in the listing's memory");
+    __shared__ unsigned s_key[CAP];
+    __shared__ int s_row[CAP];
+    __shared__ unsigned s_cnt;
+    const int tid = threadIdx.x;
+    s_key[tid] = llf_thread_max(in, vec, n, NT);
+    s_row[tid] = tid;
+    if (tid == 0) s_cnt = 0;
+    __syncthreads();
+    llf_sort_pairs<NT>(s_key, s_row, NT);
+    const unsigned bound = s_key[m - 1];
+    __syncthreads();
+    llf_list_at_least(in, vec, n, NT, bound, s_key, s_row, &s_cnt, CAP);
     __syncthreads();
     const unsigned cnt = s_cnt;
     if (cnt > CAP) {
-        if (tid == 0) overflow[blockIdx.x] = 1;
+        if (tid == 0) *overflow = 1;
         return;
     }
     int p = 1;
     while (p < (int)cnt) p <<= 1;
     for (int i = cnt + tid; i < p; i += NT) { s_key[i] = 0u; s_row[i] = NO_ROW; }
     __syncthreads();
-    llf_sort_pairs(s_key, s_row, p);
-    for (int i = tid; i < m; i += NT) out_rows[(long long)blockIdx.x * m + i] = s_row[i];
-    if (tid == 0) overflow[blockIdx.x] = 0;
+    llf_sort_pairs<NT>(s_key, s_row, p);
+    for (int i = tid; i < m; i += NT) {
+        const bool real = i < (int)cnt;
+        out_row[i] = real ? s_row[i] : NO_ROW;
+        if (out_key != nullptr) out_key[i] = real ? s_key[i] : 0u;
+    }
+}
+
+// One CTA a query over its whole score row: rows [queries, m].
+extern "C" __global__ void __launch_bounds__(WHOLE_THREADS) llf_row_select(
+    const float* __restrict__ scores, const long long ld, const int size, const int m,
+    int* __restrict__ out_rows, int* __restrict__ overflow)
+{
+    const int qi = blockIdx.x;
+    const LlfScores in = {scores + qi * ld, 0};
+    llf_select<WHOLE_THREADS, WHOLE_CAP>(in, (ld & 3) == 0, size, m, nullptr, out_rows + (long long)qi * m,
+                                         overflow + qi);
+}
+
+// One CTA a (query, chunk of CHUNK scores): each chunk's m best pairs, [queries, chunks, m].
+template <int NT, int CAP>
+__device__ __forceinline__ void llf_chunk(const float* __restrict__ scores, const long long ld, const int size,
+                                          const int m, unsigned* __restrict__ out_keys, int* __restrict__ out_rows,
+                                          int* __restrict__ overflow) {
+    const int qi = blockIdx.x, row0 = blockIdx.y * CHUNK;
+    const LlfScores in = {scores + qi * ld + row0, row0};
+    const long long at = ((long long)qi * gridDim.y + blockIdx.y) * m;
+    llf_select<NT, CAP>(in, (ld & 3) == 0, min(CHUNK, size - row0), m, out_keys + at, out_rows + at, overflow + qi);
+}
+
+// Two widths: CHUNK_THREADS for m <= CHUNK_THREADS / 2 (more CTAs an SM), WHOLE_THREADS beyond.
+#define LLF_CHUNK_KERNEL(name, nt, cap)                                                                   \
+    extern "C" __global__ void __launch_bounds__(nt) name(                                               \
+        const float* __restrict__ scores, const long long ld, const int size, const int m,               \
+        unsigned* __restrict__ out_keys, int* __restrict__ out_rows, int* __restrict__ overflow) {       \
+        llf_chunk<nt, cap>(scores, ld, size, m, out_keys, out_rows, overflow);                           \
+    }
+LLF_CHUNK_KERNEL(llf_chunk_select, CHUNK_THREADS, CHUNK_CAP)
+LLF_CHUNK_KERNEL(llf_chunk_select_wide, WHOLE_THREADS, WHOLE_CAP)
+
+// One CTA a query over the n = chunks * m pairs its chunks listed: rows [queries, m].
+extern "C" __global__ void __launch_bounds__(WHOLE_THREADS) llf_merge_select(
+    const unsigned* __restrict__ keys, const int* __restrict__ rows, const int n, const int m,
+    int* __restrict__ out_rows, int* __restrict__ overflow)
+{
+    const int qi = blockIdx.x;
+    const LlfPairs in = {keys + (long long)qi * n, rows + (long long)qi * n};
+    llf_select<WHOLE_THREADS, WHOLE_CAP>(in, false, n, m, nullptr, out_rows + (long long)qi * m, overflow + qi);
 }
 """
 )
@@ -132,7 +220,11 @@ class CupyRowSelect:
 
     def __init__(self, cupy: Any) -> None:
         self._cp = cupy
-        self._kernel = cupy.RawModule(code=SOURCE, options=("-std=c++17",)).get_function("llf_row_select")
+        module = cupy.RawModule(code=SOURCE, options=("-std=c++17",))
+        self._whole = module.get_function("llf_row_select")
+        self._chunk = module.get_function("llf_chunk_select")
+        self._chunk_wide = module.get_function("llf_chunk_select_wide")
+        self._merge = module.get_function("llf_merge_select")
 
     def __call__(self, scores: Any, size: int, m: int) -> tuple[Any, Any] | None:
         """Rows [queries, m] of the ``m`` best of ``scores[:, :size]`` per query (best first, ties to
@@ -141,8 +233,20 @@ class CupyRowSelect:
         cp = self._cp
         if not 1 <= m <= min(MAX_SELECT, size) or scores.dtype != cp.float32 or not scores.flags.c_contiguous:
             return None
-        n_q = scores.shape[0]
+        n_q, ld = scores.shape
         rows = cp.empty((n_q, m), dtype=cp.int32)
-        overflow = cp.empty(n_q, dtype=cp.int32)
-        self._kernel((n_q,), (NT,), (scores, np.int64(scores.shape[1]), np.int32(size), np.int32(m), rows, overflow))
+        overflow = cp.zeros(n_q, dtype=cp.int32)
+        if size <= CHUNK:
+            self._whole((n_q,), (WHOLE_THREADS,), (scores, np.int64(ld), np.int32(size), np.int32(m), rows, overflow))
+        else:
+            chunks = -(-size // CHUNK)
+            keys = cp.empty((n_q, chunks, m), dtype=cp.uint32)
+            listed = cp.empty((n_q, chunks, m), dtype=cp.int32)
+            narrow = m <= CHUNK_THREADS // 2
+            (self._chunk if narrow else self._chunk_wide)(
+                (n_q, chunks),
+                (CHUNK_THREADS if narrow else WHOLE_THREADS,),
+                (scores, np.int64(ld), np.int32(size), np.int32(m), keys, listed, overflow),
+            )
+            self._merge((n_q,), (WHOLE_THREADS,), (keys, listed, np.int32(chunks * m), np.int32(m), rows, overflow))
         return rows, overflow.astype(cp.bool_)
