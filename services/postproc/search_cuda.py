@@ -1,10 +1,10 @@
 """CuPy path of corpus search's row selection: each query's best rows from its score row.
 
-A score row is split over many CTAs.  One CTA reading a whole 1M-score row (8 MB, read
-twice) moved ~16 GB/s, since all the loads it has in flight are 16 KiB: 0.5 ms of a 1.5 ms
-search.  Now each CTA reads ``CHUNK`` scores and lists their ``m`` best (key, row) pairs,
-and one CTA per query selects the ``m`` best of those pairs.  A row within one chunk is
-selected by one CTA directly.
+A score row is split over many CTAs.  One CTA reading a whole 1M-score row (4 MB, read
+twice) has only 16 KiB of loads in flight, on the order of 16 GB/s: most of the 0.5 ms a
+1-query search took beyond its product.  Each CTA reads ``CHUNK`` scores and lists their
+``m`` best (key, row) pairs, and one CTA per query selects the ``m`` best of those pairs.
+A row within one chunk is selected by one CTA directly.
 
 Every selection is the same steps: each thread's maximum; the ``m``-th largest of those
 maxima leaves at least ``m`` values at or above it, so a second read (from L2 in a chunk)
