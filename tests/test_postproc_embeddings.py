@@ -7,8 +7,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from cuda_emu import emulated_cupy
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from row_select_check import check_row_select
 
 from services.postproc.embeddings import SCORE_ERROR, CorpusFullError, CorpusStore, UnknownCorpusError, pool
 from services.postproc.sampling import FieldError
@@ -235,27 +237,17 @@ def test_rows_a_selector_gives_back_are_selected_by_partition() -> None:
 @pytest.mark.parametrize("size", [1, 7, 1000, 1024, 5003, 8192, 8193, 70_000, 300_000])
 def test_row_select_kernel_equals_a_stable_sort(size: int) -> None:
     cupy = cupy_or_skip()
-    from services.postproc.search_cuda import MAX_SELECT, CupyRowSelect
+    from services.postproc.search_cuda import CupyRowSelect
 
-    select = CupyRowSelect(cupy)
-    rng = np.random.default_rng(size)
-    ld = -(-size // 1024) * 1024
-    scores = rng.normal(size=(6, ld)).astype(np.float32)
-    scores[1, : size // 2] = 0.5  # ties at the top
-    scores[2] = np.round(scores[2], 1)  # ties everywhere, -0.0 and 0.0 among them
-    scores[4, ::997] = 4.0  # the best scores tie across chunks: the lower rows first
-    scores[5] = np.where(rng.random(ld) < 0.5, -0.0, 0.0)  # -0.0 ties with 0.0, as in NumPy's sort
-    scores[5, ::7] = rng.normal(size=scores[5, ::7].shape)
-    for m in sorted({1, min(10, size), min(74, size), min(MAX_SELECT, size)}):
-        picked = select(cupy.asarray(scores), size, m)
-        assert picked is not None
-        rows, failed = (a.get() for a in picked)
-        want = np.argsort(-scores[:, :size], axis=1, kind="stable")[:, :m]
-        for i in range(len(scores)):
-            if not failed[i]:
-                assert rows[i].tolist() == want[i].tolist(), (i, m)
-        assert m > 74 or not failed[[0, 3, 4]].any()  # random scores fit unless m is large
-    assert select(cupy.asarray(scores), size, min(size, MAX_SELECT) + 1) is None
+    check_row_select(CupyRowSelect(cupy), size, cupy.asarray, lambda a: a.get())
+
+
+@pytest.mark.parametrize("size", [7, 8193, 20_000])
+def test_row_select_kernel_equals_a_stable_sort_on_the_cuda_emulator(size: int) -> None:
+    from services.postproc.search_cuda import CupyRowSelect
+
+    kernels = ("llf_row_select", "llf_chunk_select", "llf_chunk_select_wide", "llf_merge_select")
+    check_row_select(CupyRowSelect(emulated_cupy(kernels)), size, np.asarray, np.asarray)
 
 
 @pytest.mark.gpu

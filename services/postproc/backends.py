@@ -293,7 +293,8 @@ def _checked_search(cupy: Any) -> tuple[Callable[[Any, Any], Any] | None, Select
     """The row-selection kernel and the TF32 product for corpus search, each kept if a small
     search with it returns what NumPy's exact search does (else off, with a warning)."""
     rng = np.random.default_rng(1)
-    corpus = rng.normal(size=(6000, 32)).astype(np.float32)
+    # Over two selection chunks (search_cuda.CHUNK), so the chunk and merge kernels both run.
+    corpus = rng.normal(size=(20_000, 32)).astype(np.float32)
     corpus[1000:5500] = corpus[0]  # more equal rows than the kernel holds: its fallback runs
     queries = np.vstack([corpus[:1], rng.normal(size=(4, 32))]).astype(np.float32)
     ids = [str(i) for i in range(len(corpus))]
