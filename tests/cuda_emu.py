@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.postproc.pdl import _arg_bits
+from services.postproc.pdl import arg_bits
 
 _HEADER = Path(__file__).with_name("cuda_emu.h")
 _BUILD = Path(tempfile.gettempdir()) / "llamafleet-cuda-emu"
@@ -53,7 +53,7 @@ def emulated_cupy(kernels: Sequence[str]) -> Any:
 
             def launch(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
                 # One 8-byte slot an argument (little-endian, as the driver reads them).
-                slots = np.array([a.ctypes.data if isinstance(a, np.ndarray) else _arg_bits(a) for a in args], np.int64)
+                slots = np.array([a.ctypes.data if isinstance(a, np.ndarray) else arg_bits(a) for a in args], np.int64)
                 pointers = (ctypes.c_void_p * len(args))(*[slots.ctypes.data + 8 * i for i in range(len(args))])
                 gx, gy = (*grid, 1)[:2]
                 run(ctypes.c_uint(gx), ctypes.c_uint(gy), ctypes.c_uint(block[0]), pointers)

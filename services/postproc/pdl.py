@@ -40,7 +40,8 @@ _MAX_ARGS = 64
 _SCALAR_BITS: dict[type, Any] = {np.int64: int, np.int32: int, np.float32: lambda a: int(a.view(np.int32))}
 
 
-def _arg_bits(a: Any) -> int:
+def arg_bits(a: Any) -> int:
+    """A kernel argument as the 8-byte slot value a launch passes: a scalar's bits or an array's pointer."""
     to_bits = _SCALAR_BITS.get(type(a))
     return to_bits(a) if to_bits is not None else a.data.ptr  # else a CuPy array: its device pointer
 
@@ -83,7 +84,7 @@ class DependentLauncher:
             raise RuntimeError(f"no CUfunction handle on {type(kernel).__name__}")
         if len(args) > _MAX_ARGS:
             raise RuntimeError(f"{len(args)} kernel arguments, more than {_MAX_ARGS}")
-        self._values[: len(args)] = [_arg_bits(a) for a in args]
+        self._values[: len(args)] = [arg_bits(a) for a in args]
         config = self._config  # reused, as the argument slots are
         config.grid[:] = (grid, 1, 1)
         config.block[:] = (block, 1, 1)
