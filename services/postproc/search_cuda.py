@@ -28,7 +28,7 @@ __all__ = ["MAX_SELECT", "CupyRowSelect"]
 # The m-th largest thread maximum needs m <= threads; near m = threads it is about the
 # smallest maximum and leaves more values above it than the CTA holds, so stop at half.
 WHOLE_THREADS, WHOLE_CAP = 1024, 4096  # one CTA a query (and the merge of chunks' lists)
-CHUNK_THREADS, CHUNK_CAP = 256, 2048  # one CTA a chunk: 8 of them fit an SM
+CHUNK_THREADS, CHUNK_CAP = 256, 2048  # one CTA a chunk: 6 an SM (38 registers a thread)
 CHUNK = 8192  # scores a chunk CTA reads: 32 each thread
 MAX_SELECT = WHOLE_THREADS // 2
 
