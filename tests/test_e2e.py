@@ -104,17 +104,24 @@ async def test_bad_requests_get_the_right_status(gateway, fields, code, needle) 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_every_service_exports_llamafleet_metrics(gateway, stack: Stack) -> None:
     await generate(gateway, prompt="metrics", max_tokens=4)
-    await asyncio.sleep(0.6)  # the workers' counters arrive with the next gather (every 0.5 s)
+    wanted = {service: [f"llamafleet_{service}_grpc_requests_total"] for service in stack.cfg.metrics_urls()}
+    wanted["gateway"].append("llamafleet_gateway_time_to_first_token_seconds_bucket")
+    wanted["scheduler"] += [
+        'llamafleet_scheduler_worker_up{worker="1"} 1.0',
+        "llamafleet_scheduler_worker_generated_tokens_total",
+    ]
+    missing: list[str] = []
     async with httpx.AsyncClient(timeout=5) as client:
-        for service, url in stack.cfg.metrics_urls().items():
-            text = (await client.get(url)).text
-            assert f"llamafleet_{service}_grpc_requests_total" in text, service
-    async with httpx.AsyncClient(timeout=5) as client:
-        gateway_text = (await client.get(stack.cfg.metrics_urls()["gateway"])).text
-        scheduler_text = (await client.get(stack.cfg.metrics_urls()["scheduler"])).text
-    assert "llamafleet_gateway_time_to_first_token_seconds_bucket" in gateway_text
-    assert 'llamafleet_scheduler_worker_up{worker="1"} 1.0' in scheduler_text
-    assert "llamafleet_scheduler_worker_generated_tokens_total" in scheduler_text
+        # The workers' counters arrive with a gather round (every 0.5 s); later on a busy machine.
+        for _attempt in range(20):
+            missing = []
+            for service, url in stack.cfg.metrics_urls().items():
+                text = (await client.get(url)).text
+                missing += [f"{service}: {name}" for name in wanted[service] if name not in text]
+            if not missing:
+                break
+            await asyncio.sleep(0.5)
+    assert not missing, missing
 
 
 @pytest.mark.asyncio(loop_scope="module")
