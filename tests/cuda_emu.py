@@ -34,7 +34,9 @@ def _compile(source: str, kernels: Sequence[str]) -> ctypes.CDLL:
         cpp.write_text(code)
         partial = lib.with_suffix(".tmp")
         command = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(partial), str(cpp)]
-        subprocess.run(command, check=True, capture_output=True, timeout=300)
+        built = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if built.returncode != 0:
+            raise RuntimeError(f"the CUDA emulator build failed:\n{built.stderr[-4000:]}")
         partial.rename(lib)  # whole or absent, for concurrent test runs
     return ctypes.CDLL(str(lib))
 
