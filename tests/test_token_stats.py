@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from cuda_emu import emulated_cupy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from services.postproc.backends import (
 from services.postproc.token_stats import (
     PackedBatch,
     TokenStatsResult,
+    log_threshold,
     pack_batch,
     token_stats_numpy,
     tokens_from_completion_probabilities,
@@ -340,6 +342,10 @@ def cupy_backend() -> CupyBackend:
 
 def assert_backends_agree(got: TokenStatsResult, want: TokenStatsResult) -> None:
     assert got.backend == "cupy" and want.backend == "numpy"
+    assert_stats_agree(got, want)
+
+
+def assert_stats_agree(got: TokenStatsResult, want: TokenStatsResult) -> None:
     np.testing.assert_array_equal(got.offsets, want.offsets)
     np.testing.assert_allclose(got.entropy, want.entropy, rtol=GPU_RTOL, atol=GPU_ATOL)
     np.testing.assert_array_equal(got.surprise, want.surprise)
@@ -378,6 +384,23 @@ def test_cupy_agrees_with_numpy_on_random_batches(
             cupy_backend.token_stats(packed, confidence_threshold=threshold),
             token_stats_numpy(packed, confidence_threshold=threshold),
         )
+
+
+@pytest.mark.parametrize(("n_responses", "max_tokens", "width"), [(1, 1, 1), (3, 50, 0), (9, 300, 20)])
+def test_the_kernel_agrees_with_numpy_on_the_cuda_emulator(n_responses: int, max_tokens: int, width: int) -> None:
+    packed = random_packed(np.random.default_rng(n_responses), n_responses, max_tokens, width)
+    threshold = 0.5
+    kernel = emulated_cupy(("llf_token_stats",)).RawModule(backends._KERNEL_SOURCE).get_function("llf_token_stats")
+    t, r = packed.total_tokens, packed.n_responses
+    entropy, surprise = np.empty(t, np.float32), np.empty(t, np.float32)
+    confident, means = np.empty(t, np.uint8), np.empty((r, 4), np.float64)
+    args = (packed.top_logprobs, packed.chosen_logprob, packed.offsets, np.int64(t), np.int32(packed.max_n))
+    args += (np.int64(r), np.float32(log_threshold(threshold)), entropy, surprise, confident, means)
+    kernel((min(r, 4),), (backends._STATS_BLOCK,), args)  # fewer CTAs than responses: the grid-stride loop runs
+    got = TokenStatsResult(
+        packed.offsets, entropy, surprise, confident.astype(bool), *means.T, threshold, backend="emulated kernel"
+    )
+    assert_stats_agree(got, token_stats_numpy(packed, confidence_threshold=threshold))
 
 
 @pytest.mark.gpu
