@@ -242,6 +242,7 @@ def test_row_select_kernel_equals_a_stable_sort(size: int) -> None:
     check_row_select(CupyRowSelect(cupy), size, cupy.asarray, lambda a: a.get())
 
 
+@pytest.mark.emulator
 @pytest.mark.parametrize("size", [7, 8193, 20_000])
 def test_row_select_kernel_equals_a_stable_sort_on_the_cuda_emulator(size: int) -> None:
     from services.postproc.search_cuda import CupyRowSelect

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from cuda_emu import EmuStream, emulated_cupy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -26,7 +27,7 @@ from services.postproc.sampling import (
     sample_numpy,
     splitmix_uniform,
 )
-from services.postproc.sampling_cuda import FAST_MAX_K, fast_rows
+from services.postproc.sampling_cuda import CLUSTER_SIZES, FAST_MAX_K, CupySampler, fast_rows
 
 # ---- plain references (float64, sort-based) ------------------------------------------------
 
@@ -335,11 +336,10 @@ def test_fast_path_takes_greedy_rows_and_small_top_k() -> None:
     assert fast_rows(batch).tolist() == [True, True, True, False, False, False]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("vocab", [700, 8193, 32001, 131072])
-def test_fast_path_and_fused_kernel_agree_with_numpy(cupy_backend: object, vocab: int, dtype: type) -> None:
-    grid = itertools.product([0.0, 0.8], [1, 2, 40, FAST_MAX_K, FAST_MAX_K + 1], [1.0, 0.5], [0.0, 0.05], [0, 20])
+def check_fast_path_and_fused_kernel(sampler: object, vocab: int, dtype: type, grid: Iterable[tuple]) -> None:
+    """Rows of every (temperature, top-k, top-p, min-p, top-n) in ``grid``, some with many ties
+    and some all tied, sampled by the fast path (which gives the all-tied rows back) and by the
+    fused kernel alone, against NumPy."""
     params = [
         RowParams(temperature=t, top_k=k, top_p=p, min_p=m, top_logprobs=n, seed=i)
         for i, (t, k, p, m, n) in enumerate(grid)
@@ -350,12 +350,30 @@ def test_fast_path_and_fused_kernel_agree_with_numpy(cupy_backend: object, vocab
     logits[::11] = 0  # all tied: the fast path's lists overflow and the fused kernel takes the row
     batch = make_sample_batch(logits.astype(dtype), params, SampleLimits(max_rows=len(params)))
     want = sample_numpy(batch)
-    sampler = cupy_backend.sampler  # type: ignore[attr-defined]
-    assert sampler.fast_path, "the backend's start-up check turned the fast path off"
+    assert sampler.fast_path, "the backend's start-up check turned the fast path off"  # type: ignore[attr-defined]
     for fast in (True, False):
-        prepared = sampler.prepare(batch)
-        sampler.launch(prepared, fast=fast)
-        assert_backends_agree(sampler.download(prepared, batch.max_top_logprobs), want)
+        prepared = sampler.prepare(batch)  # type: ignore[attr-defined]
+        sampler.launch(prepared, fast=fast)  # type: ignore[attr-defined]
+        assert_backends_agree(sampler.download(prepared, batch.max_top_logprobs), want)  # type: ignore[attr-defined]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("vocab", [700, 8193, 32001, 131072])
+def test_fast_path_and_fused_kernel_agree_with_numpy(cupy_backend: object, vocab: int, dtype: type) -> None:
+    grid = itertools.product([0.0, 0.8], [1, 2, 40, FAST_MAX_K, FAST_MAX_K + 1], [1.0, 0.5], [0.0, 0.05], [0, 20])
+    check_fast_path_and_fused_kernel(cupy_backend.sampler, vocab, dtype, grid)  # type: ignore[attr-defined]
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize(("vocab", "dtype"), [(700, np.float16), (8193, np.float32)])
+def test_fast_path_and_fused_kernel_agree_with_numpy_on_the_cuda_emulator(vocab: int, dtype: type) -> None:
+    # One SM: clusters of one CTA, the only kind the emulator runs; a smaller grid than the GPU's.
+    kernels = ["llf_penalties", "llf_scan", "llf_finish"]
+    kernels += [f"llf_sample{kind}_c{c}" for kind in ("", "_list") for c in CLUSTER_SIZES]
+    sampler = CupySampler(emulated_cupy(kernels), 1, EmuStream(), EmuStream())
+    grid = itertools.product([0.0, 0.8], [1, 40, FAST_MAX_K + 1], [1.0, 0.5], [0.05], [0, 20])
+    check_fast_path_and_fused_kernel(sampler, vocab, dtype, grid)
 
 
 @pytest.mark.gpu

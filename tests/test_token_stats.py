@@ -386,6 +386,7 @@ def test_cupy_agrees_with_numpy_on_random_batches(
         )
 
 
+@pytest.mark.emulator
 @pytest.mark.parametrize(("n_responses", "max_tokens", "width"), [(1, 1, 1), (3, 50, 0), (9, 300, 20)])
 def test_the_kernel_agrees_with_numpy_on_the_cuda_emulator(n_responses: int, max_tokens: int, width: int) -> None:
     packed = random_packed(np.random.default_rng(n_responses), n_responses, max_tokens, width)
