@@ -43,6 +43,7 @@ _PTX = {
 _ASM = re.compile(r'asm(?:\s+volatile)?\s*\(\s*"((?:[^"\\]|\\.)*)"(.*?)\);', re.S)
 _OPERAND = re.compile(r'"[=+]?\w"\s*\(((?:[^()]|\([^()]*\))*)\)')
 _DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
+_CLUSTER_DIMS = re.compile(r"__cluster_dims__\((\d+)[^)]*\)\s+(\w+)\s*\(")
 
 
 def _rewrite_asm(match: re.Match[str]) -> str:
@@ -97,13 +98,15 @@ class EmuArray(np.ndarray):
 
 
 class _Kernel:
-    def __init__(self, run: Any) -> None:
-        self._run = run
+    def __init__(self, name: str, run: Any, cluster: int) -> None:
+        self._name, self._run, self._cluster = name, run, cluster
         self.max_dynamic_shared_size_bytes = 0
 
     def __call__(
         self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...], shared_mem: int = 0
     ) -> None:
+        if self._cluster > 1:  # each CTA would take itself for a whole cluster and compute nonsense
+            raise NotImplementedError(f"cuda_emu: {self._name} runs in clusters of {self._cluster} CTAs")
         # One 8-byte slot an argument (little-endian, as the driver reads them).
         slots = np.array([a.ctypes.data if isinstance(a, np.ndarray) else arg_bits(a) for a in args], np.int64)
         pointers = (ctypes.c_void_p * len(args))(*[slots.ctypes.data + 8 * i for i in range(len(args))])
@@ -140,9 +143,10 @@ def emulated_cupy(kernels: Sequence[str]) -> Any:
     class RawModule:
         def __init__(self, code: str, options: Sequence[str] = ()) -> None:
             self._lib = _compile(code, kernels)
+            self._clusters = {name: int(size) for size, name in _CLUSTER_DIMS.findall(code)}
 
         def get_function(self, name: str) -> _Kernel:
-            return _Kernel(getattr(self._lib, f"run_{name}"))
+            return _Kernel(name, getattr(self._lib, f"run_{name}"), self._clusters.get(name, 1))
 
     def empty(shape: Any, dtype: Any = np.float64) -> EmuArray:
         return np.empty(shape, dtype).view(EmuArray)
