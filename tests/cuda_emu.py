@@ -6,6 +6,7 @@ inline PTX instructions the kernels use are rewritten to C++ (clusters of one CT
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import re
 import shutil
@@ -135,10 +136,33 @@ class EmuStream:
         return None
 
 
+_PROBE = """
+#include <atomic>
+#include <barrier>
+int main() { std::barrier<> b(1); b.arrive_and_wait(); unsigned u = 0; std::atomic_ref<unsigned>(u).fetch_add(1);
+             _Float16 h = static_cast<_Float16>(1.5f); return static_cast<float>(h) == 1.5f && u == 1 ? 0 : 1; }
+"""
+
+
+@functools.cache
+def _compiler_problem() -> str | None:
+    """Why the system compiler cannot build the emulator (None: it can)."""
+    if shutil.which("g++") is None:
+        return "no C++ compiler (g++)"
+    with tempfile.TemporaryDirectory() as tmp:
+        source, binary = Path(tmp) / "probe.cpp", Path(tmp) / "probe"
+        source.write_text(_PROBE)
+        built = subprocess.run(["g++", "-std=c++20", "-pthread", "-o", str(binary), str(source)], capture_output=True)
+        if built.returncode != 0 or subprocess.run([str(binary)]).returncode != 0:
+            return "g++ lacks C++20 std::barrier / std::atomic_ref or _Float16 (GCC 12 or later has them)"
+    return None
+
+
 def emulated_cupy(kernels: Sequence[str]) -> Any:
     """A ``cupy`` look-alike whose ``RawModule`` builds ``kernels`` for the emulator."""
-    if shutil.which("g++") is None:
-        pytest.skip("no C++ compiler (g++) for the CUDA emulator")
+    problem = _compiler_problem()
+    if problem is not None:
+        pytest.skip(f"the CUDA emulator cannot be built here: {problem}")
 
     class RawModule:
         def __init__(self, code: str, options: Sequence[str] = ()) -> None:
