@@ -1,8 +1,9 @@
 // CUDA's execution model on the CPU, for logic tests of kernels without a GPU: each launch runs
 // its CTAs one after another, one std::thread per CUDA thread.  __syncthreads is a barrier,
-// __shared__ storage is static (one CTA runs at a time), and warp collectives meet at a
-// per-warp rendezvous of the lanes in their mask.  Inline PTX is rewritten by cuda_emu.py;
-// clusters of more than one CTA are not emulated.
+// __shared__ storage is static (one CTA runs at a time), warp collectives meet at a per-warp
+// rendezvous of the lanes in their mask, and float arithmetic flushes subnormals to zero (as
+// the GPU runs).  Inline PTX is rewritten by cuda_emu.py; clusters of more than one CTA are
+// not emulated.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -19,6 +20,7 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include <xmmintrin.h>
 
 struct EmuDim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local EmuDim3 threadIdx;
@@ -236,6 +238,7 @@ void emu_launch(void (*k)(A...), unsigned gx, unsigned gy, unsigned nt, unsigned
     for (unsigned t = 0; t < nt; t++)
         threads.emplace_back([=, &bar] {
             threadIdx = {t, 0, 0};
+            _mm_setcsr(_mm_getcsr() | 0x8040);  // flush-to-zero and denormals-are-zero, as the GPU runs
             for (unsigned by = 0; by < gy; by++)
                 for (unsigned bx = 0; bx < gx; bx++) {
                     if (t == 0) blockIdx = {bx, by, 0};

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from cuda_emu import EmuStream, emulated_cupy
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -365,15 +365,41 @@ def test_fast_path_and_fused_kernel_agree_with_numpy(cupy_backend: object, vocab
     check_fast_path_and_fused_kernel(cupy_backend.sampler, vocab, dtype, grid)  # type: ignore[attr-defined]
 
 
-@pytest.mark.emulator
-@pytest.mark.parametrize(("vocab", "dtype"), [(700, np.float16), (8193, np.float32)])
-def test_fast_path_and_fused_kernel_agree_with_numpy_on_the_cuda_emulator(vocab: int, dtype: type) -> None:
-    # One SM: clusters of one CTA, the only kind the emulator runs; a smaller grid than the GPU's.
+@pytest.fixture(scope="module")
+def emulated_sampler() -> CupySampler:
+    # One SM: batches of two or more rows, or of up to 16k logits, run in clusters of one CTA,
+    # the only kind the emulator runs.
     kernels = ["llf_penalties", "llf_scan", "llf_finish"]
     kernels += [f"llf_sample{kind}_c{c}" for kind in ("", "_list") for c in CLUSTER_SIZES]
-    sampler = CupySampler(emulated_cupy(kernels), 1, EmuStream(), EmuStream())
-    grid = itertools.product([0.0, 0.8], [1, 40, FAST_MAX_K + 1], [1.0, 0.5], [0.05], [0, 20])
-    check_fast_path_and_fused_kernel(sampler, vocab, dtype, grid)
+    return CupySampler(emulated_cupy(kernels), 1, EmuStream(), EmuStream())
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize(("vocab", "dtype"), [(700, np.float16), (8193, np.float32)])
+def test_fast_path_and_fused_kernel_agree_with_numpy_on_the_cuda_emulator(
+    emulated_sampler: CupySampler, vocab: int, dtype: type
+) -> None:
+    grid = itertools.product([0.0, 0.8], [1, 40, FAST_MAX_K + 1], [1.0, 0.5], [0.05], [0, 20])  # smaller than the GPU's
+    check_fast_path_and_fused_kernel(emulated_sampler, vocab, dtype, grid)
+
+
+@pytest.mark.emulator
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(gpu_logits, st.data(), st.booleans())
+def test_the_sampler_agrees_with_numpy_on_generated_rows_on_the_cuda_emulator(
+    emulated_sampler: CupySampler, logits: npt.NDArray[np.float32], data: st.DataObject, half: bool
+) -> None:
+    params = [data.draw(row_params) for _ in range(logits.shape[0])]
+    batch = make_sample_batch(logits.astype(np.float16) if half else logits, params)
+    assert_backends_agree(emulated_sampler.sample(batch), sample_numpy(batch))
+
+
+@pytest.mark.emulator
+def test_subnormal_logits_count_as_zero_on_the_cuda_emulator_as_on_the_gpu(emulated_sampler: CupySampler) -> None:
+    logits = np.zeros((2, 3000), np.float32)
+    logits[0, 1] = 1e-45  # flushed: the greedy token is the first of the tied zeros
+    batch = make_sample_batch(logits, [RowParams(temperature=0)] * 2)
+    assert emulated_sampler.sample(batch).token.tolist() == sample_numpy(batch).token.tolist() == [0, 0]
 
 
 @pytest.mark.gpu
