@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -20,6 +20,7 @@ from services.postproc.sampling import (
     RowParams,
     SampleBatch,
     SampleLimits,
+    SampleResult,
     concat_sample_batches,
     exp_ref,
     make_sample_batch,
@@ -300,15 +301,22 @@ def random_batch(
     return make_sample_batch(logits, params, SampleLimits(max_rows=rows))
 
 
+def check_generated_rows(
+    sample: Callable[[SampleBatch], SampleResult], logits: npt.NDArray[np.float32], data: st.DataObject, half: bool
+) -> None:
+    """One generated row parameter set a row of ``logits``: ``sample`` agrees with NumPy."""
+    params = [data.draw(row_params) for _ in range(logits.shape[0])]
+    batch = make_sample_batch(logits.astype(np.float16) if half else logits, params)
+    assert_backends_agree(sample(batch), sample_numpy(batch))
+
+
 @pytest.mark.gpu
 @settings(max_examples=120, deadline=None)
 @given(gpu_logits, st.data(), st.booleans())
 def test_cupy_agrees_with_numpy_on_generated_rows(
     cupy_backend: object, logits: npt.NDArray[np.float32], data: st.DataObject, half: bool
 ) -> None:
-    params = [data.draw(row_params) for _ in range(logits.shape[0])]
-    batch = make_sample_batch(logits.astype(np.float16) if half else logits, params)
-    assert_backends_agree(cupy_backend.sample(batch), sample_numpy(batch))  # type: ignore[attr-defined]
+    check_generated_rows(cupy_backend.sample, logits, data, half)  # type: ignore[attr-defined]
 
 
 @pytest.mark.gpu
@@ -389,9 +397,7 @@ def test_fast_path_and_fused_kernel_agree_with_numpy_on_the_cuda_emulator(
 def test_the_sampler_agrees_with_numpy_on_generated_rows_on_the_cuda_emulator(
     emulated_sampler: CupySampler, logits: npt.NDArray[np.float32], data: st.DataObject, half: bool
 ) -> None:
-    params = [data.draw(row_params) for _ in range(logits.shape[0])]
-    batch = make_sample_batch(logits.astype(np.float16) if half else logits, params)
-    assert_backends_agree(emulated_sampler.sample(batch), sample_numpy(batch))
+    check_generated_rows(emulated_sampler.sample, logits, data, half)
 
 
 @pytest.mark.emulator
