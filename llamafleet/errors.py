@@ -73,3 +73,12 @@ class Unauthenticated(FleetError):
 
 class PermissionDenied(FleetError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def error_for_code(code: int, message: str) -> FleetError:
+    """A FleetError reported with gRPC status `code` (a google.rpc.Code value), e.g. one a
+    worker sent over MPI, so the caller sees the status the failure had at its source."""
+    error = FleetError(message)
+    status = next((s for s in grpc.StatusCode if s.value[0] == code), grpc.StatusCode.UNKNOWN)
+    error.code = grpc.StatusCode.INTERNAL if status is grpc.StatusCode.OK else status
+    return error

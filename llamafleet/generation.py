@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llamafleet.errors import InvalidArgument
 from llamafleet.v1 import common_pb2, gateway_pb2
 
 
-@dataclass(frozen=True)
-class GenerationLimits:
-    """Bounds a request must stay within; every violation names the field and the bound."""
+class GenerationLimits(BaseSettings):
+    """Bounds a request must stay within; every violation names the field and the bound.
 
-    max_prompt_chars: int = 65536
-    max_tokens: int = 4096
-    default_max_tokens: int = 128
-    max_stop_sequences: int = 8
-    max_stop_chars: int = 128
-    max_n_probs: int = 32
-    max_temperature: float = 5.0
+    Read from `LLAMAFLEET_<FIELD>` (e.g. LLAMAFLEET_MAX_TOKENS) by the gateway and the
+    scheduler alike, so the two hops enforce the same limits."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAMAFLEET_", extra="ignore", frozen=True)
+
+    max_prompt_chars: int = Field(default=65536, ge=1)
+    max_tokens: int = Field(default=4096, ge=1)
+    default_max_tokens: int = Field(default=128, ge=1)
+    max_stop_sequences: int = Field(default=8, ge=0)
+    max_stop_chars: int = Field(default=128, ge=1)
+    max_n_probs: int = Field(default=32, ge=0)
+    max_temperature: float = Field(default=5.0, ge=0)
 
 
 POLICIES = ("round_robin", "least_loaded", "prefix_affinity")
@@ -116,6 +122,8 @@ def llama_completion_body(prompt: str, params: common_pb2.GenerationParams) -> d
         "stream": True,
         "n_predict": params.max_tokens,
         "cache_prompt": True,
+        # Token ids in every event: they let the generation resume elsewhere exactly.
+        "return_tokens": True,
     }
     if params.stop:
         body["stop"] = list(params.stop)

@@ -27,12 +27,38 @@ def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "SIGTERM", "--", *argv] if setpriv else list(argv)
 
 
-def mpiexec_argv(ranks: int) -> list[str]:
-    """mpiexec for `ranks` processes on this host, however many cores it has."""
+def mpiexec_argv(
+    ranks: int,
+    *,
+    fault_tolerant: bool = False,
+    network: str = "",
+    hostfile: Path | None = None,
+    rsh_agent: str = "",
+) -> list[str]:
+    """mpiexec for `ranks` processes, however many cores the hosts have.
+
+    `fault_tolerant` turns on ULFM: a process's death fails only the operations that involve
+    it, and the failure detector reports it, instead of aborting the job. `network` (a CIDR
+    or interface name) is what MPI's TCP traffic between hosts uses; without one, everything
+    stays on this host over loopback. Either way it is pinned: left to choose, Open MPI may
+    pick an address such as Docker's bridge and hang. `hostfile` and `rsh_agent` (the
+    command that runs a command on another host, ssh by default) span several hosts.
+    """
     mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
     argv = [mpiexec, "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
     if os.geteuid() == 0:
         argv.append("--allow-run-as-root")
+    if fault_tolerant:
+        argv += ["--with-ft", "ulfm", "--mca", "mpi_ft_detector", "true"]
+    if network:
+        argv += ["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", network]
+        argv += ["--prtemca", "oob_tcp_if_include", network]
+    else:
+        argv += ["--mca", "btl_tcp_if_include", "lo"]
+    if hostfile is not None:
+        argv += ["--hostfile", str(hostfile)]
+    if rsh_agent:
+        argv += ["--prtemca", "plm_ssh_agent", rsh_agent]
     return argv
 
 

@@ -173,7 +173,7 @@ async def serve(
     translate_error: ErrorTranslator | None = None,
     credentials: grpc.ServerCredentials | None = None,
 ) -> None:
-    """Run one service until SIGTERM/SIGINT.
+    """Run one service until SIGTERM, SIGINT or SIGUSR1.
 
     `setup` registers the servicers on the server, pushes its own cleanups onto the exit
     stack (they run after the server stopped), and returns the full names of the services
@@ -204,7 +204,9 @@ async def serve(
 
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGUSR1 too: mpiexec forwards it and lets the process stop in its own time, where
+        # after forwarding SIGTERM it kills its processes within a second.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.add_signal_handler(sig, stopping.set)
         await stopping.wait()
         log.info("%s stopping (grace %.1fs)", service, settings.grace_seconds)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
             },
         ),
         "scheduler": (
-            [*mpiexec_argv(1 + cfg.workers), python, "-m", "services.scheduler"],
+            [*mpiexec_argv(1, fault_tolerant=True), python, "-m", "services.scheduler"],
             common
             | {
                 "LLAMAFLEET_SCHEDULER_HOST": cfg.host,
@@ -116,6 +117,7 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
                 "LLAMAFLEET_SCHEDULER_METRICS_PORT": str(cfg.scheduler_metrics_port),
                 "LLAMAFLEET_SCHEDULER_STORAGE_ADDRESS": a(cfg.storage_port),
                 "LLAMAFLEET_SCHEDULER_MODEL": cfg.model_name,
+                "LLAMAFLEET_SCHEDULER_WORKERS": str(cfg.workers),
                 "LLAMAFLEET_SCHEDULER_SLOTS": str(cfg.slots),
                 "LLAMAFLEET_SCHEDULER_CACHE_DIR": str(cfg.root / "cache"),
                 "LLAMAFLEET_SCHEDULER_LOG_DIR": str(cfg.root / "logs"),
@@ -147,6 +149,10 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
         ),
     }
 
+
+# mpiexec kills its processes right after forwarding SIGTERM; SIGUSR1 it forwards and waits,
+# so rank 0 can stop its workers and their llama-servers in order.
+STOP_SIGNALS = {"scheduler": signal.SIGUSR1}
 
 ALERT_RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
 
@@ -223,7 +229,11 @@ class Stack:
             for name, (argv, env) in commands.items():
                 self.report(f"starting {name}")
                 process = ManagedProcess(
-                    name, argv, log_path=self.cfg.root / "logs" / f"{name}.log", env=os.environ | env
+                    name,
+                    argv,
+                    log_path=self.cfg.root / "logs" / f"{name}.log",
+                    env=os.environ | env,
+                    stop_signal=STOP_SIGNALS.get(name, signal.SIGTERM),
                 )
                 self.processes[name] = process
                 await process.start()

@@ -63,14 +63,16 @@ class TokenLogprobs(_message.Message):
     def __init__(self, token: _Optional[str] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
-    __slots__ = ("text", "tokens", "logprobs")
+    __slots__ = ("text", "tokens", "logprobs", "token_ids")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: int
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -117,7 +119,7 @@ class TokenStats(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., mean_logprob: _Optional[float] = ..., perplexity: _Optional[float] = ..., mean_entropy: _Optional[float] = ..., confident_fraction: _Optional[float] = ..., entropy: _Optional[_Iterable[float]] = ..., surprise: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerationResult(_message.Message):
-    __slots__ = ("request_id", "finish_reason", "usage", "timings", "worker", "model_sha256", "stats")
+    __slots__ = ("request_id", "finish_reason", "usage", "timings", "worker", "model_sha256", "stats", "handovers")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,7 @@ class GenerationResult(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    HANDOVERS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     finish_reason: FinishReason
     usage: Usage
@@ -132,4 +135,17 @@ class GenerationResult(_message.Message):
     worker: str
     model_sha256: str
     stats: TokenStats
-    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., worker: _Optional[str] = ..., model_sha256: _Optional[str] = ..., stats: _Optional[_Union[TokenStats, _Mapping]] = ...) -> None: ...
+    handovers: _containers.RepeatedCompositeFieldContainer[Handover]
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., worker: _Optional[str] = ..., model_sha256: _Optional[str] = ..., stats: _Optional[_Union[TokenStats, _Mapping]] = ..., handovers: _Optional[_Iterable[_Union[Handover, _Mapping]]] = ...) -> None: ...
+
+class Handover(_message.Message):
+    __slots__ = ("from_worker", "to_worker", "tokens_carried", "reason")
+    FROM_WORKER_FIELD_NUMBER: _ClassVar[int]
+    TO_WORKER_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_CARRIED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    from_worker: str
+    to_worker: str
+    tokens_carried: int
+    reason: str
+    def __init__(self, from_worker: _Optional[str] = ..., to_worker: _Optional[str] = ..., tokens_carried: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,16 @@ class SchedulerStub:
                 request_serializer=llamafleet_dot_v1_dot_scheduler__pb2.LoadModelRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.LoadModelResponse.FromString,
                 _registered_method=True)
+        self.AddWorkers = channel.unary_unary(
+                '/llamafleet.v1.Scheduler/AddWorkers',
+                request_serializer=llamafleet_dot_v1_dot_scheduler__pb2.AddWorkersRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.AddWorkersResponse.FromString,
+                _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/llamafleet.v1.Scheduler/DrainWorker',
+                request_serializer=llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -77,6 +87,20 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddWorkers(self, request, context):
+        """Starts more worker processes (MPI_Comm_spawn) and returns once they serve.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainWorker(self, request, context):
+        """Takes a worker out of the pool: it finishes its requests, then its process leaves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +118,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.LoadModel,
                     request_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.LoadModelRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_scheduler__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'AddWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddWorkers,
+                    request_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.AddWorkersRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_scheduler__pb2.AddWorkersResponse.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +212,60 @@ class Scheduler:
             '/llamafleet.v1.Scheduler/LoadModel',
             llamafleet_dot_v1_dot_scheduler__pb2.LoadModelRequest.SerializeToString,
             llamafleet_dot_v1_dot_scheduler__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Scheduler/AddWorkers',
+            llamafleet_dot_v1_dot_scheduler__pb2.AddWorkersRequest.SerializeToString,
+            llamafleet_dot_v1_dot_scheduler__pb2.AddWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Scheduler/DrainWorker',
+            llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerRequest.SerializeToString,
+            llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,8 +33,6 @@ class GatewaySettings(ServiceSettings):
     stats_n_probs: int = Field(default=5, ge=1, le=32)
     # How long a resolved model name is trusted before storage is asked again.
     model_cache_s: float = Field(default=5.0, ge=0)
-    max_tokens: int = Field(default=4096, ge=1)
-    default_max_tokens: int = Field(default=128, ge=1)
 
     # API keys (see `llamafleet keys`); unset means no authentication (the local demo).
     api_keys_file: Path | None = None

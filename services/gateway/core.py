@@ -69,7 +69,7 @@ class GatewayCore:
 
     def __init__(self, settings: GatewaySettings, storage: StorageClient) -> None:
         self._settings = settings
-        self._limits = GenerationLimits(max_tokens=settings.max_tokens, default_max_tokens=settings.default_max_tokens)
+        self._limits = GenerationLimits()
         self._default_rates = RateLimits(settings.requests_per_min, settings.tokens_per_min)
         self.keys = KeyStore(settings.api_keys_file) if settings.api_keys_file else None
         self.admission = Admission(

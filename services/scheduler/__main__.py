@@ -1,7 +1,8 @@
-"""Entry point of every rank: `mpiexec -n 1+N python -m services.scheduler`.
+"""Entry point of the scheduler's processes.
 
-Rank 0 reads the settings, resolves the model to its digest and broadcasts both; then it
-serves the Scheduler API while each worker rank drives its own llama-server.
+`mpiexec -n 1 --with-ft ulfm ... python -m services.scheduler` starts rank 0: it resolves the
+model, spawns its worker processes (MPI_Comm_spawn, each with the same command) and serves the
+Scheduler API. A spawned process finds its parent and runs as a worker.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-import sys
+import time
 
 import grpc
 from mpi4py import MPI
@@ -19,20 +21,21 @@ from llamafleet.generation import GenerationLimits
 from llamafleet.server import serve
 from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import configure_logging, setup_tracing, shutdown_tracing
-from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc
+from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.dispatch import Dispatcher
-from services.scheduler.llama_server import default_threads
-from services.scheduler.messages import WorkerCounters
-from services.scheduler.metrics import HISTOGRAM_WIDTH, SchedulerMetrics, register_worker_collector
-from services.scheduler.mpi_bridge import MpiBridge
+from services.scheduler.membership import Membership
+from services.scheduler.metrics import SchedulerMetrics, register_worker_collector
+from services.scheduler.mpi_links import MpiLinks, MpiTransport, WorkerSpawner
 from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.worker import Worker
 
 log = logging.getLogger("llamafleet.scheduler")
 
-STATS_WIDTH = WorkerCounters.FIELDS + HISTOGRAM_WIDTH
 SHUTDOWN_TIMEOUT_S = 30.0
+# How long a new worker process waits for its configuration from rank 0.
+CONFIGURE_TIMEOUT_S = 60.0
+HEARTBEAT = worker_pb2.WorkerCommand(heartbeat=worker_pb2.WorkerHeartbeat()).SerializeToString()
 
 
 async def resolve_model(settings: SchedulerSettings, wait_s: float = 60.0) -> str:
@@ -49,14 +52,29 @@ async def resolve_model(settings: SchedulerSettings, wait_s: float = 60.0) -> st
                 await asyncio.sleep(0.5)
 
 
-async def run_rank0(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: str) -> None:
+async def run_rank0(settings: SchedulerSettings) -> None:
+    model_sha256 = await resolve_model(settings)
+
     async def setup(server: grpc.aio.Server, stack: contextlib.AsyncExitStack) -> list[str]:
         loop = asyncio.get_running_loop()
         metrics = SchedulerMetrics()
-        bridge: MpiBridge
+        membership: Membership
+        links = MpiLinks(
+            loop,
+            on_message=lambda worker, payload: membership.on_event(worker, payload),
+            on_lost=lambda worker, reason: membership.on_lost(worker, reason),
+            on_closed=lambda worker, reason: membership.on_closed(worker, reason),
+            periodic=lambda: HEARTBEAT,
+            period_s=settings.stats_period_s,
+            lease_s=settings.lease_s,
+            poll_max_s=settings.mpi_poll_max_s,
+            poll_active_s=settings.mpi_poll_active_s,
+            active_window_s=settings.mpi_active_window_s,
+        )
+        spawner = WorkerSpawner()
+        transport = MpiTransport(links, spawner, workdir=os.getcwd())
         dispatcher = Dispatcher(
-            lambda dest, tag, payload: bridge.send(dest, tag, payload),
-            list(range(1, comm.Get_size())),
+            transport,
             policy=settings.policy,
             queue_limit=settings.queue_limit,
             ready_wait_s=settings.ready_wait_s,
@@ -64,92 +82,120 @@ async def run_rank0(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: s
             metrics=metrics,
         )
         dispatcher.model_sha256 = model_sha256
-        register_worker_collector(lambda: list(dispatcher.workers.values()), scheduler_pb2.WORKER_STATE_READY)
-        bridge = MpiBridge(
-            comm,
-            loop,
-            dispatcher.on_message,
-            stats_width=STATS_WIDTH,
-            on_stats=dispatcher.on_stats,
-            stats_period_s=settings.stats_period_s,
-            poll_max_s=settings.mpi_poll_max_s,
-            poll_active_s=settings.mpi_poll_active_s,
-            active_window_s=settings.mpi_active_window_s,
+        membership = Membership(
+            dispatcher,
+            transport,
+            settings.worker_config,
+            metrics,
+            ready_timeout_s=settings.worker_ready_timeout_s,
+            drain_timeout_s=settings.drain_timeout_s,
         )
-        bridge.start()
+        register_worker_collector(lambda: list(dispatcher.workers.values()), scheduler_pb2.WORKER_STATE_READY)
+        links.start()
+        membership.start(settings.placements())
 
         async def stop_workers() -> None:
-            bridge.pause_stats()
-            await dispatcher.shutdown(SHUTDOWN_TIMEOUT_S)
-            await asyncio.to_thread(bridge.stop)
+            await membership.shutdown(SHUTDOWN_TIMEOUT_S)
+            await membership.wait_stopped()
+            await asyncio.to_thread(links.stop)
+            spawner.shutdown()
 
         stack.push_async_callback(stop_workers)
         storage = await stack.enter_async_context(StorageClient(settings.storage_address))
-        servicer = SchedulerServicer(dispatcher, GenerationLimits(), storage, settings.rollout_worker_timeout_s)
+        servicer = SchedulerServicer(
+            dispatcher, membership, GenerationLimits(), storage, settings.rollout_worker_timeout_s, time.time()
+        )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
         return [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name]
 
     await serve("scheduler", settings, setup)
 
 
-async def run_worker(comm: MPI.Comm, settings: SchedulerSettings, model_sha256: str) -> None:
-    configure_logging(settings.log_level)
+def receive_config(parent: MPI.Intercomm, timeout: float) -> worker_pb2.WorkerConfig:
+    """The configuration rank 0 sends a new worker first (heartbeats may come before it)."""
+    status = MPI.Status()
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        message = parent.improbe(0, MPI.ANY_TAG, status)
+        if message is None:
+            time.sleep(0.005)
+            continue
+        buffer = bytearray(status.Get_count(MPI.BYTE))
+        message.Recv([buffer, MPI.BYTE])
+        command = worker_pb2.WorkerCommand.FromString(bytes(buffer))
+        if command.HasField("configure"):
+            return command.configure
+        if not command.HasField("heartbeat"):
+            raise SystemExit(f"worker: expected its configuration first, got {command.WhichOneof('command')}")
+    raise SystemExit(f"worker: no configuration from rank 0 within {timeout:.0f}s")
+
+
+async def run_worker(parent: MPI.Intercomm, config: worker_pb2.WorkerConfig) -> None:
+    configure_logging(config.log_level)
     setup_tracing("worker")
     loop = asyncio.get_running_loop()
-    bridge: MpiBridge
-    worker = Worker(comm.Get_rank(), settings, model_sha256, lambda tag, payload: bridge.send(0, tag, payload))
-    bridge = MpiBridge(
-        comm,
+    closed = asyncio.Event()
+    worker: Worker
+
+    def on_lost(_link: int, reason: str) -> None:
+        log.error("worker %d: lost rank 0 (%s); stopping", config.worker_id, reason)
+        worker.stop(f"lost rank 0: {reason}")
+        closed.set()
+
+    links = MpiLinks(
         loop,
-        worker.on_message,
-        stats_width=STATS_WIDTH,
-        stats_row=lambda: worker.stats_row(STATS_WIDTH),
-        poll_max_s=settings.mpi_poll_max_s,
+        on_message=lambda _link, payload: worker.on_command(worker_pb2.WorkerCommand.FromString(payload)),
+        on_lost=on_lost,
+        on_closed=lambda _link, _reason: closed.set(),
+        lease_s=config.lease_s,
+        poll_max_s=config.poll_interval_s,
     )
-    bridge.start()
+    links.attach(0, parent)
+
+    def send(event: worker_pb2.WorkerEvent, last: bool) -> None:
+        (links.close if last else links.send)(0, event.SerializeToString())
+
+    worker = Worker(config, send)
+    links.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+        loop.add_signal_handler(sig, worker.stop, f"stopped by {signal.Signals(sig).name}")
+
+    async def report_stats() -> None:
+        # Every period, also while busy: rank 0 counts a worker that stays silent as lost.
+        while True:
+            send(worker.stats_event(), False)
+            await asyncio.sleep(config.stats_period_s)
+
+    reporter = asyncio.create_task(report_stats())
     try:
         await worker.run()
-        await worker.confirm_shutdown(SHUTDOWN_TIMEOUT_S)
+        reporter.cancel()
+        try:
+            await asyncio.wait_for(closed.wait(), SHUTDOWN_TIMEOUT_S)
+        except TimeoutError:
+            log.error("worker %d: rank 0 did not close the link within %.0fs", config.worker_id, SHUTDOWN_TIMEOUT_S)
     finally:
-        await asyncio.to_thread(bridge.stop)
+        reporter.cancel()
+        await asyncio.to_thread(links.stop)
         shutdown_tracing()
 
 
-def node_worker_count(comm: MPI.Comm) -> int:
-    """How many worker ranks share this rank's node (collective: every rank calls it)."""
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return sum(1 for rank in node.allgather(comm.Get_rank()) if rank != 0)
-    finally:
-        node.Free()
-
-
 def main() -> None:
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    config: dict | None = None
-    if rank == 0:
-        try:
-            settings = SchedulerSettings()
-            model_sha256 = asyncio.run(resolve_model(settings))
-            config = {"settings": settings.model_dump(), "model_sha256": model_sha256}
-        except (SystemExit, Exception) as exc:
-            # The workers wait in the broadcast: tell them to leave too.
-            comm.bcast({"error": str(exc)}, root=0)
-            raise
-    config = comm.bcast(config, root=0)
-    if "error" in config:
-        sys.exit(1)
-    settings = SchedulerSettings.model_validate(config["settings"])
-    if comm.Get_size() < 2:
-        raise SystemExit("scheduler: needs at least one worker rank (mpiexec -n 2 or more)")
-    workers_here = node_worker_count(comm)
-    if settings.threads is None:
-        settings.threads = default_threads(workers_here)
-    runner = run_rank0 if rank == 0 else run_worker
-    asyncio.run(runner(comm, settings, config["model_sha256"]))
+    parent = MPI.Comm.Get_parent()
+    if parent != MPI.COMM_NULL:
+        # mpiexec forwards the SIGUSR1 that stops rank 0 to every process; rank 0 then stops
+        # its workers itself, in order.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        parent.Set_errhandler(MPI.ERRORS_RETURN)
+        config = receive_config(parent, CONFIGURE_TIMEOUT_S)
+        asyncio.run(run_worker(parent, config))
+        return
+    if MPI.COMM_WORLD.Get_size() > 1:
+        raise SystemExit(
+            "scheduler: start rank 0 alone (mpiexec -n 1 ...); it spawns its workers itself "
+            "(LLAMAFLEET_SCHEDULER_WORKERS, LLAMAFLEET_SCHEDULER_WORKER_HOSTS)"
+        )
+    asyncio.run(run_rank0(SchedulerSettings()))
 
 
 if __name__ == "__main__":

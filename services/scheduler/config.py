@@ -1,11 +1,13 @@
-"""Scheduler settings (`LLAMAFLEET_SCHEDULER_*`), read by rank 0 and broadcast to the workers."""
+"""Scheduler settings (`LLAMAFLEET_SCHEDULER_*`), read by rank 0; each worker process gets its
+part as a WorkerConfig message when it is spawned."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from llamafleet.config import (
     DEFAULT_MODEL,
@@ -16,6 +18,7 @@ from llamafleet.config import (
     env_prefix,
 )
 from llamafleet.generation import POLICIES
+from llamafleet.v1 import worker_pb2
 
 
 class SchedulerSettings(ServiceSettings):
@@ -26,13 +29,23 @@ class SchedulerSettings(ServiceSettings):
     storage_address: str = f"127.0.0.1:{STORAGE_PORT}"
     # The model every worker loads at start: "name:tag" or a sha256 digest.
     model: str = DEFAULT_MODEL
+    # Worker processes rank 0 spawns at start (MPI_Comm_spawn) and keeps: lost ones are replaced.
+    workers: int = Field(default=2, ge=1)
+    # MPI host names to spread the workers over, round robin (comma-separated); empty: MPI's choice.
+    worker_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Seconds without a message from a worker (or, on the worker, from rank 0) before the
+    # other side counts it as lost: what catches a hung host, where no MPI error arrives.
+    lease_s: float = Field(default=10.0, gt=0)
     policy: str = Field(default="round_robin", pattern="|".join(POLICIES))
     # Requests allowed to wait for a slot at rank 0; beyond it RESOURCE_EXHAUSTED.
     queue_limit: int = Field(default=256, ge=0)
     # How long a request waits for any worker to become ready before UNAVAILABLE.
     ready_wait_s: float = Field(default=15.0, gt=0)
-    # Attempts of one request when a llama-server fails before its first token.
+    # Attempts of one request on transient failures (worker or llama-server lost): each moves
+    # it to another worker, resumed after the tokens already streamed.
     max_attempts: int = Field(default=3, ge=1)
+    # How long AddWorkers waits for new workers to be ready.
+    worker_ready_timeout_s: float = Field(default=300.0, gt=0)
     # How long a worker waits for its requests to finish before a model swap cancels them.
     drain_timeout_s: float = Field(default=300.0, gt=0)
     # How long LoadModel waits for each worker to come back on the new model.
@@ -50,8 +63,8 @@ class SchedulerSettings(ServiceSettings):
     # llama-server slots (-np) and total context (-c, shared by the slots).
     slots: int = Field(default=2, ge=1)
     ctx_size: int = Field(default=4096, ge=64)
-    # llama.cpp threads per llama-server; unset: (cores − 1) / worker ranks on the node, at least 1.
-    threads: int | None = None
+    # llama.cpp threads per llama-server; unset: (cores − 1) / workers on the host, at least 1.
+    threads: int | None = Field(default=None, ge=1)
     # A llama-server binary; empty means the xllamacpp launcher. LLAMA_SERVER is read too.
     llama_server: str = Field(
         default="", validation_alias=AliasChoices("LLAMAFLEET_SCHEDULER_LLAMA_SERVER", "LLAMA_SERVER")
@@ -59,3 +72,37 @@ class SchedulerSettings(ServiceSettings):
     llama_ready_timeout_s: float = 120.0
     # Seconds without a byte from llama-server before a stream counts as failed.
     llama_read_timeout_s: float = 120.0
+
+    @field_validator("worker_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
+    def placements(self) -> list[str]:
+        """The host of each initial worker ("" where MPI places it)."""
+        hosts = self.worker_hosts or [""]
+        return [hosts[i % len(hosts)] for i in range(self.workers)]
+
+    def worker_config(self, worker_id: int, workers_on_host: int) -> worker_pb2.WorkerConfig:
+        """What worker `worker_id` is told when it starts (rank 0 fills in the model)."""
+        return worker_pb2.WorkerConfig(
+            worker_id=worker_id,
+            storage_address=self.storage_address,
+            slots=self.slots,
+            ctx_size=self.ctx_size,
+            threads=self.threads or 0,
+            workers_on_host=workers_on_host,
+            llama_server=self.llama_server,
+            cache_dir=str(self.cache_dir.resolve()),
+            cache_max_bytes=self.cache_max_bytes,
+            log_dir=str(self.log_dir.resolve()),
+            log_level=self.log_level,
+            llama_ready_timeout_s=self.llama_ready_timeout_s,
+            llama_read_timeout_s=self.llama_read_timeout_s,
+            drain_timeout_s=self.drain_timeout_s,
+            stats_period_s=self.stats_period_s,
+            lease_s=self.lease_s,
+            poll_interval_s=self.mpi_poll_max_s,
+        )

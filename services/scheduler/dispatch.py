@@ -1,115 +1,125 @@
-"""Rank 0's side of the pool: the worker views, the bounded queue, dispatch and retries.
+"""Rank 0's side of the pool: the worker views, the bounded queue, dispatch, retries and resumes.
 
-A request holds one of its worker's slots from dispatch to its last message. When no ready
+A request holds one of its worker's slots from dispatch to its last event. When no ready
 worker has a free slot it waits in a FIFO queue of bounded length; beyond that bound the
 caller gets RESOURCE_EXHAUSTED at once.
+
+A transient failure (the worker's llama-server or the worker process itself lost) moves the
+request to another worker: from the start when no token was streamed yet, else resumed after
+the token ids already streamed, so the caller's stream simply continues. Permanent failures
+(e.g. a prompt beyond the context) reach the caller with the status the worker gave them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
+import grpc
 
-from llamafleet.errors import (
-    FailedPrecondition,
-    FleetError,
-    ResourceExhausted,
-    Unavailable,
-)
+from llamafleet.errors import FailedPrecondition, ResourceExhausted, Unavailable, error_for_code
 from llamafleet.generation import estimate_cost
-from llamafleet.v1 import common_pb2, scheduler_pb2
-from services.scheduler.messages import (
-    Cancel,
-    Chunk,
-    Done,
-    Failed,
-    LoadModel,
-    Shutdown,
-    Submit,
-    Tag,
-    WorkerCounters,
-    WorkerState,
-)
+from llamafleet.v1 import common_pb2, scheduler_pb2, worker_pb2
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.policies import Policy, WorkerLoad, make_policy
+from services.scheduler.transport import Transport
 
 log = logging.getLogger(__name__)
 
 READY = scheduler_pb2.WORKER_STATE_READY
 STARTING = scheduler_pb2.WORKER_STATE_STARTING
 DRAINING = scheduler_pb2.WORKER_STATE_DRAINING
-
-Send = Callable[[int, Tag, Any], None]
+LOST = scheduler_pb2.WORKER_STATE_LOST
 
 
 @dataclass
 class WorkerView:
-    """Rank 0's picture of one worker: state from its messages, load from dispatch, counters from gathers."""
+    """Rank 0's picture of one worker: what it reported, its load from dispatch, its counters."""
 
     rank: int
+    # Where rank 0 placed it (an MPI host name), "" for MPI's choice; a replacement goes there too.
+    placement: str = ""
+    reported: scheduler_pb2.WorkerStatus = field(default_factory=scheduler_pb2.WorkerStatus)
+    stats: worker_pb2.WorkerStats = field(default_factory=worker_pb2.WorkerStats)
+    # Rank 0's own decisions override what the worker last said (draining, lost).
     state: int = STARTING
-    host: str = ""
-    model_sha256: str = ""
-    llama_server_url: str = ""
-    slots_total: int = 0
-    restarts: int = 0
-    detail: str = ""
-    llama_server_pid: int = 0
     in_flight: int = 0
     outstanding_tokens: int = 0
-    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    respawns: int = 0
+    last_loss: str = ""
+    # Being drained or stopped: out of rotation until it is gone, whatever it reports.
+    leaving: bool = False
+
+    @property
+    def host(self) -> str:
+        return self.reported.host or self.placement
 
     @property
     def name(self) -> str:
         return f"rank-{self.rank}@{self.host}" if self.host else f"rank-{self.rank}"
 
+    @property
+    def model_sha256(self) -> str:
+        return self.reported.model_sha256
 
-class _Stream:
-    """The events a worker sent back for one request, in order."""
+    @property
+    def detail(self) -> str:
+        return self.reported.detail
 
-    def __init__(self, request_id: str, view: WorkerView, cost: int) -> None:
-        self.request_id = request_id
+    def status(self) -> scheduler_pb2.WorkerStatus:
+        status = scheduler_pb2.WorkerStatus()
+        status.CopyFrom(self.reported)
+        status.rank = self.rank
+        status.host = self.host
+        status.state = self.state
+        status.in_flight = self.in_flight
+        status.slots_busy = self.stats.slots_busy
+        status.requests_total = self.stats.requests_total
+        status.tokens_generated_total = self.stats.generated_tokens_total
+        status.llama_server_restarts = self.stats.llama_server_restarts
+        status.respawns = self.respawns
+        status.last_loss = self.last_loss
+        return status
+
+
+class _Work:
+    """One attempt of a request on one worker: the events it sent back, in order."""
+
+    def __init__(self, work_id: int, view: WorkerView, cost: int) -> None:
+        self.work_id = work_id
         self.view = view
-        self.rank = view.rank
         self.cost = cost
-        # Whether the worker slot it held was given back (at the worker's last message, or at the end).
+        # Whether the worker slot it held was given back (at its last event, or at the end).
         self.released = False
-        self._events: collections.deque[tuple[Tag, Any]] = collections.deque()
+        self._events: collections.deque[worker_pb2.WorkerEvent] = collections.deque()
         self._arrived = asyncio.Event()
 
-    def put(self, tag: Tag, payload: Any) -> None:
-        self._events.append((tag, payload))
+    def put(self, event: worker_pb2.WorkerEvent) -> None:
+        self._events.append(event)
         self._arrived.set()
 
-    async def get(self) -> tuple[Tag, Any]:
+    async def get(self) -> worker_pb2.WorkerEvent:
         while not self._events:
             self._arrived.clear()
             await self._arrived.wait()
         return self._events.popleft()
 
-    def take_chunk(self) -> Chunk | None:
-        """The next event if it is a chunk that already arrived."""
-        if self._events and self._events[0][0] is Tag.CHUNK:
-            return self._events.popleft()[1]
+    def take_chunk(self) -> common_pb2.TokenChunk | None:
+        """The next event's chunk if a chunk already arrived."""
+        if self._events and self._events[0].HasField("chunk"):
+            return self._events.popleft().chunk
         return None
-
-
-def _error_from(failed: Failed) -> FleetError:
-    return Unavailable(failed.message) if failed.code == "UNAVAILABLE" else FleetError(failed.message)
 
 
 class Dispatcher:
     def __init__(
         self,
-        send: Send,
-        ranks: list[int],
+        transport: Transport,
         *,
         policy: str,
         queue_limit: int,
@@ -117,59 +127,77 @@ class Dispatcher:
         max_attempts: int,
         metrics: SchedulerMetrics,
     ) -> None:
-        self._send = send
-        self.workers = {rank: WorkerView(rank) for rank in ranks}
+        self._transport = transport
+        self.workers: dict[int, WorkerView] = {}
         self.default_policy = policy
         self._policies: dict[str, Policy] = {}
         self.queue_limit = queue_limit
         self.ready_wait_s = ready_wait_s
         self.max_attempts = max_attempts
         self._metrics = metrics
-        self._streams: dict[str, _Stream] = {}
+        self._works: dict[int, _Work] = {}
+        self._work_ids = itertools.count(1)
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._state_waiters: list[asyncio.Future[None]] = []
-        self._rollout = asyncio.Lock()
-        self._acks: set[int] = set()
-        self._all_acked = asyncio.Event()
         # The model the pool serves (or is moving to); requests that name none go anywhere.
         self.model_sha256 = ""
 
-    # --- messages from workers (on the event loop) ---
+    # --- the pool's members (membership adds, updates and removes them) ---
 
-    def on_message(self, source: int, tag: Tag, payload: Any) -> None:
-        if tag is Tag.WORKER_STATE:
-            self._update_worker(source, payload)
-        elif tag is Tag.SHUTDOWN_ACK:
-            self._acks.add(source)
-            if self._acks >= set(self.workers):
-                self._all_acked.set()
-        elif (stream := self._streams.get(payload.request_id)) is not None and stream.rank == source:
-            stream.put(tag, payload)
-            if tag in (Tag.DONE, Tag.FAILED):
-                # The worker is done with it: its slot serves the next request even while a
-                # slow caller is still reading what was generated.
-                self._release(stream)
+    def add_worker(self, view: WorkerView) -> None:
+        self.workers[view.rank] = view
+        self.worker_changed()
 
-    def on_stats(self, rows: np.ndarray) -> None:
-        for rank, view in self.workers.items():
-            view.counters = WorkerCounters.from_row(rows[rank])
+    def remove_worker(self, rank: int) -> None:
+        self.workers.pop(rank, None)
+        self.worker_changed()
 
-    def _update_worker(self, rank: int, state: WorkerState) -> None:
-        view = self.workers[rank]
-        if state.state != view.state:
-            log.info("worker %d: %s -> %s %s", rank, _state_name(view.state), _state_name(state.state), state.detail)
-        view.state = state.state
-        view.host = state.host
-        view.model_sha256 = state.model_sha256
-        view.llama_server_url = state.llama_server_url
-        view.slots_total = state.slots_total
-        view.restarts = state.restarts
-        view.detail = state.detail
-        view.llama_server_pid = state.llama_server_pid
+    def on_status(self, rank: int, status: scheduler_pb2.WorkerStatus) -> None:
+        view = self.workers.get(rank)
+        if view is None:
+            return
+        if status.state != view.reported.state:
+            log.info("worker %d: %s -> %s %s", rank, state_name(view.state), state_name(status.state), status.detail)
+        view.reported = status
+        view.state = DRAINING if view.leaving else status.state
+        self.worker_changed()
+
+    def on_stats(self, rank: int, stats: worker_pb2.WorkerStats) -> None:
+        if (view := self.workers.get(rank)) is not None:
+            view.stats = stats
+
+    def worker_changed(self) -> None:
+        """Wake everyone waiting on the pool: queued requests and state waiters."""
         self._wake_waiters()
         for waiter in self._state_waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def worker_lost(self, rank: int, reason: str) -> None:
+        """The worker's process is gone: its slots leave the pool and its requests move on."""
+        view = self.workers.get(rank)
+        if view is None:
+            return
+        view.state = LOST
+        failure = worker_pb2.WorkFailure(
+            code=grpc.StatusCode.UNAVAILABLE.value[0],
+            message=f"worker {view.name} lost: {reason}",
+            retryable=True,
+        )
+        for work in [w for w in self._works.values() if w.view is view]:
+            work.put(worker_pb2.WorkerEvent(work_id=work.work_id, failed=failure))
+            self._release(work)
+        self.worker_changed()
+
+    def on_work_event(self, rank: int, event: worker_pb2.WorkerEvent) -> None:
+        work = self._works.get(event.work_id)
+        if work is None or work.view.rank != rank:
+            return  # an attempt that already ended
+        work.put(event)
+        if not event.HasField("chunk"):
+            # The worker is done with it: its slot serves the next request even while a
+            # slow caller is still reading what was generated.
+            self._release(work)
 
     # --- placement ---
 
@@ -198,7 +226,10 @@ class Dispatcher:
                 ]
                 preferred = [w for w in ready if w.rank not in excluded] or ready
                 if preferred:
-                    loads = [WorkerLoad(w.rank, w.in_flight, w.slots_total, w.outstanding_tokens) for w in preferred]
+                    loads = [
+                        WorkerLoad(w.rank, w.in_flight, w.reported.slots_total, w.outstanding_tokens)
+                        for w in preferred
+                    ]
                     rank = policy.choose(loads, prompt, cost)
                     if rank is not None:
                         view = self.workers[rank]
@@ -218,9 +249,9 @@ class Dispatcher:
                     if timeout <= 0:
                         self._metrics.rejected.labels("no_healthy_worker").inc()
                         states = ", ".join(
-                            f"{w.name}: {_state_name(w.state)} {w.detail}" for w in self.workers.values()
+                            f"{w.name}: {state_name(w.state)} {w.detail}".strip() for w in self.workers.values()
                         )
-                        raise Unavailable(f"no healthy worker to serve the request ({states})")
+                        raise Unavailable(f"no healthy worker to serve the request ({states or 'no workers'})")
                 waiter = loop.create_future()
                 self._waiters.append(waiter)
                 queued = True
@@ -238,23 +269,21 @@ class Dispatcher:
             if queued:
                 self._wake_waiters()
 
-    def _release(self, stream: _Stream) -> None:
-        if stream.released:
+    def _release(self, work: _Work) -> None:
+        if work.released:
             return
-        stream.released = True
-        stream.view.in_flight -= 1
-        stream.view.outstanding_tokens -= stream.cost
+        work.released = True
+        work.view.in_flight -= 1
+        work.view.outstanding_tokens -= work.cost
         self._wake_waiters()
 
     # --- one request ---
 
     async def submit(
-        self,
-        request: scheduler_pb2.SubmitRequest,
-        trace: dict[str, str],
+        self, request: scheduler_pb2.SubmitRequest, trace: dict[str, str]
     ) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
-        """Run a request on a worker and stream its events; retried elsewhere if its
-        llama-server fails before the first token."""
+        """Run a request on a worker and stream its events; moved to another worker when its
+        worker fails (resumed after the tokens already streamed)."""
         model = request.model_sha256
         if model and model != self.model_sha256 and all(w.model_sha256 != model for w in self.workers.values()):
             raise FailedPrecondition(
@@ -263,55 +292,88 @@ class Dispatcher:
         policy = self._policy(request.policy)
         cost = estimate_cost(request.prompt, request.params)
         start = time.perf_counter()
+        first_token_at: float | None = None
+        # Every token id generated so far: what a resume continues after.
+        carried = list(request.resume_tokens)
+        resumable = True
+        handovers: list[common_pb2.Handover] = []
         excluded: set[int] = set()
-        submit = Submit(request.request_id, request.prompt, request.params.SerializeToString(), trace)
         for attempt in range(1, self.max_attempts + 1):
             view = await self._acquire(policy, request.prompt, cost, model, excluded)
             dispatched = time.perf_counter()
-            self._metrics.queue_wait.observe(dispatched - start)
+            if attempt == 1:
+                self._metrics.queue_wait.observe(dispatched - start)
+            if handovers and not handovers[-1].to_worker:
+                handovers[-1].to_worker = view.name
             self._metrics.dispatched.labels(str(view.rank), policy.name).inc()
-            stream = _Stream(request.request_id, view, cost)
-            self._streams[request.request_id] = stream
-            self._send(view.rank, Tag.SUBMIT, submit)
-            first_token_at: float | None = None
+            work = _Work(next(self._work_ids), view, cost)
+            self._works[work.work_id] = work
+            item = worker_pb2.WorkItem(
+                work_id=work.work_id,
+                request_id=request.request_id,
+                prompt=request.prompt,
+                params=request.params,
+                trace_context=trace,
+                resume_tokens=carried,
+            )
+            self._transport.send(view.rank, worker_pb2.WorkerCommand(submit=item))
             ended = False
             try:
                 while True:
-                    tag, payload = await stream.get()
-                    if tag is Tag.CHUNK:
+                    event = await work.get()
+                    kind = event.WhichOneof("event")
+                    if kind == "chunk":
+                        chunk = _merge_waiting(event.chunk, work)
                         first_token_at = first_token_at or time.perf_counter()
-                        yield scheduler_pb2.SubmitResponse(chunk=_merge_chunks(payload, stream))
-                    elif tag is Tag.DONE:
-                        ended = True
-                        yield scheduler_pb2.SubmitResponse(
-                            result=self._result(payload, view, start, dispatched, first_token_at)
-                        )
+                        resumable = resumable and len(chunk.token_ids) == chunk.tokens
+                        carried.extend(chunk.token_ids)
+                        yield scheduler_pb2.SubmitResponse(chunk=chunk)
+                        continue
+                    ended = True
+                    if kind == "done":
+                        result = event.done
+                        self._finish(result, view, start, dispatched, first_token_at)
+                        result.handovers.extend(handovers)
+                        yield scheduler_pb2.SubmitResponse(result=result)
                         return
-                    else:
-                        ended = True
-                        assert isinstance(payload, Failed)
-                        if payload.retryable and attempt < self.max_attempts:
-                            log.warning(
-                                "request %s failed on %s before its first token, retrying: %s",
-                                request.request_id,
-                                view.name,
-                                payload.message,
+                    failure = event.failed
+                    if not failure.retryable or attempt == self.max_attempts:
+                        raise error_for_code(failure.code, failure.message)
+                    if carried and not resumable:
+                        raise Unavailable(f"{failure.message} (the stream had started and cannot be resumed)")
+                    self._metrics.retries.labels("resume" if carried else "retry").inc()
+                    log.warning(
+                        "request %s %s: %s",
+                        request.request_id,
+                        f"resumes after {len(carried)} tokens" if carried else "moves before its first token",
+                        failure.message,
+                    )
+                    if carried:
+                        handovers.append(
+                            common_pb2.Handover(
+                                from_worker=view.name, tokens_carried=len(carried), reason=failure.message
                             )
-                            self._metrics.retries.inc()
-                            excluded.add(view.rank)
-                            break
-                        raise _error_from(payload)
+                        )
+                    excluded.add(view.rank)
+                    break
             finally:
-                del self._streams[request.request_id]
-                self._release(stream)
+                del self._works[work.work_id]
+                self._release(work)
                 if not ended:
                     # The caller went away (cancel or deadline): free the llama-server slot.
-                    self._send(view.rank, Tag.CANCEL, Cancel(request.request_id))
+                    self._transport.send(
+                        view.rank, worker_pb2.WorkerCommand(cancel=worker_pb2.WorkCancel(work_id=work.work_id))
+                    )
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _result(
-        self, done: Done, view: WorkerView, start: float, dispatched: float, first_token_at: float | None
-    ) -> common_pb2.GenerationResult:
-        result = common_pb2.GenerationResult.FromString(done.result)
+    @staticmethod
+    def _finish(
+        result: common_pb2.GenerationResult,
+        view: WorkerView,
+        start: float,
+        dispatched: float,
+        first_token_at: float | None,
+    ) -> None:
         now = time.perf_counter()
         timings = result.timings
         timings.queue_ms = (dispatched - start) * 1000
@@ -321,12 +383,11 @@ class Dispatcher:
         if generated > 1 and first_token_at is not None:
             timings.per_token_ms = (now - first_token_at) * 1000 / (generated - 1)
         result.worker = view.name
-        return result
 
-    # --- model rollout ---
+    # --- waiting on the pool ---
 
-    async def _wait_state(self, done: Callable[[], bool], timeout: float) -> bool:
-        """Wait until `done()` holds after some worker's state change; False on timeout."""
+    async def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `done()` holds after some change of the pool; False on timeout."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout
         while not done():
@@ -343,80 +404,32 @@ class Dispatcher:
                 self._state_waiters.remove(waiter)
         return True
 
-    async def roll_out(self, model_sha256: str, worker_timeout_s: float) -> None:
-        """Move the pool to `model_sha256` one worker at a time: drain, swap, resume.
-
-        The other workers keep serving meanwhile, so no request fails; a worker that does not
-        come back ready on the new model stops the rollout with UNAVAILABLE."""
-        async with self._rollout:
-            self.model_sha256 = model_sha256
-            for view in self.workers.values():
-                if view.model_sha256 == model_sha256 and view.state == READY:
-                    continue
-                log.info("rollout: moving %s to model %s", view.name, model_sha256[:12])
-                # No new requests for it from now on; it finishes the ones it has.
-                view.state = DRAINING
-                self._send(view.rank, Tag.LOAD_MODEL, LoadModel(model_sha256))
-                swapped = await self._wait_state(
-                    lambda v=view: v.state == READY and v.model_sha256 == model_sha256, worker_timeout_s
-                )
-                if not swapped:
-                    raise Unavailable(
-                        f"rollout stopped: {view.name} was not ready on model {model_sha256[:12]} after "
-                        f"{worker_timeout_s:.0f}s ({_state_name(view.state)} {view.detail})"
-                    )
-
-    # --- views and lifecycle ---
-
     def status(self) -> scheduler_pb2.ClusterStatusResponse:
         return scheduler_pb2.ClusterStatusResponse(
-            workers=[
-                scheduler_pb2.WorkerStatus(
-                    rank=w.rank,
-                    host=w.host,
-                    state=w.state,
-                    model_sha256=w.model_sha256,
-                    in_flight=w.in_flight,
-                    slots_total=w.slots_total,
-                    slots_busy=int(w.counters.slots_busy),
-                    requests_total=int(w.counters.requests_total),
-                    tokens_generated_total=int(w.counters.generated_tokens_total),
-                    llama_server_restarts=w.restarts,
-                    llama_server_url=w.llama_server_url,
-                    llama_server_pid=w.llama_server_pid,
-                    detail=w.detail,
-                )
-                for w in self.workers.values()
-            ],
+            workers=[view.status() for view in sorted(self.workers.values(), key=lambda v: v.rank)],
             queue_depth=len(self._waiters),
             policy=self.default_policy,
             model_sha256=self.model_sha256,
         )
 
-    async def shutdown(self, timeout: float) -> None:
-        """Tell every worker to stop its llama-server and wait (bounded) until all have."""
-        for rank in self.workers:
-            self._send(rank, Tag.SHUTDOWN, Shutdown("scheduler stopping"))
-        try:
-            await asyncio.wait_for(self._all_acked.wait(), timeout)
-        except TimeoutError:
-            log.error(
-                "workers %s did not confirm shutdown within %.0fs", sorted(set(self.workers) - self._acks), timeout
-            )
+
+def _merge_waiting(first: common_pb2.TokenChunk, work: _Work) -> common_pb2.TokenChunk:
+    """`first` as it came when no other chunk waits; else one chunk of every chunk already
+    waiting, so a slow reader gets fewer, larger messages."""
+    following = work.take_chunk()
+    if following is None:
+        return first
+    merged = common_pb2.TokenChunk()
+    merged.CopyFrom(first)
+    while following is not None:
+        merged.text += following.text
+        merged.tokens += following.tokens
+        merged.logprobs.extend(following.logprobs)
+        merged.token_ids.extend(following.token_ids)
+        following = work.take_chunk()
+    return merged
 
 
-def _merge_chunks(first: Chunk, stream: _Stream) -> common_pb2.TokenChunk:
-    """One message for every chunk already waiting, so a slow reader gets fewer, larger messages."""
-    chunk = common_pb2.TokenChunk()
-    part: Chunk | None = first
-    while part is not None:
-        chunk.text += part.text
-        chunk.tokens += part.tokens
-        if part.logprobs:
-            chunk.logprobs.extend(common_pb2.TokenChunk.FromString(part.logprobs).logprobs)
-        part = stream.take_chunk()
-    return chunk
-
-
-def _state_name(state: int) -> str:
+def state_name(state: int) -> str:
     return scheduler_pb2.WorkerState.Name(state).removeprefix("WORKER_STATE_").lower()
+

@@ -37,13 +37,15 @@ LAUNCHER_MODULE = "services.scheduler.llama_launcher"
 
 
 class LlamaServerError(Exception):
-    """llama-server answered with an error: an HTTP status other than 200, or an error event mid-stream."""
+    """llama-server answered with an error: an HTTP status other than 200, or an error event
+    mid-stream. `error` is its JSON error object when it sent one (`type`, `n_ctx`, ...)."""
 
-    def __init__(self, status: int, message: str, body: str = "") -> None:
+    def __init__(self, status: int, message: str, body: str = "", error: dict[str, Any] | None = None) -> None:
         super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
         self.message = message
         self.body = body
+        self.error = error or {}
 
 
 class LlamaServerUnavailable(Exception):
@@ -233,19 +235,20 @@ def parse_event(event: dict[str, Any]) -> CompletionChunk:
 
 @dataclass
 class StreamPiece:
-    """A CompletionChunk as the scheduler worker sends it on: logprobs and result as protobuf."""
+    """A CompletionChunk in the contract's shapes: the TokenChunk the caller receives (None
+    for an event without tokens) and, on the last event, the GenerationResult."""
 
-    text: str = ""
-    tokens: int = 0
-    # A serialized TokenChunk holding only logprobs, when n_probs was asked for.
-    logprobs: bytes = b""
+    chunk: common_pb2.TokenChunk | None = None
     final: common_pb2.GenerationResult | None = None
 
 
 def _piece(chunk: CompletionChunk) -> StreamPiece:
-    logprobs = b""
-    if chunk.token_logprobs:
-        logprobs = common_pb2.TokenChunk(
+    token_chunk = None
+    if chunk.text or chunk.n_tokens:
+        token_chunk = common_pb2.TokenChunk(
+            text=chunk.text,
+            tokens=chunk.n_tokens,
+            token_ids=chunk.token_ids,
             logprobs=[
                 common_pb2.TokenLogprobs(
                     token=token,
@@ -253,8 +256,8 @@ def _piece(chunk: CompletionChunk) -> StreamPiece:
                     top=[common_pb2.TopLogprob(token=t, logprob=lp) for t, lp in top],
                 )
                 for (token, logprob), top in zip(chunk.token_logprobs, chunk.top_logprobs, strict=False)
-            ]
-        ).SerializeToString()
+            ],
+        )
     final = None
     if chunk.stop:
         final = common_pb2.GenerationResult(
@@ -271,7 +274,7 @@ def _piece(chunk: CompletionChunk) -> StreamPiece:
                 generation_ms=chunk.timings.get("predicted_ms", 0.0),
             ),
         )
-    return StreamPiece(chunk.text, chunk.n_tokens, logprobs, final)
+    return StreamPiece(token_chunk, final)
 
 
 def _error_from_body(status: int, raw: bytes) -> LlamaServerError:
@@ -280,13 +283,15 @@ def _error_from_body(status: int, raw: bytes) -> LlamaServerError:
         error = json.loads(raw)["error"]
         message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
     except (ValueError, KeyError, TypeError):
-        message = body[:500] or "(empty body)"
-    return LlamaServerError(status, message, body[:4000])
+        return LlamaServerError(status, body[:500] or "(empty body)", body[:4000])
+    return LlamaServerError(status, message, body[:4000], error if isinstance(error, dict) else None)
 
 
 def _error_from_event(error: Any) -> LlamaServerError:
     if isinstance(error, dict):
-        return LlamaServerError(int(error.get("code", 0) or 0), str(error.get("message", error)), json.dumps(error))
+        return LlamaServerError(
+            int(error.get("code", 0) or 0), str(error.get("message", error)), json.dumps(error), error
+        )
     return LlamaServerError(0, str(error), str(error))
 
 
@@ -391,7 +396,7 @@ class LlamaServerClient:
             raise LlamaServerUnavailable(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
 
     async def stream_body(self, body: dict[str, Any]) -> AsyncIterator[StreamPiece]:
-        """Like stream_events, as StreamPieces (protobuf logprobs and result) for the scheduler worker."""
+        """Like stream_events, in the contract's shapes (TokenChunk, GenerationResult) for the worker."""
         async with contextlib.aclosing(self.stream_events(body)) as events:
             async for chunk in events:
                 yield _piece(chunk)
@@ -404,6 +409,19 @@ class LlamaServerClient:
         if response.status_code != 200:
             raise _error_from_body(response.status_code, response.content)
         return response
+
+    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """The token ids of `text` (with BOS and the model's other special tokens when
+        `add_special`), exactly as `/completion` would tokenize it as a prompt."""
+        try:
+            response = await self._http.post(
+                "/tokenize", json={"content": text, "add_special": add_special}, timeout=self._request_timeout
+            )
+        except httpx.TransportError as exc:
+            raise LlamaServerUnavailable(f"{self.base_url}/tokenize: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise _error_from_body(response.status_code, response.content)
+        return [int(t) for t in response.json()["tokens"]]
 
     async def health(self) -> bool:
         """Whether /health answers 200 (up, model loaded); never raises."""

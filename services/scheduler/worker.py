@@ -1,41 +1,37 @@
-"""A worker rank: fetches its model through the node cache, runs and supervises one
-llama-server, and serves the requests rank 0 sends it, streaming tokens back over MPI."""
+"""A worker process: fetches its model through the host's node cache, runs and supervises one
+llama-server, and serves the work rank 0 sends it, streaming token chunks back over MPI.
+
+It turns llama-server's stream into the contract's TokenChunk once; rank 0 forwards it to the
+caller as it is. Failures go back as WorkFailure with the status the caller should see:
+INVALID_ARGUMENT for requests llama-server refuses (a prompt beyond the context), UNAVAILABLE
+(retryable: rank 0 moves the work elsewhere) when llama-server is down or unreachable.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+import grpc
 from opentelemetry import trace
 
 from llamafleet.generation import llama_completion_body
+from llamafleet.processes import free_port
 from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import extract_context
-from llamafleet.v1 import common_pb2, scheduler_pb2
-from services.scheduler.config import SchedulerSettings
+from llamafleet.v1 import common_pb2, scheduler_pb2, worker_pb2
 from services.scheduler.llama_server import (
     LlamaServerClient,
     LlamaServerError,
     LlamaServerProcess,
     LlamaServerUnavailable,
+    default_threads,
     llama_server_command,
-)
-from services.scheduler.messages import (
-    Cancel,
-    Chunk,
-    Done,
-    Failed,
-    LoadModel,
-    ShutdownAck,
-    Submit,
-    Tag,
-    WorkerCounters,
-    WorkerState,
 )
 from services.scheduler.metrics import MergeableHistogram
 from services.storage.node_cache import NodeCache
@@ -43,87 +39,87 @@ from services.storage.node_cache import NodeCache
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("llamafleet.scheduler.worker")
 
-Send = Callable[[Tag, Any], None]
+# Sends one event to rank 0; `last` marks the worker's farewell, after which it sends nothing.
+Send = Callable[[worker_pb2.WorkerEvent, bool], None]
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+READY = scheduler_pb2.WORKER_STATE_READY
+STARTING = scheduler_pb2.WORKER_STATE_STARTING
+DRAINING = scheduler_pb2.WORKER_STATE_DRAINING
+UNHEALTHY = scheduler_pb2.WORKER_STATE_UNHEALTHY
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def _failure(code: grpc.StatusCode, message: str, *, retryable: bool) -> worker_pb2.WorkFailure:
+    return worker_pb2.WorkFailure(code=code.value[0], message=message, retryable=retryable)
 
 
 class Worker:
-    def __init__(self, rank: int, settings: SchedulerSettings, model_sha256: str, send: Send) -> None:
-        self.rank = rank
-        self.settings = settings
-        self.model_sha256 = model_sha256
+    def __init__(self, config: worker_pb2.WorkerConfig, send: Send, host: str | None = None) -> None:
+        self.config = config
+        self.rank = config.worker_id
+        self.model_sha256 = config.model_sha256
         self._send = send
-        self.host = socket.gethostname()
-        self.cache = NodeCache(settings.cache_dir / f"rank-{rank}", settings.cache_max_bytes)
-        self.state = scheduler_pb2.WORKER_STATE_STARTING
+        self.host = host or socket.gethostname()
+        # One cache per host, shared by its workers: a model is fetched once per host.
+        self.cache = NodeCache(Path(config.cache_dir), config.cache_max_bytes)
+        self.threads = config.threads or default_threads(config.workers_on_host)
+        self.state = STARTING
         self.detail = ""
-        self.restarts = 0
-        self.counters = WorkerCounters()
+        self.stats = worker_pb2.WorkerStats()
         self.ttft = MergeableHistogram()
         self._process: LlamaServerProcess | None = None
         self._client: LlamaServerClient | None = None
-        self._requests: dict[str, asyncio.Task[None]] = {}
+        self._work: dict[int, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
-        self._shutdown_message = asyncio.Event()
-        # Set by LOAD_MODEL: drain, stop llama-server, and start it again on `model_sha256`.
+        self._farewell = "stopped"
+        # Set by a model swap: drain, stop llama-server, and start it again on `model_sha256`.
         self._swap = asyncio.Event()
+        self._leaving: asyncio.Task[None] | None = None
 
     # --- lifecycle ---
 
     async def run(self) -> None:
-        """Serve until rank 0 says SHUTDOWN (or `stop()` is called), then stop llama-server."""
+        """Serve until told to leave (drain, shutdown, a signal), then stop llama-server and
+        send the farewell event."""
         supervisor = asyncio.create_task(self._supervise())
         try:
             await self._stop.wait()
         finally:
             supervisor.cancel()
-            for task in list(self._requests.values()):
+            for task in list(self._work.values()):
                 task.cancel()
-            await asyncio.gather(supervisor, *self._requests.values(), return_exceptions=True)
+            await asyncio.gather(supervisor, *self._work.values(), return_exceptions=True)
             await self._stop_llama_server()
+        self._send(worker_pb2.WorkerEvent(left=worker_pb2.WorkerLeft(reason=self._farewell)), True)
 
-    def stop(self) -> None:
+    def stop(self, reason: str) -> None:
+        """Leave now: work in flight fails as retryable, so rank 0 moves it elsewhere."""
+        self._farewell = reason
         self._stop.set()
-
-    async def confirm_shutdown(self, timeout: float) -> None:
-        """Wait (bounded) for rank 0's SHUTDOWN, then acknowledge it.
-
-        A worker stopped by a signal still waits for it, so that rank 0 finishes its last
-        statistics round with every rank before anyone leaves MPI.
-        """
-        try:
-            await asyncio.wait_for(self._shutdown_message.wait(), timeout)
-        except TimeoutError:
-            log.error("rank %d: no SHUTDOWN from rank 0 within %.0fs", self.rank, timeout)
-        self._send(Tag.SHUTDOWN_ACK, ShutdownAck())
 
     def _set_state(self, state: int, detail: str = "") -> None:
         self.state = state
         self.detail = detail
-        running = state == scheduler_pb2.WORKER_STATE_READY and self._process is not None
+        running = state == READY and self._process is not None and self._client is not None
         self._send(
-            Tag.WORKER_STATE,
-            WorkerState(
-                state,
-                self.host,
-                self.model_sha256,
-                self._client.base_url if running and self._client else "",
-                self.settings.slots,
-                self.restarts,
-                detail,
-                (self._process.pid or 0) if running and self._process else 0,
+            worker_pb2.WorkerEvent(
+                status=scheduler_pb2.WorkerStatus(
+                    rank=self.rank,
+                    host=self.host,
+                    state=state,
+                    model_sha256=self.model_sha256,
+                    slots_total=self.config.slots,
+                    llama_server_url=self._client.base_url if running and self._client else "",
+                    llama_server_pid=(self._process.pid or 0) if running and self._process else 0,
+                    detail=detail,
+                    pid=os.getpid(),
+                )
             ),
+            False,
         )
 
     async def _fetch_model(self) -> Path:
-        async with StorageClient(self.settings.storage_address) as storage:
+        async with StorageClient(self.config.storage_address) as storage:
             return await self.cache.ensure(self.model_sha256, lambda: storage.stream(self.model_sha256))
 
     async def _start_llama_server(self, model: Path) -> None:
@@ -132,21 +128,20 @@ class Worker:
             model,
             host="127.0.0.1",
             port=port,
-            parallel=self.settings.slots,
-            ctx_size=self.settings.ctx_size,
-            threads=self.settings.threads,
-            binary=self.settings.llama_server or None,
+            parallel=self.config.slots,
+            ctx_size=self.config.ctx_size,
+            threads=self.threads,
+            binary=self.config.llama_server or None,
         )
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        process = LlamaServerProcess(
-            command, log_path=self.settings.log_dir / f"llama-server-rank-{self.rank}.log", port=port
-        )
+        log_dir = Path(self.config.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        process = LlamaServerProcess(command, log_path=log_dir / f"llama-server-rank-{self.rank}.log", port=port)
         self._process = process
         await process.start()
-        await process.wait_healthy(self.settings.llama_ready_timeout_s)
+        await process.wait_healthy(self.config.llama_ready_timeout_s)
         if self._client is not None:
             await self._client.aclose()
-        self._client = LlamaServerClient(process.base_url, read_timeout=self.settings.llama_read_timeout_s)
+        self._client = LlamaServerClient(process.base_url, read_timeout=self.config.llama_read_timeout_s)
 
     async def _stop_llama_server(self) -> None:
         if self._process is not None:
@@ -164,31 +159,30 @@ class Worker:
             try:
                 self._swap.clear()
                 if loaded != self.model_sha256:
-                    self._set_state(scheduler_pb2.WORKER_STATE_STARTING, f"fetching model {self.model_sha256[:12]}")
+                    self._set_state(STARTING, f"fetching model {self.model_sha256[:12]}")
                     model = await self._fetch_model()
                     loaded = self.model_sha256
                 assert model is not None
-                self._set_state(scheduler_pb2.WORKER_STATE_STARTING, "starting llama-server")
+                self._set_state(STARTING, "starting llama-server")
                 await self._start_llama_server(model)
                 failures = 0
-                self._set_state(scheduler_pb2.WORKER_STATE_READY)
+                self._set_state(READY)
                 if await self._until_exit_or_swap():
-                    await self._drain()
+                    await self._drain(f"draining for model {self.model_sha256[:12]}")
                     await self._stop_llama_server()
                     continue
                 assert self._process is not None
                 code = self._process.returncode
-                self.restarts += 1
-                self.counters.restarts_total += 1
-                self._set_state(scheduler_pb2.WORKER_STATE_UNHEALTHY, f"llama-server exited with code {code}")
-                log.error("rank %d: llama-server exited with code %s; restarting", self.rank, code)
+                self.stats.llama_server_restarts += 1
+                self._set_state(UNHEALTHY, f"llama-server exited with code {code}")
+                log.error("worker %d: llama-server exited with code %s; restarting", self.rank, code)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures += 1
                 delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S)) - 1]
-                log.exception("rank %d: start failed (attempt %d); retrying in %.1fs", self.rank, failures, delay)
-                self._set_state(scheduler_pb2.WORKER_STATE_UNHEALTHY, f"{type(exc).__name__}: {exc}")
+                log.exception("worker %d: start failed (attempt %d); retrying in %.1fs", self.rank, failures, delay)
+                self._set_state(UNHEALTHY, f"{type(exc).__name__}: {exc}")
                 await self._stop_llama_server()
                 await asyncio.sleep(delay)
 
@@ -204,109 +198,174 @@ class Worker:
             swap.cancel()
         return swap in done and exited not in done
 
-    async def _drain(self) -> None:
-        """Let the requests in flight finish (bounded) before llama-server stops."""
-        self._set_state(scheduler_pb2.WORKER_STATE_DRAINING, f"draining for model {self.model_sha256[:12]}")
+    async def _drain(self, detail: str) -> None:
+        """Let the work in flight finish (bounded); what is left is cancelled."""
+        self._set_state(DRAINING, detail)
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.settings.drain_timeout_s
-        while self._requests and loop.time() < give_up:
-            await asyncio.wait(list(self._requests.values()), timeout=give_up - loop.time())
-        for task in list(self._requests.values()):
+        give_up = loop.time() + self.config.drain_timeout_s
+        while self._work and loop.time() < give_up:
+            await asyncio.wait(list(self._work.values()), timeout=give_up - loop.time())
+        for task in list(self._work.values()):
             task.cancel()
 
-    # --- messages from rank 0 ---
+    async def _drain_and_leave(self) -> None:
+        await self._drain("draining: finishing its requests, then it leaves")
+        self.stop("drained")
 
-    def on_message(self, source: int, tag: Tag, payload: Any) -> None:
-        if tag is Tag.SUBMIT:
-            task = asyncio.create_task(self._generate(payload))
-            self._requests[payload.request_id] = task
-            task.add_done_callback(lambda _t, rid=payload.request_id: self._requests.pop(rid, None))
-        elif tag is Tag.CANCEL:
-            assert isinstance(payload, Cancel)
-            if (task := self._requests.get(payload.request_id)) is not None:
+    # --- commands from rank 0 ---
+
+    def on_command(self, command: worker_pb2.WorkerCommand) -> None:
+        kind = command.WhichOneof("command")
+        if kind == "submit":
+            item = command.submit
+            task = asyncio.create_task(self._generate(item))
+            self._work[item.work_id] = task
+            task.add_done_callback(lambda _t, work_id=item.work_id: self._work.pop(work_id, None))
+        elif kind == "cancel":
+            if (task := self._work.get(command.cancel.work_id)) is not None:
                 task.cancel()
-        elif tag is Tag.LOAD_MODEL:
-            assert isinstance(payload, LoadModel)
-            if payload.model_sha256 == self.model_sha256 and self.state == scheduler_pb2.WORKER_STATE_READY:
+        elif kind == "load_model":
+            model = command.load_model.model_sha256
+            if model == self.model_sha256 and self.state == READY:
                 self._set_state(self.state)  # already there: confirm
             else:
-                log.info("rank %d: moving to model %s", self.rank, payload.model_sha256[:12])
-                self.model_sha256 = payload.model_sha256
+                log.info("worker %d: moving to model %s", self.rank, model[:12])
+                self.model_sha256 = model
                 self._swap.set()
-        elif tag is Tag.SHUTDOWN:
-            self._shutdown_message.set()
-            self._stop.set()
+        elif kind == "drain":
+            if self._leaving is None:
+                self._leaving = asyncio.create_task(self._drain_and_leave())
+        elif kind == "shutdown":
+            self.stop(command.shutdown.reason or "shut down")
 
-    def stats_row(self, width: int) -> Any:
-        self.counters.in_flight = len(self._requests)
-        self.counters.slots_busy = min(len(self._requests), self.settings.slots)
-        self.counters.ttft_buckets = self.ttft.row()
+    def stats_event(self) -> worker_pb2.WorkerEvent:
+        """The worker's statistics now (sent every stats period, also as its heartbeat)."""
+        stats = self.stats
+        stats.in_flight = len(self._work)
+        stats.slots_busy = min(len(self._work), self.config.slots)
         cache = self.cache.counters
-        self.counters.cache_hits_total = cache.hits
-        self.counters.cache_misses_total = cache.misses
-        self.counters.cache_evictions_total = cache.evictions
-        return self.counters.to_row(width - WorkerCounters.FIELDS)
+        stats.cache_hits_total = cache.hits
+        stats.cache_misses_total = cache.misses
+        stats.cache_evictions_total = cache.evictions
+        del stats.ttft_bucket_counts[:]
+        stats.ttft_bucket_counts.extend(self.ttft.cumulative())
+        stats.ttft_sum_seconds = self.ttft.total
+        return worker_pb2.WorkerEvent(stats=stats)
 
-    # --- one request ---
+    # --- one work item ---
 
-    async def _generate(self, submit: Submit) -> None:
-        params = common_pb2.GenerationParams.FromString(submit.params)
-        body = llama_completion_body(submit.prompt, params)
+    def _fail(self, work_id: int, failure: worker_pb2.WorkFailure) -> None:
+        self.stats.failures_total += 1
+        self.stats.requests_total += 1
+        self._send(worker_pb2.WorkerEvent(work_id=work_id, failed=failure), False)
+
+    async def _generate(self, item: worker_pb2.WorkItem) -> None:
         started = time.perf_counter()
-        sent_tokens = False
         with tracer.start_as_current_span(
             "worker.generate",
-            context=extract_context(submit.trace),
+            context=extract_context(item.trace_context),
             attributes={
-                "llamafleet.request_id": submit.request_id,
+                "llamafleet.request_id": item.request_id,
                 "llamafleet.worker.rank": self.rank,
                 "llamafleet.model.sha256": self.model_sha256,
-                "gen_ai.request.max_tokens": params.max_tokens,
+                "gen_ai.request.max_tokens": item.params.max_tokens,
+                "llamafleet.resumed_tokens": len(item.resume_tokens),
             },
         ) as span:
             try:
-                if self._client is None or self.state != scheduler_pb2.WORKER_STATE_READY:
-                    raise LlamaServerUnavailable(f"llama-server on rank {self.rank} is not ready ({self.detail})")
+                client = self._client
+                if client is None or self.state != READY:
+                    raise LlamaServerUnavailable(f"llama-server on worker {self.rank} is not ready ({self.detail})")
+                body = llama_completion_body(item.prompt, item.params)
+                carried = len(item.resume_tokens)
+                if carried:
+                    # The same prompt ids the first worker evaluated (BOS included), then the
+                    # tokens it generated: llama-server continues exactly after them.
+                    body["prompt"] = [*await client.tokenize(item.prompt), *item.resume_tokens]
+                    body["n_predict"] = item.params.max_tokens - carried
+                    if body["n_predict"] <= 0:
+                        self._finish(item.work_id, self._exhausted(len(body["prompt"]) - carried, carried), span)
+                        return
                 with tracer.start_as_current_span(
                     "llama-server POST /completion",
                     kind=trace.SpanKind.CLIENT,
-                    attributes={"server.address": self._client.base_url, "http.request.method": "POST"},
+                    attributes={"server.address": client.base_url, "http.request.method": "POST"},
                 ):
-                    async for piece in self._client.stream_body(body):
-                        if piece.text or piece.tokens:
-                            if not sent_tokens:
+                    first = True
+                    async for piece in client.stream_body(body):
+                        if piece.chunk is not None:
+                            if first:
                                 self.ttft.observe(time.perf_counter() - started)
-                            sent_tokens = True
-                            self._send(Tag.CHUNK, Chunk(submit.request_id, piece.text, piece.tokens, piece.logprobs))
+                                first = False
+                            self._send(worker_pb2.WorkerEvent(work_id=item.work_id, chunk=piece.chunk), False)
                         if piece.final is not None:
-                            result = piece.final
-                            result.request_id = submit.request_id
-                            result.model_sha256 = self.model_sha256
-                            self._count(result)
-                            span.set_attribute("gen_ai.usage.output_tokens", result.usage.completion_tokens)
-                            span.set_attribute("gen_ai.usage.input_tokens", result.usage.prompt_tokens)
-                            self._send(Tag.DONE, Done(submit.request_id, result.SerializeToString()))
+                            usage = piece.final.usage
+                            usage.prompt_tokens -= min(carried, usage.prompt_tokens)
+                            usage.completion_tokens += carried
+                            self._finish(item.work_id, piece.final, span)
                             return
                 raise LlamaServerError(0, "llama-server ended the stream without a final message")
-            except (LlamaServerUnavailable, LlamaServerError) as exc:
-                self.counters.failures_total += 1
-                self.counters.requests_total += 1
+            except LlamaServerError as exc:
                 span.record_exception(exc)
-                message = f"llama-server on rank {self.rank} failed: {exc}"
-                if sent_tokens:
-                    message += " (the stream had already started, so it was not retried)"
-                self._send(Tag.FAILED, Failed(submit.request_id, "UNAVAILABLE", message, retryable=not sent_tokens))
+                self._fail(item.work_id, self._refusal(exc))
+            except LlamaServerUnavailable as exc:
+                span.record_exception(exc)
+                self._fail(
+                    item.work_id,
+                    _failure(grpc.StatusCode.UNAVAILABLE, f"llama-server on worker {self.rank}: {exc}", retryable=True),
+                )
+            except asyncio.CancelledError:
+                if self._stop.is_set():
+                    # The worker is leaving: rank 0 moves the work on.
+                    self._fail(
+                        item.work_id,
+                        _failure(
+                            grpc.StatusCode.UNAVAILABLE, f"worker {self.rank} stopped: {self._farewell}", retryable=True
+                        ),
+                    )
+                raise
             except Exception as exc:
-                self.counters.failures_total += 1
-                self.counters.requests_total += 1
-                log.exception("rank %d: request %s failed", self.rank, submit.request_id)
+                log.exception("worker %d: request %s failed", self.rank, item.request_id)
                 span.record_exception(exc)
-                message = f"rank {self.rank} failed the request: {type(exc).__name__}: {exc}"
-                self._send(Tag.FAILED, Failed(submit.request_id, "INTERNAL", message, retryable=False))
+                self._fail(
+                    item.work_id,
+                    _failure(
+                        grpc.StatusCode.INTERNAL,
+                        f"worker {self.rank} failed the request: {type(exc).__name__}: {exc}",
+                        retryable=False,
+                    ),
+                )
 
-    def _count(self, result: common_pb2.GenerationResult) -> None:
-        c = self.counters
-        c.requests_total += 1
-        c.prompt_tokens_total += result.usage.prompt_tokens
-        c.generated_tokens_total += result.usage.completion_tokens
-        c.cached_prompt_tokens_total += result.usage.cached_prompt_tokens
+    def _exhausted(self, prompt_tokens: int, carried: int) -> common_pb2.GenerationResult:
+        """The result of a resumed generation that had already produced all its tokens."""
+        return common_pb2.GenerationResult(
+            finish_reason=common_pb2.FINISH_REASON_LENGTH,
+            usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=carried),
+        )
+
+    def _finish(self, work_id: int, result: common_pb2.GenerationResult, span: trace.Span) -> None:
+        result.model_sha256 = self.model_sha256
+        stats = self.stats
+        stats.requests_total += 1
+        stats.prompt_tokens_total += result.usage.prompt_tokens
+        stats.generated_tokens_total += result.usage.completion_tokens
+        stats.cached_prompt_tokens_total += result.usage.cached_prompt_tokens
+        span.set_attribute("gen_ai.usage.output_tokens", result.usage.completion_tokens)
+        span.set_attribute("gen_ai.usage.input_tokens", result.usage.prompt_tokens)
+        self._send(worker_pb2.WorkerEvent(work_id=work_id, done=result), False)
+
+    def _refusal(self, exc: LlamaServerError) -> worker_pb2.WorkFailure:
+        """What a caller should see of an error llama-server answered with."""
+        where = f"llama-server on worker {self.rank}"
+        if exc.error.get("type") == "exceed_context_size_error":
+            return _failure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt: {exc.error.get('n_prompt_tokens', '?')} tokens is more than the "
+                f"{exc.error.get('n_ctx', '?')}-token context of a llama-server slot "
+                f"(LLAMAFLEET_SCHEDULER_CTX_SIZE {self.config.ctx_size} shared by {self.config.slots} slots)",
+                retryable=False,
+            )
+        if 400 <= exc.status < 500:
+            return _failure(grpc.StatusCode.INVALID_ARGUMENT, f"{where} refused the request: {exc}", retryable=False)
+        # 5xx, or an error event mid-stream: the server's trouble, not the request's.
+        return _failure(grpc.StatusCode.UNAVAILABLE, f"{where} failed: {exc}", retryable=True)
