@@ -1,12 +1,15 @@
-"""The scheduler with real MPI ranks and real llama-servers: failures, the bounded queue and
-model rollout, driven through the Scheduler API of a full stack."""
+"""The scheduler with real MPI processes (ULFM) and real llama-servers, driven through the
+Scheduler API of a full stack: members dying under load, the pool healing, workers added and
+drained, the bounded queue, precise errors and model rollout."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -21,7 +24,9 @@ from llamafleet.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
-QUEUE_LIMIT = 6
+SLOTS = 4
+QUEUE_LIMIT = 12
+READY = scheduler_pb2.WORKER_STATE_READY
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -29,7 +34,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     cfg = StackConfig.on_free_ports(
         tmp_path_factory.mktemp("stack"),
         workers=2,
-        slots=2,
+        slots=SLOTS,
         extra_env={"LLAMAFLEET_SCHEDULER_QUEUE_LIMIT": str(QUEUE_LIMIT)},
     )
     async with Stack(cfg) as stack:
@@ -39,22 +44,42 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
 @pytest_asyncio.fixture(loop_scope="module")
 async def scheduler(stack: Stack) -> AsyncIterator[scheduler_pb2_grpc.SchedulerStub]:
     async with grpc.aio.insecure_channel(stack.cfg.address(stack.cfg.scheduler_port)) as channel:
-        yield scheduler_pb2_grpc.SchedulerStub(channel)
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        await wait_cluster(stub, lambda s: len(s.workers) == 2)
+        yield stub
+
+
+@dataclass
+class Outcome:
+    status: str  # "ok", or the status code name it ended with
+    tokens: int = 0
+    result: common_pb2.GenerationResult = field(default_factory=common_pb2.GenerationResult)
+    detail: str = ""
 
 
 async def submit(
-    scheduler: scheduler_pb2_grpc.SchedulerStub, max_tokens: int, prompt: str = "hello", timeout: float = 60
-) -> str:
-    """Run one request; 'ok', or the status code name it ended with."""
+    scheduler: scheduler_pb2_grpc.SchedulerStub,
+    max_tokens: int,
+    prompt: str = "hello",
+    timeout: float = 120,
+    progress: asyncio.Event | None = None,
+) -> Outcome:
+    """Run one request to its end; `progress` is set once it streamed a tenth of its tokens."""
     request = scheduler_pb2.SubmitRequest(
-        prompt=prompt, params=common_pb2.GenerationParams(max_tokens=max_tokens, ignore_eos=True)
+        prompt=prompt, params=common_pb2.GenerationParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
     )
+    outcome = Outcome("ok")
     try:
-        events = [e async for e in scheduler.Submit(request, timeout=timeout)]
+        async for event in scheduler.Submit(request, timeout=timeout):
+            if event.HasField("chunk"):
+                outcome.tokens += event.chunk.tokens
+                if progress is not None and outcome.tokens >= max_tokens // 10:
+                    progress.set()
+            else:
+                outcome.result = event.result
     except grpc.aio.AioRpcError as exc:
-        return f"{exc.code().name}: {exc.details()}"
-    assert events[-1].result.usage.completion_tokens == max_tokens
-    return "ok"
+        return Outcome(exc.code().name, outcome.tokens, detail=exc.details() or "")
+    return outcome
 
 
 async def cluster(scheduler: scheduler_pb2_grpc.SchedulerStub) -> scheduler_pb2.ClusterStatusResponse:
@@ -68,33 +93,117 @@ async def wait_cluster(
     async with asyncio.timeout(timeout):
         while True:
             status = await cluster(scheduler)
-            if all(w.state == scheduler_pb2.WORKER_STATE_READY for w in status.workers) and done(status):
+            if all(w.state == READY for w in status.workers) and done(status):
                 return status
             await asyncio.sleep(0.05)
 
 
-async def test_a_full_queue_answers_resource_exhausted(scheduler) -> None:
-    # 4 slots + QUEUE_LIMIT waiting; the rest of a burst of 24 is refused at once.
-    outcomes = await asyncio.gather(*(submit(scheduler, 200) for _ in range(24)))
-    refused = [o for o in outcomes if o.startswith("RESOURCE_EXHAUSTED")]
-    assert refused and "queue is full" in refused[0]
-    assert outcomes.count("ok") >= 4 + QUEUE_LIMIT
-    assert len(refused) + outcomes.count("ok") == len(outcomes)
+def assert_complete(outcomes: list[Outcome], max_tokens: int) -> None:
+    failed = [o for o in outcomes if o.status != "ok"]
+    assert not failed, failed
+    for o in outcomes:
+        assert o.tokens == max_tokens and o.result.usage.completion_tokens == max_tokens, o
 
 
-async def test_killed_llama_server_loses_no_unstarted_request_and_hangs_none(scheduler) -> None:
-    # Both workers' slots busy, two more waiting at rank 0.
-    load = [asyncio.create_task(submit(scheduler, 1000, f"load {i}", timeout=120)) for i in range(6)]
-    victim = (await wait_cluster(scheduler, lambda s: s.workers[0].in_flight == 2)).workers[0]
-    os.kill(victim.llama_server_pid, signal.SIGKILL)
+async def kill_under_load(
+    scheduler: scheduler_pb2_grpc.SchedulerStub, victims, streams: int = 16, max_tokens: int = 1000
+) -> tuple[list[Outcome], scheduler_pb2.WorkerStatus, float]:
+    """Start `streams` streams, kill `victims(worker)` of the first worker once tokens flow,
+    and return every outcome, the victim's status before, and when the kill happened."""
+    before = await wait_cluster(scheduler, lambda s: len(s.workers) == 2)
+    progress = asyncio.Event()
+    load = [
+        asyncio.create_task(submit(scheduler, max_tokens, f"stream {i}", progress=progress)) for i in range(streams)
+    ]
+    await asyncio.wait_for(progress.wait(), 60)
+    victim = (await cluster(scheduler)).workers[0]
+    assert victim.in_flight > 0
+    killed_at = time.monotonic()
+    for pid in victims(victim):
+        os.kill(pid, signal.SIGKILL)
     outcomes = await asyncio.wait_for(asyncio.gather(*load), 150)
-    failed = [o for o in outcomes if o != "ok"]
-    # Only requests that were already streaming on the killed server may fail, and say so.
-    assert all(o.startswith("UNAVAILABLE") and "already started" in o for o in failed), failed
-    assert outcomes.count("ok") >= 6 - 2  # at most its two slots were streaming
-    status = await wait_cluster(scheduler, lambda s: s.workers[0].llama_server_restarts > victim.llama_server_restarts)
+    assert before.workers[0].rank == victim.rank
+    return outcomes, victim, killed_at
+
+
+async def test_a_killed_worker_process_loses_no_stream_and_is_replaced(scheduler) -> None:
+    outcomes, victim, killed_at = await kill_under_load(scheduler, lambda w: [w.pid])
+    assert_complete(outcomes, 1000)
+    resumed = [o for o in outcomes if o.result.handovers]
+    assert resumed, "the killed worker had streams in flight"
+    for o in resumed:
+        (handover,) = o.result.handovers
+        assert handover.from_worker.startswith(f"rank-{victim.rank}@") and handover.tokens_carried > 0
+        assert "PROC_FAILED" in handover.reason or "lost" in handover.reason
+    healed = await wait_cluster(
+        scheduler, lambda s: len(s.workers) == 2 and s.workers[0].respawns > victim.respawns, timeout=45
+    )
+    assert time.monotonic() - killed_at < 45
+    assert healed.workers[0].pid != victim.pid and healed.workers[0].last_loss
+    assert (await submit(scheduler, 8)).status == "ok"
+
+
+async def test_a_killed_worker_process_group_loses_no_stream(scheduler) -> None:
+    outcomes, victim, _ = await kill_under_load(scheduler, lambda w: [w.pid, w.llama_server_pid])
+    assert_complete(outcomes, 1000)
+    await wait_cluster(scheduler, lambda s: len(s.workers) == 2 and s.workers[0].respawns > victim.respawns, 45)
+    assert (await submit(scheduler, 8)).status == "ok"
+
+
+async def test_a_killed_llama_server_loses_no_stream(scheduler) -> None:
+    outcomes, victim, _ = await kill_under_load(scheduler, lambda w: [w.llama_server_pid])
+    assert_complete(outcomes, 1000)
+    status = await wait_cluster(
+        scheduler, lambda s: s.workers[0].llama_server_restarts > victim.llama_server_restarts, 45
+    )
     assert status.workers[0].llama_server_pid != victim.llama_server_pid
-    assert await submit(scheduler, 8) == "ok"
+    assert status.workers[0].pid == victim.pid  # the worker process itself lived on
+
+
+async def test_a_prompt_beyond_the_context_is_invalid_argument_naming_the_limit(scheduler) -> None:
+    started = time.monotonic()
+    outcome = await submit(scheduler, 8, prompt="hello " * 3000)
+    assert time.monotonic() - started < 1.0
+    assert outcome.status == "INVALID_ARGUMENT", outcome
+    assert "context" in outcome.detail and "tokens" in outcome.detail, outcome.detail
+
+
+async def test_workers_added_and_drained_under_load_fail_no_stream(scheduler) -> None:
+    stop = asyncio.Event()
+    outcomes: list[Outcome] = []
+
+    async def load() -> None:
+        while not stop.is_set():
+            outcomes.append(await submit(scheduler, 200))
+
+    loaders = [asyncio.create_task(load()) for _ in range(6)]
+    added = await scheduler.AddWorkers(scheduler_pb2.AddWorkersRequest(count=1), timeout=120)
+    (new,) = added.workers
+    assert new.state == READY
+    status = await cluster(scheduler)
+    assert len(status.workers) == 3 and status.target_workers == 3
+    drained = await scheduler.DrainWorker(scheduler_pb2.DrainWorkerRequest(rank=status.workers[0].rank), timeout=120)
+    assert drained.worker.rank == status.workers[0].rank
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*loaders), 60)
+    assert outcomes and all(o.status == "ok" for o in outcomes), [o for o in outcomes if o.status != "ok"]
+    after = await cluster(scheduler)
+    assert [w.rank for w in after.workers] == [w.rank for w in status.workers[1:]] and after.target_workers == 2
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await scheduler.DrainWorker(scheduler_pb2.DrainWorkerRequest(rank=999), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_full_queue_answers_resource_exhausted(scheduler) -> None:
+    await wait_cluster(scheduler, lambda s: len(s.workers) == 2)
+    # 2 x SLOTS running + QUEUE_LIMIT waiting; the rest of the burst is refused at once.
+    burst = 2 * SLOTS + QUEUE_LIMIT + 12
+    outcomes = await asyncio.gather(*(submit(scheduler, 300) for _ in range(burst)))
+    refused = [o for o in outcomes if o.status == "RESOURCE_EXHAUSTED"]
+    assert refused and "queue is full" in refused[0].detail
+    ok = [o for o in outcomes if o.status == "ok"]
+    assert len(ok) >= 2 * SLOTS + QUEUE_LIMIT
+    assert len(refused) + len(ok) == burst
 
 
 async def test_rollout_to_a_second_model_under_load_fails_no_request(scheduler, stack: Stack, tmp_path: Path) -> None:
@@ -105,7 +214,7 @@ async def test_rollout_to_a_second_model_under_load_fails_no_request(scheduler, 
     assert {w.model_sha256 for w in before.workers} != {digest}
 
     stop = asyncio.Event()
-    outcomes: list[str] = []
+    outcomes: list[Outcome] = []
 
     async def load() -> None:
         while not stop.is_set():
@@ -116,7 +225,7 @@ async def test_rollout_to_a_second_model_under_load_fails_no_request(scheduler, 
     stop.set()
     await asyncio.wait_for(asyncio.gather(*loaders), 60)
     assert response.model_sha256 == digest
-    assert outcomes and all(o == "ok" for o in outcomes), [o for o in outcomes if o != "ok"]
+    assert outcomes and all(o.status == "ok" for o in outcomes), [o for o in outcomes if o.status != "ok"]
     after = await cluster(scheduler)
     assert {w.model_sha256 for w in after.workers} == {digest}
     assert after.model_sha256 == digest

@@ -295,6 +295,8 @@ class Dispatcher:
         first_token_at: float | None = None
         # Every token id generated so far: what a resume continues after.
         carried = list(request.resume_tokens)
+        streamed = len(carried)
+        # Whether every chunk came with its token ids (what a resume needs).
         resumable = True
         handovers: list[common_pb2.Handover] = []
         excluded: set[int] = set()
@@ -326,6 +328,7 @@ class Dispatcher:
                         chunk = _merge_waiting(event.chunk, work)
                         first_token_at = first_token_at or time.perf_counter()
                         resumable = resumable and len(chunk.token_ids) == chunk.tokens
+                        streamed += chunk.tokens
                         carried.extend(chunk.token_ids)
                         yield scheduler_pb2.SubmitResponse(chunk=chunk)
                         continue
@@ -339,19 +342,19 @@ class Dispatcher:
                     failure = event.failed
                     if not failure.retryable or attempt == self.max_attempts:
                         raise error_for_code(failure.code, failure.message)
-                    if carried and not resumable:
+                    if streamed and not resumable:
                         raise Unavailable(f"{failure.message} (the stream had started and cannot be resumed)")
-                    self._metrics.retries.labels("resume" if carried else "retry").inc()
+                    self._metrics.retries.labels("resume" if streamed else "retry").inc()
                     log.warning(
                         "request %s %s: %s",
                         request.request_id,
-                        f"resumes after {len(carried)} tokens" if carried else "moves before its first token",
+                        f"resumes after {streamed} tokens" if streamed else "moves before its first token",
                         failure.message,
                     )
-                    if carried:
+                    if streamed:
                         handovers.append(
                             common_pb2.Handover(
-                                from_worker=view.name, tokens_carried=len(carried), reason=failure.message
+                                from_worker=view.name, tokens_carried=streamed, reason=failure.message
                             )
                         )
                     excluded.add(view.rank)
