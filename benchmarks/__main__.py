@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import BenchContext, assemble_benchmarks_md, command_line, parse_size
 
-SUITES = ("serving", "storage", "mpi", "postproc")
+SUITES = ("serving", "fleet", "storage", "mpi", "postproc")
 
 DESCRIPTION = """\
 Benchmarks of llamafleet, each against a peer measured in the same run.
@@ -28,6 +28,9 @@ suites:
             many direct llama-servers (again with the "bench" demo model, 1 worker); then
             round_robin vs least_loaded vs prefix_affinity on a shared-prefix workload (16
             prefixes of ~1k tokens, 4 workers, the "bench" demo model). (~12 min on 2 cores)
+  fleet     a worker process, a worker's process group, a llama-server and rank 0 each killed
+            under 16 streams through the gateway: streams completed, resumed, hung, time to
+            heal; a worker added and one drained under load.                 (~2 min)
   storage   PutBlob/GetBlob MB/s and p50/p95/p99 for 64 MiB, 256 MiB and 1 GiB objects against
             plain HTTP PUT/GET to the SeaweedFS filer and hashlib SHA-256 over the same bytes;
             cold vs warm model load through the node cache (1 GiB).         (~2 min)
@@ -135,6 +138,10 @@ async def run_suite(name: str, ctx: BenchContext, args: argparse.Namespace) -> N
         from benchmarks import serving_bench
 
         await serving_bench.run(ctx, serving_options(args))
+    elif name == "fleet":
+        from benchmarks import fleet_bench
+
+        await fleet_bench.run(ctx, fleet_bench.FleetOptions.quick() if ctx.quick else fleet_bench.FleetOptions())
     elif name == "storage":
         from benchmarks import storage_bench
 

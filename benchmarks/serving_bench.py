@@ -274,7 +274,7 @@ class DirectTarget:
     async def stream(self, prompt: str, params: common_pb2.GenerationParams, policy: str) -> AsyncIterator[Event]:
         # The very body a worker sends for these parameters.
         async for piece in next(self._next).stream_body(llama_completion_body(prompt, params)):
-            yield piece.tokens, piece.final
+            yield (piece.chunk.tokens if piece.chunk else 0), piece.final
 
     async def aclose(self) -> None:
         for client in self._clients:

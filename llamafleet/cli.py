@@ -22,11 +22,13 @@ from llamafleet import config as defaults
 from llamafleet.channels import open_channel
 from llamafleet.cli_keys import keys_app
 from llamafleet.cli_storage import register as register_storage_commands
+from llamafleet.cli_workers import call_scheduler, print_cluster, workers_app
 from llamafleet.stack import Stack, StackConfig
-from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2
 
 app = typer.Typer(help="llamafleet: an LLM-serving fabric for llama.cpp fleets.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(workers_app, name="workers")
 register_storage_commands(app)
 console = Console()
 err = Console(stderr=True)
@@ -177,51 +179,9 @@ def down(timeout: Annotated[float, typer.Option(help="Seconds to wait for a clea
 
 
 @app.command()
-def status(
-    gateway: GatewayOpt = GATEWAY,
-    scheduler: Annotated[str, typer.Option(help="Scheduler address.")] = SCHEDULER,
-) -> None:
-    """Health of the services and the scheduler's view of its workers."""
-
-    async def run() -> None:
-        async with open_channel(scheduler) as channel:
-            cluster = await scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(
-                scheduler_pb2.ClusterStatusRequest(), timeout=5
-            )
-        table = Table(
-            title=f"workers (policy {cluster.policy}, queue {cluster.queue_depth}, model {cluster.model_sha256[:12]})"
-        )
-        for column in (
-            "rank",
-            "host",
-            "state",
-            "in flight",
-            "slots busy/total",
-            "requests",
-            "tokens",
-            "restarts",
-            "llama-server",
-        ):
-            table.add_column(column)
-        for w in cluster.workers:
-            state = scheduler_pb2.WorkerState.Name(w.state).removeprefix("WORKER_STATE_").lower()
-            table.add_row(
-                str(w.rank),
-                w.host,
-                state,
-                str(w.in_flight),
-                f"{w.slots_busy}/{w.slots_total}",
-                str(w.requests_total),
-                str(w.tokens_generated_total),
-                str(w.llama_server_restarts),
-                w.llama_server_url,
-            )
-        console.print(table)
-
-    try:
-        asyncio.run(run())
-    except grpc.aio.AioRpcError as exc:
-        raise _rpc_error(exc) from None
+def status(scheduler: Annotated[str, typer.Option(help="Scheduler address.")] = SCHEDULER) -> None:
+    """The scheduler's view of its workers: state, load, requests, restarts, losses."""
+    print_cluster(call_scheduler(scheduler, lambda s: s.ClusterStatus(scheduler_pb2.ClusterStatusRequest(), timeout=5)))
 
 
 @app.command()

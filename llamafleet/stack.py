@@ -9,6 +9,7 @@ environment); docker-compose.yml runs the same commands with the same variables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -150,6 +151,12 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
     }
 
 
+# A service that exits on its own is started again after RESTART_DELAY_S, doubling up to
+# RESTART_DELAY_MAX_S while it keeps exiting within RESTART_RESET_S of its start.
+RESTART_DELAY_S = 1.0
+RESTART_DELAY_MAX_S = 30.0
+RESTART_RESET_S = 60.0
+
 # mpiexec kills its processes right after forwarding SIGTERM; SIGUSR1 it forwards and waits,
 # so rank 0 can stop its workers and their llama-servers in order.
 STOP_SIGNALS = {"scheduler": signal.SIGUSR1}
@@ -204,6 +211,9 @@ class Stack:
             filer_port=cfg.weed_filer_port,
         )
         self.processes: dict[str, ManagedProcess] = {}
+        # Times each service was restarted after its process exited on its own.
+        self.restarts: dict[str, int] = {}
+        self._supervisors: list[asyncio.Task[None]] = []
 
     def check_ports(self) -> None:
         """Refuse to start when a port is taken, naming it, before anything runs."""
@@ -249,6 +259,29 @@ class Stack:
         except BaseException:
             await self.stop()
             raise
+        self._supervisors = [asyncio.create_task(self._supervise(name)) for name in commands]
+
+    async def _supervise(self, name: str) -> None:
+        """Start a service again whenever its process exits while the stack runs (a crash, an
+        OOM kill): what compose's restart policy does for containers. A service that keeps
+        dying right after its start waits longer each time."""
+        process = self.processes[name]
+        delay = RESTART_DELAY_S
+        while True:
+            started = asyncio.get_running_loop().time()
+            code = await process.wait()
+            if asyncio.get_running_loop().time() - started > RESTART_RESET_S:
+                delay = RESTART_DELAY_S
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            log.error(
+                "%s exited with code %s; restarting it in %.0fs (restart %d)", name, code, delay, self.restarts[name]
+            )
+            self.report(f"{name} exited with code {code}; restarting it")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX_S)
+            await process.start()
+            with contextlib.suppress(Exception):
+                await wait_serving(self.cfg.address(getattr(self.cfg, f"{name}_port")), 120.0, process)
 
     async def _ensure_model(self) -> None:
         await ensure_model(
@@ -279,6 +312,10 @@ class Stack:
 
     async def stop(self) -> None:
         """Stop every service in reverse order, then SeaweedFS; nothing is left running."""
+        for supervisor in self._supervisors:
+            supervisor.cancel()
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        self._supervisors = []
         for name in reversed(list(self.processes)):
             # The scheduler stops its workers and their llama-servers before it exits.
             grace = 45.0 if name == "scheduler" else 10.0

@@ -236,7 +236,7 @@ async def test_caller_going_away_cancels_on_the_worker_and_frees_the_slot() -> N
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    (worker, cancel), *_ = t.of_kind("cancel")
+    (_worker, cancel), *_ = t.of_kind("cancel")
     assert cancel.cancel.work_id == t.submits()[0][1].work_id
     assert d.workers[1].in_flight == 0
 
@@ -259,7 +259,7 @@ def events_for(m: Membership, rank: int, *events: worker_pb2.WorkerEvent) -> Non
 
 @pytest.mark.asyncio
 async def test_workers_are_spawned_and_configured_with_the_pool_model() -> None:
-    m, d, t = fleet()
+    m, _d, t = fleet()
     m.start(["", ""])
     await until(lambda: len(t.of_kind("configure")) == 2)
     configs = [c.configure for _w, c in t.of_kind("configure")]
@@ -317,7 +317,7 @@ async def test_a_drained_worker_takes_no_new_request_and_leaves() -> None:
 
 @pytest.mark.asyncio
 async def test_added_workers_are_returned_once_ready() -> None:
-    m, d, t = fleet(workers=1)
+    m, _d, t = fleet(workers=1)
     m.start([""])
     adding = asyncio.create_task(m.add(1, "hostb"))
     await until(lambda: (2, "hostb") in t.spawned)

@@ -196,17 +196,34 @@ async def test_break_and_cancellation_free_the_slot_too(server) -> None:
 
 
 @module
-async def test_worker_stream_body_gives_protobuf_logprobs_and_result(server) -> None:
+async def test_worker_stream_body_gives_token_chunks_and_result(server) -> None:
     _process, client = server
     body = llama_completion_body("hello", common_pb2.GenerationParams(max_tokens=5, n_probs=2, ignore_eos=True, seed=2))
     pieces = [p async for p in client.stream_body(body)]
     final = pieces[-1].final
     assert final is not None and all(p.final is None for p in pieces[:-1])
     assert final.finish_reason == common_pb2.FINISH_REASON_LENGTH
-    assert final.usage.completion_tokens == 5 == sum(p.tokens for p in pieces)
+    chunks = [p.chunk for p in pieces if p.chunk is not None]
+    assert final.usage.completion_tokens == 5 == sum(c.tokens for c in chunks)
     assert final.usage.prompt_tokens > 0 and final.timings.generation_ms > 0
-    logprobs = common_pb2.TokenChunk.FromString(pieces[0].logprobs).logprobs
+    assert all(len(c.token_ids) == c.tokens for c in chunks)
+    logprobs = chunks[0].logprobs
     assert len(logprobs) == 1 and len(logprobs[0].top) == 2 and logprobs[0].logprob <= 0
+
+
+@module
+async def test_a_generation_resumed_from_token_ids_continues_exactly(server) -> None:
+    # What a worker does when it takes over a stream: the prompt's ids (BOS included) plus the
+    # ids already generated, and greedy decoding goes on as if never interrupted.
+    _process, client = server
+    params = common_pb2.GenerationParams(max_tokens=12, ignore_eos=True, temperature=0)
+    pieces = [p async for p in client.stream_body(llama_completion_body("hello world", params))]
+    whole = [t for p in pieces if p.chunk is not None for t in p.chunk.token_ids]
+    body = llama_completion_body("hello world", params)
+    body["prompt"] = [*await client.tokenize("hello world"), *whole[:5]]
+    body["n_predict"] = 7
+    resumed = [p async for p in client.stream_body(body)]
+    assert whole[5:] == [t for p in resumed if p.chunk is not None for t in p.chunk.token_ids]
 
 
 @module

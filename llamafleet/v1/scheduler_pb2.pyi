@@ -91,20 +91,22 @@ class WorkerStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., host: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., model_sha256: _Optional[str] = ..., in_flight: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., requests_total: _Optional[int] = ..., tokens_generated_total: _Optional[int] = ..., llama_server_restarts: _Optional[int] = ..., llama_server_url: _Optional[str] = ..., llama_server_pid: _Optional[int] = ..., detail: _Optional[str] = ..., respawns: _Optional[int] = ..., last_loss: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("workers", "queue_depth", "policy", "model_sha256", "started_at", "target_workers")
+    __slots__ = ("workers", "queue_depth", "policy", "model_sha256", "started_at", "target_workers", "pid")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     TARGET_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     queue_depth: int
     policy: str
     model_sha256: str
     started_at: _timestamp_pb2.Timestamp
     target_workers: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., policy: _Optional[str] = ..., model_sha256: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target_workers: _Optional[int] = ...) -> None: ...
+    pid: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., policy: _Optional[str] = ..., model_sha256: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target_workers: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model",)

@@ -5,6 +5,7 @@ statistics. The faces only translate requests, responses and errors."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import grpc
 from opentelemetry import trace
 
 from llamafleet.channels import open_channel
-from llamafleet.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from llamafleet.errors import PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from llamafleet.generation import (
     GenerationLimits,
     estimate_cost,
@@ -24,6 +25,7 @@ from llamafleet.generation import (
     validate_prompt,
 )
 from llamafleet.keys import KeyStore
+from llamafleet.server import STATUS_FROM
 from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import trace_exemplar
 from llamafleet.v1 import (
@@ -43,6 +45,11 @@ from services.gateway.models import ModelResolver
 # Rate limits of everyone when no keys file is configured: one shared principal.
 ANONYMOUS = "anonymous"
 POSTPROC_TIMEOUT_S = 10.0
+# Waits between attempts to reach a scheduler that went away (it restarts in seconds).
+SCHEDULER_BACKOFF_S = 0.2
+SCHEDULER_BACKOFF_MAX_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,14 @@ class Caller:
 
     key_id: str
     limits: RateLimits
+
+
+def scheduler_went_away(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a Submit failed because the scheduler was unreachable or stopped mid-call (a
+    restart), not because it decided so: its own statuses carry the STATUS_FROM trailer."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return not any(key == STATUS_FROM for key, _value in exc.trailing_metadata() or ())
 
 
 def retry_after_of(exc: grpc.aio.AioRpcError) -> float | None:
@@ -143,40 +158,65 @@ class GatewayCore:
         first_token_at: float | None = None
         used_tokens: int | None = None
         outcome = "error"
+        # Every token id streamed so far, for a resume after the scheduler went away.
+        streamed = 0
+        resumable = True
+        retry_until = time.monotonic() + self._settings.scheduler_retry_s
+        if deadline is not None:
+            retry_until = min(retry_until, deadline)
+        backoff = SCHEDULER_BACKOFF_S
         self.metrics.in_flight.inc()
-        call = self._scheduler.Submit(submit, timeout=None if deadline is None else deadline - time.monotonic())
         try:
-            async for event in call:
-                if event.WhichOneof("event") == "chunk":
-                    chunk = event.chunk
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                        self.metrics.ttft.observe(first_token_at - start, trace_exemplar(span))
-                    if request.include_stats:
-                        collected.extend(chunk.logprobs)
-                        if not request.n_probs:
-                            del chunk.logprobs[:]
-                    yield gateway_pb2.GenerateResponse(chunk=chunk)
-                    continue
-                result = event.result
-                used_tokens = result.usage.prompt_tokens + result.usage.completion_tokens
-                if request.include_stats:
-                    result.stats.CopyFrom(await self._token_stats(collected, deadline))
-                self._observe(result, start, first_token_at, span)
-                span.set_attribute("gen_ai.usage.output_tokens", result.usage.completion_tokens)
-                span.set_attribute("llamafleet.worker", result.worker)
-                outcome = "ok"
-                yield gateway_pb2.GenerateResponse(result=result)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                # The scheduler's queue is full: pass its retry-after on to the caller.
-                raise ResourceExhausted(exc.details() or "", retry_after=retry_after_of(exc)) from exc
-            raise
+            while True:
+                call = self._scheduler.Submit(submit, timeout=None if deadline is None else deadline - time.monotonic())
+                try:
+                    async for event in call:
+                        if event.WhichOneof("event") == "chunk":
+                            chunk = event.chunk
+                            if first_token_at is None:
+                                first_token_at = time.perf_counter()
+                                self.metrics.ttft.observe(first_token_at - start, trace_exemplar(span))
+                            streamed += chunk.tokens
+                            resumable = resumable and len(chunk.token_ids) == chunk.tokens
+                            submit.resume_tokens.extend(chunk.token_ids)
+                            if request.include_stats:
+                                collected.extend(chunk.logprobs)
+                                if not request.n_probs:
+                                    del chunk.logprobs[:]
+                            yield gateway_pb2.GenerateResponse(chunk=chunk)
+                            continue
+                        result = event.result
+                        used_tokens = result.usage.prompt_tokens + result.usage.completion_tokens
+                        if request.include_stats:
+                            result.stats.CopyFrom(await self._token_stats(collected, deadline))
+                        self._observe(result, start, first_token_at, span)
+                        span.set_attribute("gen_ai.usage.output_tokens", result.usage.completion_tokens)
+                        span.set_attribute("llamafleet.worker", result.worker)
+                        outcome = "ok"
+                        yield gateway_pb2.GenerateResponse(result=result)
+                        return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        # The scheduler's queue is full: pass its retry-after on to the caller.
+                        raise ResourceExhausted(exc.details() or "", retry_after=retry_after_of(exc)) from exc
+                    if not scheduler_went_away(exc) or (streamed and not resumable):
+                        raise
+                    if time.monotonic() + backoff > retry_until:
+                        raise Unavailable(
+                            f"the scheduler at {self._settings.scheduler_address} was unreachable for "
+                            f"{self._settings.scheduler_retry_s:.0f}s ({exc.details()})"
+                        ) from exc
+                    kind = "resume" if streamed else "retry"
+                    self.metrics.scheduler_retries.labels(kind).inc()
+                    log.warning("request %s: scheduler unreachable (%s); %s", request_id, exc.details(), kind)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, SCHEDULER_BACKOFF_MAX_S)
+                finally:
+                    call.cancel()
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"  # the caller went away (cancel, deadline or HTTP disconnect)
             raise
         finally:
-            call.cancel()
             self.admission.release(ticket, used_tokens)
             self.metrics.in_flight.dec()
             self.metrics.e2e.labels(outcome).observe(time.perf_counter() - start, trace_exemplar(span))

@@ -39,6 +39,14 @@ class GatewayMetrics:
             ["outcome"],
             buckets=E2E_BUCKETS,
         )
+        self.scheduler_retries = Counter(
+            "llamafleet_gateway_scheduler_retries",
+            "Generations sent again after the scheduler went away (a restart): from the start "
+            "(retry) or after the tokens already streamed (resume).",
+            ["kind"],
+        )
+        for kind in ("retry", "resume"):
+            self.scheduler_retries.labels(kind)
         self.tokens = Counter("llamafleet_gateway_tokens", "Tokens served, by type (input or output).", ["type"])
         self.in_flight = Gauge("llamafleet_gateway_streams_in_flight", "Generate streams open now.")
         self.rejected = Counter(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 
@@ -72,7 +71,7 @@ async def run_rank0(settings: SchedulerSettings) -> None:
             active_window_s=settings.mpi_active_window_s,
         )
         spawner = WorkerSpawner()
-        transport = MpiTransport(links, spawner, workdir=os.getcwd())
+        transport = MpiTransport(links, spawner)
         dispatcher = Dispatcher(
             transport,
             policy=settings.policy,

@@ -56,7 +56,8 @@ class SchedulerSettings(ServiceSettings):
     mpi_poll_active_s: float = Field(default=100e-6, gt=0)
     mpi_active_window_s: float = Field(default=0.05, ge=0)
 
-    # Per worker: its node cache, its llama-server and where the logs go.
+    # The node cache of each host, shared by its workers (`{host}` in it becomes the worker's
+    # host name, for hosts that share one filesystem); where the llama-servers' logs go.
     cache_dir: Path = Path(".llamafleet/cache")
     cache_max_bytes: int = 20 * 1024**3
     log_dir: Path = Path(".llamafleet/logs")

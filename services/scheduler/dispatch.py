@@ -227,8 +227,7 @@ class Dispatcher:
                 preferred = [w for w in ready if w.rank not in excluded] or ready
                 if preferred:
                     loads = [
-                        WorkerLoad(w.rank, w.in_flight, w.reported.slots_total, w.outstanding_tokens)
-                        for w in preferred
+                        WorkerLoad(w.rank, w.in_flight, w.reported.slots_total, w.outstanding_tokens) for w in preferred
                     ]
                     rank = policy.choose(loads, prompt, cost)
                     if rank is not None:
@@ -335,6 +334,7 @@ class Dispatcher:
                     ended = True
                     if kind == "done":
                         result = event.done
+                        result.request_id = request.request_id
                         self._finish(result, view, start, dispatched, first_token_at)
                         result.handovers.extend(handovers)
                         yield scheduler_pb2.SubmitResponse(result=result)
@@ -353,9 +353,7 @@ class Dispatcher:
                     )
                     if streamed:
                         handovers.append(
-                            common_pb2.Handover(
-                                from_worker=view.name, tokens_carried=streamed, reason=failure.message
-                            )
+                            common_pb2.Handover(from_worker=view.name, tokens_carried=streamed, reason=failure.message)
                         )
                     excluded.add(view.rank)
                     break
@@ -435,4 +433,3 @@ def _merge_waiting(first: common_pb2.TokenChunk, work: _Work) -> common_pb2.Toke
 
 def state_name(state: int) -> str:
     return scheduler_pb2.WorkerState.Name(state).removeprefix("WORKER_STATE_").lower()
-

@@ -262,8 +262,9 @@ class Membership:
                         view.rank, worker_pb2.WorkerCommand(load_model=worker_pb2.ModelSwap(model_sha256=model_sha256))
                     )
                 swapped = await self._dispatcher.wait_until(
-                    lambda v=view: (v.state == READY and v.model_sha256 == model_sha256)
-                    or self.workers.get(v.rank) is not v,
+                    lambda v=view: (
+                        (v.state == READY and v.model_sha256 == model_sha256) or self.workers.get(v.rank) is not v
+                    ),
                     worker_timeout_s,
                 )
                 if not swapped:

@@ -242,17 +242,15 @@ class WorkerSpawner:
         self._argv = argv or ["-m", "services.scheduler"]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpi-spawn")
 
-    async def spawn(self, host: str = "", workdir: str = "") -> MPI.Intercomm:
+    async def spawn(self, host: str = "") -> MPI.Intercomm:
         """A new worker process on `host` (any host of the MPI allocation when empty)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._spawn, host, workdir)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._spawn, host)
 
-    def _spawn(self, host: str, workdir: str) -> MPI.Intercomm:
+    def _spawn(self, host: str) -> MPI.Intercomm:
         info = MPI.Info.Create()
         try:
             if host:
                 info.Set("host", host)
-            if workdir:
-                info.Set("wdir", workdir)
             return MPI.COMM_SELF.Spawn(sys.executable, args=self._argv, maxprocs=1, info=info)
         except MPI.Exception as exc:
             raise SpawnError(f"could not start a worker{' on ' + host if host else ''}: {_mpi_reason(exc)}") from exc
@@ -266,10 +264,9 @@ class WorkerSpawner:
 class MpiTransport:
     """Rank 0's Transport over MPI: commands serialized onto each worker's link."""
 
-    def __init__(self, links: MpiLinks, spawner: WorkerSpawner, workdir: str = "") -> None:
+    def __init__(self, links: MpiLinks, spawner: WorkerSpawner) -> None:
         self._links = links
         self._spawner = spawner
-        self._workdir = workdir
 
     def send(self, worker: int, command: worker_pb2.WorkerCommand) -> None:
         self._links.send(worker, command.SerializeToString())
@@ -278,4 +275,4 @@ class MpiTransport:
         self._links.close(worker, command.SerializeToString())
 
     async def spawn(self, worker: int, host: str) -> None:
-        self._links.attach(worker, await self._spawner.spawn(host, self._workdir))
+        self._links.attach(worker, await self._spawner.spawn(host))

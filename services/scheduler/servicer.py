@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -62,6 +63,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         status = self._dispatcher.status()
         status.started_at.CopyFrom(self._started_at)
         status.target_workers = self._membership.target
+        status.pid = os.getpid()
         return status
 
     async def LoadModel(

@@ -61,7 +61,7 @@ class Worker:
         self._send = send
         self.host = host or socket.gethostname()
         # One cache per host, shared by its workers: a model is fetched once per host.
-        self.cache = NodeCache(Path(config.cache_dir), config.cache_max_bytes)
+        self.cache = NodeCache(Path(config.cache_dir.replace("{host}", self.host)), config.cache_max_bytes)
         self.threads = config.threads or default_threads(config.workers_on_host)
         self.state = STARTING
         self.detail = ""
