@@ -23,7 +23,7 @@ from llamafleet.channels import open_channel
 from llamafleet.cli_keys import keys_app
 from llamafleet.cli_storage import register as register_storage_commands
 from llamafleet.cli_workers import call_scheduler, print_cluster, workers_app
-from llamafleet.stack import Stack, StackConfig
+from llamafleet.stack import Stack, StackConfig, host_agent_argv
 from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2
 
 app = typer.Typer(help="llamafleet: an LLM-serving fabric for llama.cpp fleets.", no_args_is_help=True)
@@ -151,6 +151,28 @@ def _up_detached(workers: int, slots: int, model: Path | None, model_name: str, 
             time.sleep(0.5)
     _print_endpoints(json.loads(STATE_FILE.read_text())["endpoints"])
     console.print(f"[green]ready[/green] (pid {proc.pid}; logs in {ROOT / 'logs'}); stop with `llamafleet down`")
+
+
+@app.command("host-agent")
+def host_agent(
+    scheduler: Annotated[str, typer.Option(help="The scheduler (rank 0) to join, host:port.")] = SCHEDULER,
+    workers: Annotated[int, typer.Option(min=0, help="Workers to serve here as soon as the host joins.")] = 0,
+    name: Annotated[str, typer.Option(help="The name workers are placed by; default: this host's name.")] = "",
+) -> None:
+    """Join this host to a fleet: run its host agent (an MPI job of its own) until stopped.
+
+    The agent spawns this host's workers (each with its own llama-server) when the scheduler
+    asks, relays their messages, and rejoins when the scheduler restarts. Place more workers
+    here with `llamafleet workers add --host NAME`.
+    """
+    env = os.environ | {
+        "LLAMAFLEET_HOST_AGENT_SCHEDULER_ADDRESS": scheduler,
+        "LLAMAFLEET_HOST_AGENT_WORKERS": str(workers),
+    }
+    if name:
+        env["LLAMAFLEET_HOST_AGENT_HOST"] = name
+    argv = host_agent_argv()
+    os.execvpe(argv[0], argv, env)
 
 
 @app.command()

@@ -42,10 +42,6 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
 # Buckets from sub-millisecond unary calls up to multi-minute generations and uploads.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-# Trailing metadata on every status a llamafleet service decided: its name. A status without
-# it came from the transport (the service was unreachable or went away mid-call).
-STATUS_FROM = "llamafleet-status-from"
-
 Setup = Callable[[grpc.aio.Server, contextlib.AsyncExitStack], Awaitable[Sequence[str]]]
 # Turns a service's domain exception into the FleetError it is reported as (None: not one of its own).
 ErrorTranslator = Callable[[Exception], FleetError | None]
@@ -56,7 +52,6 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     and the mapping of failures to statuses a client can act on."""
 
     def __init__(self, service: str, translate: ErrorTranslator | None = None) -> None:
-        self._service = service
         self._translate = translate or (lambda _exc: None)
         self._tracer = trace.get_tracer(f"llamafleet.{service}")
         self._requests = Counter(
@@ -126,7 +121,6 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AioRpcError as exc:
                 # A downstream service's status is the caller's status too.
                 code = exc.code()
-                context.set_trailing_metadata(((STATUS_FROM, self._service),))
                 await context.abort(code, exc.details() or code.name)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -146,11 +140,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._requests.labels(method, code.name).inc()
                 self._latency.labels(method).observe(time.perf_counter() - start, trace_exemplar(span))
 
-    async def _abort(self, context: grpc.aio.ServicerContext, error: FleetError) -> None:
-        trailers = [(STATUS_FROM, self._service)]
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, error: FleetError) -> None:
         if isinstance(error, ResourceExhausted) and error.retry_after is not None:
-            trailers.append(("retry-after", f"{error.retry_after:.3f}"))
-        context.set_trailing_metadata(tuple(trailers))
+            context.set_trailing_metadata((("retry-after", f"{error.retry_after:.3f}"),))
         await context.abort(error.code, error.message)
 
     def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:

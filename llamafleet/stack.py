@@ -93,6 +93,12 @@ class StackConfig:
         }
 
 
+def host_agent_argv() -> list[str]:
+    """The host agent of a host other than rank 0's (services/scheduler/host_agent.py), an MPI
+    job of its own; its settings come from LLAMAFLEET_HOST_AGENT_* variables."""
+    return [*mpiexec_argv(1, fault_tolerant=True), sys.executable, "-m", "services.scheduler.host_agent"]
+
+
 def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Each service's command line and environment, in start order."""
     python = sys.executable

@@ -25,9 +25,13 @@ MAX_TOKENS = 600
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     # A short lease: workers whose rank 0 died without a word notice it within a second or two.
-    cfg = StackConfig.on_free_ports(
-        tmp_path_factory.mktemp("stack"), workers=2, slots=4, extra_env={"LLAMAFLEET_SCHEDULER_LEASE_S": "3"}
-    )
+    # Generous waits: a loaded CI machine may take tens of seconds to bring the new pool up.
+    env = {
+        "LLAMAFLEET_SCHEDULER_LEASE_S": "3",
+        "LLAMAFLEET_SCHEDULER_READY_WAIT_S": "60",
+        "LLAMAFLEET_GATEWAY_SCHEDULER_RETRY_S": "120",
+    }
+    cfg = StackConfig.on_free_ports(tmp_path_factory.mktemp("stack"), workers=2, slots=4, extra_env=env)
     async with Stack(cfg) as stack:
         yield stack
 
@@ -62,7 +66,7 @@ async def test_a_killed_rank_0_is_restarted_and_the_gateway_loses_no_stream(stac
     await asyncio.wait_for(progress.wait(), 60)
     killed_at = time.monotonic()
     os.kill(before.pid, signal.SIGKILL)
-    outcomes = await asyncio.wait_for(asyncio.gather(*streams), 120)
+    outcomes = await asyncio.wait_for(asyncio.gather(*streams), 240)
 
     assert [o[0] for o in outcomes] == ["ok"] * len(outcomes), outcomes
     for _status, tokens, last in outcomes:
@@ -75,4 +79,4 @@ async def test_a_killed_rank_0_is_restarted_and_the_gateway_loses_no_stream(stac
     # The restart shows in the scheduler's start time, and the old workers are gone.
     assert after.started_at.ToSeconds() > before.started_at.ToSeconds()
     assert not workers & {w.pid for w in after.workers}
-    assert time.monotonic() - killed_at < 60
+    assert time.monotonic() - killed_at < 240

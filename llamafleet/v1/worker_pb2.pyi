@@ -178,3 +178,55 @@ class WorkerLeft(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     reason: str
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ConnectRequest(_message.Message):
+    __slots__ = ("hello", "events")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    hello: HostHello
+    events: HostEvents
+    def __init__(self, hello: _Optional[_Union[HostHello, _Mapping]] = ..., events: _Optional[_Union[HostEvents, _Mapping]] = ...) -> None: ...
+
+class HostHello(_message.Message):
+    __slots__ = ("host", "cores", "workers")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    cores: int
+    workers: int
+    def __init__(self, host: _Optional[str] = ..., cores: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+
+class HostEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[HostEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[HostEvent, _Mapping]]] = ...) -> None: ...
+
+class HostEvent(_message.Message):
+    __slots__ = ("worker", "message", "spawned", "spawn_failed", "lost", "closed")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SPAWNED_FIELD_NUMBER: _ClassVar[int]
+    SPAWN_FAILED_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    message: bytes
+    spawned: bool
+    spawn_failed: str
+    lost: str
+    closed: bool
+    def __init__(self, worker: _Optional[int] = ..., message: _Optional[bytes] = ..., spawned: _Optional[bool] = ..., spawn_failed: _Optional[str] = ..., lost: _Optional[str] = ..., closed: _Optional[bool] = ...) -> None: ...
+
+class ConnectResponse(_message.Message):
+    __slots__ = ("worker", "spawn", "message", "last_message")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    SPAWN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LAST_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    spawn: bool
+    message: bytes
+    last_message: bytes
+    def __init__(self, worker: _Optional[int] = ..., spawn: _Optional[bool] = ..., message: _Optional[bytes] = ..., last_message: _Optional[bytes] = ...) -> None: ...

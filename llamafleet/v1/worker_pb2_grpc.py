@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from llamafleet.v1 import worker_pb2 as llamafleet_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,88 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class WorkerHostsStub:
+    """Workers on hosts other than rank 0's own are spawned by that host's *host agent*: an MPI job
+    of its own on that host (Open MPI 5.0's runtime starts processes on a remote node
+    dynamically only once per job, while a fleet replaces and adds workers all the time). The
+    agent dials rank 0 and relays, unchanged, the messages between rank 0 and its workers.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Connect = channel.stream_stream(
+                '/llamafleet.v1.WorkerHosts/Connect',
+                request_serializer=llamafleet_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerHostsServicer:
+    """Workers on hosts other than rank 0's own are spawned by that host's *host agent*: an MPI job
+    of its own on that host (Open MPI 5.0's runtime starts processes on a remote node
+    dynamically only once per job, while a fleet replaces and adds workers all the time). The
+    agent dials rank 0 and relays, unchanged, the messages between rank 0 and its workers.
+    """
+
+    def Connect(self, request_iterator, context):
+        """One session per host agent: its hello, then events up and commands down until either ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerHostsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=llamafleet_dot_v1_dot_worker__pb2.ConnectRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_worker__pb2.ConnectResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'llamafleet.v1.WorkerHosts', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('llamafleet.v1.WorkerHosts', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerHosts:
+    """Workers on hosts other than rank 0's own are spawned by that host's *host agent*: an MPI job
+    of its own on that host (Open MPI 5.0's runtime starts processes on a remote node
+    dynamically only once per job, while a fleet replaces and adds workers all the time). The
+    agent dials rank 0 and relays, unchanged, the messages between rank 0 and its workers.
+    """
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llamafleet.v1.WorkerHosts/Connect',
+            llamafleet_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
+            llamafleet_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

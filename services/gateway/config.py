@@ -31,8 +31,8 @@ class GatewaySettings(ServiceSettings):
     postproc_address: str = f"127.0.0.1:{POSTPROC_PORT}"
     # Top-n logprobs requested from llama-server when a caller asks for token statistics.
     stats_n_probs: int = Field(default=5, ge=1, le=32)
-    # How long a generation waits for a scheduler that went away (a restart) to come back
-    # before UNAVAILABLE; streams that had started resume after their tokens.
+    # How long a generation waits for a scheduler that is unavailable (restarting, or its pool
+    # starting) before UNAVAILABLE; streams that had started resume after their tokens.
     scheduler_retry_s: float = Field(default=30.0, ge=0)
     # How long a resolved model name is trusted before storage is asked again.
     model_cache_s: float = Field(default=5.0, ge=0)

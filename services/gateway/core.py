@@ -25,7 +25,6 @@ from llamafleet.generation import (
     validate_prompt,
 )
 from llamafleet.keys import KeyStore
-from llamafleet.server import STATUS_FROM
 from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import trace_exemplar
 from llamafleet.v1 import (
@@ -58,14 +57,6 @@ class Caller:
 
     key_id: str
     limits: RateLimits
-
-
-def scheduler_went_away(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether a Submit failed because the scheduler was unreachable or stopped mid-call (a
-    restart), not because it decided so: its own statuses carry the STATUS_FROM trailer."""
-    if exc.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
-    return not any(key == STATUS_FROM for key, _value in exc.trailing_metadata() or ())
 
 
 def retry_after_of(exc: grpc.aio.AioRpcError) -> float | None:
@@ -199,16 +190,17 @@ class GatewayCore:
                     if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         # The scheduler's queue is full: pass its retry-after on to the caller.
                         raise ResourceExhausted(exc.details() or "", retry_after=retry_after_of(exc)) from exc
-                    if not scheduler_went_away(exc) or (streamed and not resumable):
+                    # UNAVAILABLE: the scheduler is restarting, or its pool is (re)starting.
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or (streamed and not resumable):
                         raise
                     if time.monotonic() + backoff > retry_until:
                         raise Unavailable(
-                            f"the scheduler at {self._settings.scheduler_address} was unreachable for "
-                            f"{self._settings.scheduler_retry_s:.0f}s ({exc.details()})"
+                            f"the scheduler at {self._settings.scheduler_address} could not serve for "
+                            f"{self._settings.scheduler_retry_s:.0f}s: {exc.details()}"
                         ) from exc
                     kind = "resume" if streamed else "retry"
                     self.metrics.scheduler_retries.labels(kind).inc()
-                    log.warning("request %s: scheduler unreachable (%s); %s", request_id, exc.details(), kind)
+                    log.warning("request %s: scheduler unavailable (%s); %s", request_id, exc.details(), kind)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, SCHEDULER_BACKOFF_MAX_S)
                 finally:

@@ -20,13 +20,15 @@ from llamafleet.generation import GenerationLimits
 from llamafleet.server import serve
 from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import configure_logging, setup_tracing, shutdown_tracing
-from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
+from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.dispatch import Dispatcher
+from services.scheduler.hosts import FleetTransport, HostRegistry
 from services.scheduler.membership import Membership
 from services.scheduler.metrics import SchedulerMetrics, register_worker_collector
-from services.scheduler.mpi_links import MpiLinks, MpiTransport, WorkerSpawner
+from services.scheduler.mpi_links import MpiLinks, WorkerSpawner
 from services.scheduler.servicer import SchedulerServicer
+from services.scheduler.transport import HEARTBEAT
 from services.scheduler.worker import Worker
 
 log = logging.getLogger("llamafleet.scheduler")
@@ -34,7 +36,6 @@ log = logging.getLogger("llamafleet.scheduler")
 SHUTDOWN_TIMEOUT_S = 30.0
 # How long a new worker process waits for its configuration from rank 0.
 CONFIGURE_TIMEOUT_S = 60.0
-HEARTBEAT = worker_pb2.WorkerCommand(heartbeat=worker_pb2.WorkerHeartbeat()).SerializeToString()
 
 
 async def resolve_model(settings: SchedulerSettings, wait_s: float = 60.0) -> str:
@@ -58,6 +59,12 @@ async def run_rank0(settings: SchedulerSettings) -> None:
         loop = asyncio.get_running_loop()
         metrics = SchedulerMetrics()
         membership: Membership
+        hosts = HostRegistry(
+            on_message=lambda worker, payload: membership.on_event(worker, payload),
+            on_lost=lambda worker, reason: membership.on_lost(worker, reason),
+            on_closed=lambda worker, reason: membership.on_closed(worker, reason),
+            on_joined=lambda host, workers: membership.host_joined(host, workers),
+        )
         links = MpiLinks(
             loop,
             on_message=lambda worker, payload: membership.on_event(worker, payload),
@@ -71,7 +78,7 @@ async def run_rank0(settings: SchedulerSettings) -> None:
             active_window_s=settings.mpi_active_window_s,
         )
         spawner = WorkerSpawner()
-        transport = MpiTransport(links, spawner)
+        transport = FleetTransport(links, spawner, hosts)
         dispatcher = Dispatcher(
             transport,
             policy=settings.policy,
@@ -91,7 +98,7 @@ async def run_rank0(settings: SchedulerSettings) -> None:
         )
         register_worker_collector(lambda: list(dispatcher.workers.values()), scheduler_pb2.WORKER_STATE_READY)
         links.start()
-        membership.start(settings.placements())
+        membership.start([""] * settings.workers)
 
         async def stop_workers() -> None:
             await membership.shutdown(SHUTDOWN_TIMEOUT_S)
@@ -105,7 +112,11 @@ async def run_rank0(settings: SchedulerSettings) -> None:
             dispatcher, membership, GenerationLimits(), storage, settings.rollout_worker_timeout_s, time.time()
         )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
-        return [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name]
+        worker_pb2_grpc.add_WorkerHostsServicer_to_server(hosts, server)
+        return [
+            scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
+            worker_pb2.DESCRIPTOR.services_by_name["WorkerHosts"].full_name,
+        ]
 
     await serve("scheduler", settings, setup)
 
@@ -192,7 +203,7 @@ def main() -> None:
     if MPI.COMM_WORLD.Get_size() > 1:
         raise SystemExit(
             "scheduler: start rank 0 alone (mpiexec -n 1 ...); it spawns its workers itself "
-            "(LLAMAFLEET_SCHEDULER_WORKERS, LLAMAFLEET_SCHEDULER_WORKER_HOSTS)"
+            "(LLAMAFLEET_SCHEDULER_WORKERS), and other hosts' agents bring theirs (llamafleet host-agent)"
         )
     asyncio.run(run_rank0(SchedulerSettings()))
 

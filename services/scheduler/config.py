@@ -3,11 +3,11 @@ part as a WorkerConfig message when it is spawned."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
-from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llamafleet.config import (
     DEFAULT_MODEL,
@@ -29,10 +29,9 @@ class SchedulerSettings(ServiceSettings):
     storage_address: str = f"127.0.0.1:{STORAGE_PORT}"
     # The model every worker loads at start: "name:tag" or a sha256 digest.
     model: str = DEFAULT_MODEL
-    # Worker processes rank 0 spawns at start (MPI_Comm_spawn) and keeps: lost ones are replaced.
-    workers: int = Field(default=2, ge=1)
-    # MPI host names to spread the workers over, round robin (comma-separated); empty: MPI's choice.
-    worker_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Worker processes rank 0 spawns on its own host at start (MPI_Comm_spawn) and keeps: lost
+    # ones are replaced. Other hosts' agents bring their own (llamafleet host-agent).
+    workers: int = Field(default=2, ge=0)
     # Seconds without a message from a worker (or, on the worker, from rank 0) before the
     # other side counts it as lost: what catches a hung host, where no MPI error arrives.
     lease_s: float = Field(default=10.0, gt=0)
@@ -74,18 +73,6 @@ class SchedulerSettings(ServiceSettings):
     # Seconds without a byte from llama-server before a stream counts as failed.
     llama_read_timeout_s: float = 120.0
 
-    @field_validator("worker_hosts", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [host.strip() for host in value.split(",") if host.strip()]
-        return value
-
-    def placements(self) -> list[str]:
-        """The host of each initial worker ("" where MPI places it)."""
-        hosts = self.worker_hosts or [""]
-        return [hosts[i % len(hosts)] for i in range(self.workers)]
-
     def worker_config(self, worker_id: int, workers_on_host: int) -> worker_pb2.WorkerConfig:
         """What worker `worker_id` is told when it starts (rank 0 fills in the model)."""
         return worker_pb2.WorkerConfig(
@@ -107,3 +94,26 @@ class SchedulerSettings(ServiceSettings):
             lease_s=self.lease_s,
             poll_interval_s=self.mpi_poll_max_s,
         )
+
+
+class HostAgentSettings(BaseSettings):
+    """A host agent's settings (`LLAMAFLEET_HOST_AGENT_*`): the MPI job on a host other than
+    rank 0's that spawns that host's workers and relays them to rank 0."""
+
+    model_config = SettingsConfigDict(env_prefix=env_prefix("host_agent"), extra="ignore")
+
+    # The scheduler (rank 0) to join, host:port; its WorkerHosts service shares the Scheduler port.
+    scheduler_address: str = f"127.0.0.1:{SCHEDULER_PORT}"
+    # The name rank 0 places workers by (`llamafleet workers add --host NAME`); default: hostname.
+    host: str = Field(default_factory=socket.gethostname)
+    # Workers to serve as soon as the host joins.
+    workers: int = Field(default=0, ge=0)
+    # Heartbeats to the workers, and how long a silent worker is given (as on rank 0).
+    stats_period_s: float = Field(default=0.5, gt=0)
+    lease_s: float = Field(default=10.0, gt=0)
+    mpi_poll_max_s: float = Field(default=0.001, gt=0)
+    mpi_poll_active_s: float = Field(default=100e-6, gt=0)
+    mpi_active_window_s: float = Field(default=0.05, ge=0)
+    # Longest wait between attempts to reach rank 0.
+    reconnect_max_s: float = Field(default=5.0, gt=0)
+    log_level: str = "INFO"

@@ -59,6 +59,8 @@ class Membership:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rollout = asyncio.Lock()
         self._stopping = False
+        # Set when a host (re)joins: replacements waiting for it retry at once.
+        self._host_joined = asyncio.Event()
 
     @property
     def workers(self) -> dict[int, WorkerView]:
@@ -157,7 +159,9 @@ class Membership:
             delay = RESPAWN_BACKOFF_S[min(attempt, len(RESPAWN_BACKOFF_S) - 1)] if reason == "replacement" else 0.0
             if delay:
                 log.info("worker %d: next start in %.0fs", view.rank, delay)
-                await asyncio.sleep(delay)
+                self._host_joined.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._host_joined.wait(), delay)
             try:
                 await self._transport.spawn(view.rank, view.placement)
             except SpawnError as exc:
@@ -176,6 +180,15 @@ class Membership:
             config.model_sha256 = self._dispatcher.model_sha256
             self._transport.send(view.rank, worker_pb2.WorkerCommand(configure=config))
             return
+
+    def host_joined(self, host: str, workers: int) -> None:
+        """A host agent said hello: start the workers it asks for (those still placed there,
+        waiting to be replaced, count), and retry replacements waiting for a host now."""
+        self._host_joined.set()
+        placed = sum(1 for v in self.workers.values() if v.placement == host and not v.leaving)
+        for _ in range(max(0, workers - placed)):
+            self.target += 1
+            self._run(self._bring_up(self._new_view(host), "added"))
 
     async def add(self, count: int, host: str) -> list[scheduler_pb2.WorkerStatus]:
         """Start `count` more workers on `host` ("" for any) and return once they serve."""

@@ -10,8 +10,8 @@ All MPI calls of a process happen on one thread (`MpiLinks`), except spawns and 
 disconnects, which block and so run on helper threads (MPI is initialised with
 MPI_THREAD_MULTIPLE). Messages are serialized protobuf (llamafleet.v1.WorkerCommand /
 WorkerEvent); this module only moves bytes. The thread polls with non-blocking probes: every
-`poll_max_s`, and every `poll_active_s` within `active_window_s` of the last message (rank 0
-uses that window while token streams arrive).
+`poll_max_s`, and every `poll_active_s` within `active_window_s` of the last message sent or
+received (rank 0 uses that window while requests are out and token streams arrive).
 
 A link ends in a close handshake: each side sends one last message tagged FIN (rank 0 a
 shutdown, the worker its farewell) and sends nothing after it; once a side has sent and
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
-from llamafleet.v1 import worker_pb2
 from services.scheduler.transport import SpawnError
 
 log = logging.getLogger(__name__)
@@ -93,9 +92,12 @@ class MpiLinks:
         self._control: queue.SimpleQueue[tuple[str, int, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._last_received = 0.0
+        self._last_active = 0.0
         self._next_periodic = 0.0
         self._disconnects: list[threading.Thread] = []
+        # What the loop is told in one wakeup: messages, losses and closes in the order they
+        # happened (a loss must never overtake the dead link's last messages).
+        self._batch: list[tuple[OnMessage | OnLinkEnd, int, bytes | str]] = []
         self._thread = threading.Thread(target=self._run, name="mpi-links", daemon=True)
         self.idle_wakeups = 0
 
@@ -135,6 +137,8 @@ class MpiLinks:
         while True:
             now = time.monotonic()
             busy = self._apply_control(now)
+            if busy:
+                self._last_active = now
             received = False
             for number, link in list(self._links.items()):
                 try:
@@ -148,14 +152,17 @@ class MpiLinks:
                 elif not link.fin_received and now - link.last_heard > self.lease_s:
                     self._lose(number, f"no message for {self.lease_s:g}s")
             busy |= self._send_periodic(now)
+            if self._batch:
+                self._loop.call_soon_threadsafe(_deliver, self._batch)
+                self._batch = []
             if received:
-                self._last_received = now
+                self._last_active = now
             if self._stopping.is_set() and self._control.empty() and not any(lk.sends for lk in self._links.values()):
                 return
             if busy or received:
                 continue
             self.idle_wakeups += 1
-            active = now - self._last_received < self._active_window_s
+            active = now - self._last_active < self._active_window_s
             self._wake.wait(self._poll_active_s if active else self._poll_max_s)
             self._wake.clear()
 
@@ -192,7 +199,7 @@ class MpiLinks:
             link.last_heard = now
             link.fin_received = status.Get_tag() == FIN
             received = True
-            self._loop.call_soon_threadsafe(self._on_message, number, bytes(buffer))
+            self._batch.append((self._on_message, number, bytes(buffer)))
         return received
 
     def _send_periodic(self, now: float) -> bool:
@@ -213,10 +220,13 @@ class MpiLinks:
         # The communicator is dropped, not freed: freeing one whose peer died may block.
         if self._links.pop(number, None) is not None:
             log.warning("link %d lost: %s", number, reason)
-            self._loop.call_soon_threadsafe(self._on_lost, number, reason)
+            self._batch.append((self._on_lost, number, reason))
 
     def _disconnect(self, number: int, link: _Link) -> None:
         del self._links[number]
+        # The link's last messages reach the loop before its close does.
+        self._loop.call_soon_threadsafe(_deliver, self._batch)
+        self._batch = []
 
         def disconnect() -> None:
             try:
@@ -228,6 +238,11 @@ class MpiLinks:
         thread = threading.Thread(target=disconnect, name=f"mpi-disconnect-{number}", daemon=True)
         self._disconnects.append(thread)
         thread.start()
+
+
+def _deliver(batch: list[tuple[Callable[[int, object], None], int, object]]) -> None:
+    for callback, number, arg in batch:
+        callback(number, arg)
 
 
 def _mpi_reason(exc: MPI.Exception) -> str:
@@ -259,20 +274,3 @@ class WorkerSpawner:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-class MpiTransport:
-    """Rank 0's Transport over MPI: commands serialized onto each worker's link."""
-
-    def __init__(self, links: MpiLinks, spawner: WorkerSpawner) -> None:
-        self._links = links
-        self._spawner = spawner
-
-    def send(self, worker: int, command: worker_pb2.WorkerCommand) -> None:
-        self._links.send(worker, command.SerializeToString())
-
-    def close(self, worker: int, command: worker_pb2.WorkerCommand) -> None:
-        self._links.close(worker, command.SerializeToString())
-
-    async def spawn(self, worker: int, host: str) -> None:
-        self._links.attach(worker, await self._spawner.spawn(host))

@@ -25,3 +25,8 @@ class Transport(Protocol):
 
 class SpawnError(RuntimeError):
     """A worker process could not be started."""
+
+
+# What rank 0 (or a host agent) sends each worker every stats period: a worker that hears
+# nothing for its lease stops.
+HEARTBEAT = worker_pb2.WorkerCommand(heartbeat=worker_pb2.WorkerHeartbeat()).SerializeToString()
