@@ -23,6 +23,7 @@ from llamafleet.channels import open_channel
 from llamafleet.cli_keys import keys_app
 from llamafleet.cli_storage import register as register_storage_commands
 from llamafleet.cli_workers import call_scheduler, print_cluster, workers_app
+from llamafleet.hosts import HostsFileError, load_hosts
 from llamafleet.stack import Stack, StackConfig, host_agent_argv
 from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2
 
@@ -52,7 +53,7 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> typer.Exit:
 
 @app.command()
 def up(
-    workers: Annotated[int, typer.Option(min=1, help="Worker ranks, one llama-server each.")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="Workers, one llama-server each.")] = 2,
     slots: Annotated[int, typer.Option(min=1, help="llama-server slots per worker.")] = 2,
     model: Annotated[Path | None, typer.Option(help="A GGUF to serve instead of the demo model.")] = None,
     model_name: Annotated[str, typer.Option(help="The name:tag it is served as.")] = defaults.DEFAULT_MODEL,
@@ -60,11 +61,20 @@ def up(
     with_prometheus: Annotated[
         bool, typer.Option("--with-prometheus", help="Also run a local Prometheus (port 9090) with deploy/'s rules.")
     ] = False,
+    hosts: Annotated[
+        Path | None,
+        typer.Option(
+            help="A hosts file (see docs/MULTIHOST.md): the fleet spans its hosts, this one first; "
+            "--workers is then the first host's `workers`."
+        ),
+    ] = None,
 ) -> None:
     """Start SeaweedFS, storage, scheduler (MPI) with its workers, postproc and gateway.
 
     Runs in the foreground until Ctrl-C (which stops everything), or with --detach in the
     background until `llamafleet down`. Set LLAMA_SERVER to use a llama-server binary.
+    With --hosts, every other host of the file runs a SeaweedFS volume server and a host
+    agent with its workers, started there over ssh (or the file's `rsh`).
     """
     if model is not None and not model.is_file():
         raise _fail(f"--model {model}: no such file")
@@ -77,8 +87,17 @@ def up(
         llama_server=os.environ.get("LLAMA_SERVER", ""),
         with_prometheus=with_prometheus,
     )
+    if hosts is not None:
+        try:
+            spanned = load_hosts(hosts)
+        except HostsFileError as exc:
+            raise _fail(str(exc)) from None
+        cfg.host = spanned.local.address
+        cfg.workers = spanned.local.workers
+        cfg.remote_hosts = spanned.remote
+        cfg.rsh = spanned.rsh
     if detach:
-        _up_detached(workers, slots, model, model_name, with_prometheus)
+        _up_detached(workers, slots, model, model_name, with_prometheus, hosts)
         return
     stack = Stack(cfg, report=lambda msg: console.print(f"[dim]…[/dim] {msg}"))
     try:
@@ -129,12 +148,15 @@ def _print_endpoints(endpoints: dict[str, str]) -> None:
     console.print(table)
 
 
-def _up_detached(workers: int, slots: int, model: Path | None, model_name: str, with_prometheus: bool) -> None:
+def _up_detached(
+    workers: int, slots: int, model: Path | None, model_name: str, with_prometheus: bool, hosts: Path | None
+) -> None:
     ROOT.mkdir(exist_ok=True)
     log_path = ROOT / "up.log"
     argv = [sys.executable, "-m", "llamafleet.cli", "up", "--workers", str(workers), "--slots", str(slots)]
     argv += ["--model-name", model_name] + (["--model", str(model.resolve())] if model else [])
     argv += ["--with-prometheus"] if with_prometheus else []
+    argv += ["--hosts", str(hosts.resolve())] if hosts else []
     STATE_FILE.unlink(missing_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

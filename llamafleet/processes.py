@@ -104,6 +104,7 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         stop_signal: signal.Signals = signal.SIGTERM,
+        stop_by_closing_stdin: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -111,6 +112,8 @@ class ManagedProcess:
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.stop_signal = stop_signal
+        # For a process on another host behind ssh: closing its stdin is how it is asked to stop.
+        self.stop_by_closing_stdin = stop_by_closing_stdin
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -126,7 +129,7 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 *with_parent_death_signal(self.argv),
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE if self.stop_by_closing_stdin else asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.env,
@@ -152,8 +155,11 @@ class ManagedProcess:
         if proc is None:
             return None
         if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(self.stop_signal)
+            if self.stop_by_closing_stdin and proc.stdin is not None:
+                proc.stdin.close()
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(self.stop_signal)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), grace)
         # Children that outlived the leader (or a leader that ignored the signal) go too.

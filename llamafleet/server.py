@@ -38,6 +38,22 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Servers ping idle connections, and let clients ping them every second: a peer whose host
+# died or whose network was cut (no TCP reset ever arrives) shows within seconds, which is how
+# rank 0 learns that a host agent, and with it a host's workers, is gone.
+KEEPALIVE_S = 2.0
+KEEPALIVE_TIMEOUT_S = 3.0
+KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+    ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    *GRPC_OPTIONS,
+    *KEEPALIVE_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+]
 
 # Buckets from sub-millisecond unary calls up to multi-minute generations and uploads.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -184,7 +200,7 @@ async def serve(
     configure_logging(settings.log_level)
     setup_tracing(service)
     start_metrics_endpoint(settings.metrics_host, settings.metrics_port)
-    server = grpc.aio.server(interceptors=[ServerInterceptor(service, translate_error)], options=GRPC_OPTIONS)
+    server = grpc.aio.server(interceptors=[ServerInterceptor(service, translate_error)], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     async with contextlib.AsyncExitStack() as stack:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -24,9 +25,10 @@ import yaml
 
 from llamafleet import config as defaults
 from llamafleet.channels import wait_serving
+from llamafleet.hosts import HostSpec, remote_command
 from llamafleet.models import ensure_model
 from llamafleet.processes import ManagedProcess, free_port, mpiexec_argv, port_is_free
-from llamafleet.seaweed import SeaweedServer
+from llamafleet.seaweed import SeaweedServer, weed_binary
 from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class StackConfig:
     with_prometheus: bool = False
     prometheus_port: int = 9090
     scrape_interval_s: float = 5.0
+    # Hosts other than this one (`llamafleet up --hosts`): each runs a SeaweedFS volume server
+    # and a host agent with its workers, started there through `rsh` (ssh's form: RSH HOST CMD).
+    remote_hosts: list[HostSpec] = field(default_factory=list)
+    rsh: list[str] = field(default_factory=lambda: ["ssh"])
 
     def __post_init__(self) -> None:
         # Children run in other working directories (weed does): every path they get is absolute.
@@ -126,7 +132,8 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
                 "LLAMAFLEET_SCHEDULER_MODEL": cfg.model_name,
                 "LLAMAFLEET_SCHEDULER_WORKERS": str(cfg.workers),
                 "LLAMAFLEET_SCHEDULER_SLOTS": str(cfg.slots),
-                "LLAMAFLEET_SCHEDULER_CACHE_DIR": str(cfg.root / "cache"),
+                # One node cache per host, even where hosts share this filesystem.
+                "LLAMAFLEET_SCHEDULER_CACHE_DIR": str(cfg.root / "cache" / "{host}"),
                 "LLAMAFLEET_SCHEDULER_LOG_DIR": str(cfg.root / "logs"),
                 "LLAMAFLEET_SCHEDULER_LLAMA_SERVER": cfg.llama_server,
             },
@@ -166,6 +173,54 @@ RESTART_RESET_S = 60.0
 # mpiexec kills its processes right after forwarding SIGTERM; SIGUSR1 it forwards and waits,
 # so rank 0 can stop its workers and their llama-servers in order.
 STOP_SIGNALS = {"scheduler": signal.SIGUSR1}
+
+# What a host agent passes on to its workers, besides its own settings.
+FORWARDED_ENV_PREFIXES = ("OTEL_", "LLAMAFLEET_", "LLAMA_SERVER")
+
+
+def remote_processes(cfg: StackConfig, seaweed: SeaweedServer) -> dict[str, ManagedProcess]:
+    """Per host of `cfg.remote_hosts`, its SeaweedFS volume server and its host agent, each
+    started through `cfg.rsh` and stopped when its connection closes."""
+    processes = {}
+    inherited = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    master = f"{cfg.host}:{seaweed.master_port}.{seaweed.master_grpc_port}"
+    for host in cfg.remote_hosts:
+        data = cfg.root / "seaweedfs" / f"volume-{host.name}"
+        volume = [
+            weed_binary(),
+            "volume",
+            f"-mserver={master}",
+            f"-ip={host.address}",
+            f"-ip.bind={host.address}",
+            f"-port={cfg.weed_volume_port}",
+            f"-dir={data}",
+        ]
+        agent_env = {
+            **inherited,
+            "PYTHONUNBUFFERED": "1",
+            **cfg.extra_env,
+            "LLAMAFLEET_HOST_AGENT_SCHEDULER_ADDRESS": cfg.address(cfg.scheduler_port),
+            "LLAMAFLEET_HOST_AGENT_HOST": host.name,
+            "LLAMAFLEET_HOST_AGENT_WORKERS": str(host.workers),
+        }
+        commands = {
+            # The data folder is made there, on that host's disk.
+            f"volume@{host.name}": (
+                ["sh", "-c", f"mkdir -p {shlex.quote(str(data))} && exec {shlex.join(volume)}"],
+                {},
+                "TERM",
+            ),
+            f"host-agent@{host.name}": (host_agent_argv(), agent_env, "USR1"),
+        }
+        for name, (argv, env, stop) in commands.items():
+            processes[name] = ManagedProcess(
+                name,
+                [*cfg.rsh, host.address, remote_command(argv, env, Path.cwd(), stop)],
+                log_path=cfg.root / "logs" / f"{name}.log",
+                stop_by_closing_stdin=True,
+            )
+    return processes
+
 
 ALERT_RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
 
@@ -256,6 +311,10 @@ class Stack:
                 await wait_serving(self.cfg.address(getattr(self.cfg, f"{name}_port")), timeout, process)
                 if name == "storage":
                     await self._ensure_model()
+            for name, process in remote_processes(self.cfg, self.seaweed).items():
+                self.report(f"starting {name}")
+                self.processes[name] = process
+                await process.start()
             self.report("waiting for the workers' llama-servers")
             await self.wait_workers_ready(timeout)
             if self.cfg.with_prometheus:
@@ -265,7 +324,9 @@ class Stack:
         except BaseException:
             await self.stop()
             raise
-        self._supervisors = [asyncio.create_task(self._supervise(name)) for name in commands]
+        self._supervisors = [
+            asyncio.create_task(self._supervise(name)) for name in self.processes if name != "prometheus"
+        ]
 
     async def _supervise(self, name: str) -> None:
         """Start a service again whenever its process exits while the stack runs (a crash, an
@@ -286,8 +347,9 @@ class Stack:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_DELAY_MAX_S)
             await process.start()
-            with contextlib.suppress(Exception):
-                await wait_serving(self.cfg.address(getattr(self.cfg, f"{name}_port")), 120.0, process)
+            if port := getattr(self.cfg, f"{name}_port", None):
+                with contextlib.suppress(Exception):
+                    await wait_serving(self.cfg.address(port), 120.0, process)
 
     async def _ensure_model(self) -> None:
         await ensure_model(
@@ -307,11 +369,12 @@ class Stack:
                 self.processes["scheduler"].check_running()
                 status = await stub.ClusterStatus(scheduler_pb2.ClusterStatusRequest(), timeout=5.0)
                 ready = [w for w in status.workers if w.state == scheduler_pb2.WORKER_STATE_READY]
-                if len(ready) == self.cfg.workers:
+                expected = self.cfg.workers + sum(h.workers for h in self.cfg.remote_hosts)
+                if len(ready) == expected:
                     return
                 if loop.time() > give_up:
                     raise TimeoutError(
-                        f"only {len(ready)} of {self.cfg.workers} workers ready after {timeout:.0f}s; "
+                        f"only {len(ready)} of {expected} workers ready after {timeout:.0f}s; "
                         f"see {self.cfg.root / 'logs'}"
                     )
                 await asyncio.sleep(0.3)
@@ -323,8 +386,8 @@ class Stack:
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         self._supervisors = []
         for name in reversed(list(self.processes)):
-            # The scheduler stops its workers and their llama-servers before it exits.
-            grace = 45.0 if name == "scheduler" else 10.0
+            # The scheduler and host agents stop their workers and llama-servers before they exit.
+            grace = 45.0 if name == "scheduler" or name.startswith("host-agent@") else 10.0
             await self.processes[name].stop(grace)
         self.processes.clear()
         await self.seaweed.stop()

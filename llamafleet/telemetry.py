@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Mapping
 
 from opentelemetry import context as otel_context
@@ -45,7 +46,7 @@ def setup_tracing(service: str) -> TracerProvider:
     if _provider is not None:
         return _provider
     name = os.environ.get("OTEL_SERVICE_NAME") or f"llamafleet-{service}"
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider = TracerProvider(resource=Resource.create({"service.name": name, "host.name": socket.gethostname()}))
     if _otlp_configured():
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

@@ -1,19 +1,26 @@
-"""A minimal in-process OTLP/gRPC trace receiver for tests: keeps every span it is sent."""
+"""A minimal OTLP/gRPC trace receiver for tests: keeps every span it is sent.
+
+In process (`OtlpReceiver`), or as a process of its own on a test host, appending each span as a
+JSON line to a file: `python tests/otlp_receiver.py ADDRESS OUT.jsonl` (it prints its port).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import sys
 from dataclasses import dataclass
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from llamafleet.processes import free_port
-
 
 @dataclass(frozen=True)
 class ReceivedSpan:
     service: str
+    # The host.name of the process that sent it.
+    host: str
     name: str
     trace_id: str
     span_id: str
@@ -22,14 +29,16 @@ class ReceivedSpan:
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", on_span=None) -> None:
         self.spans: list[ReceivedSpan] = []
-        self.port = free_port()
+        self.host = host
+        self.port = 0
+        self._on_span = on_span or self.spans.append
         self._server: grpc.aio.Server | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.aio.ServicerContext
@@ -37,11 +46,13 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         for resource_spans in request.resource_spans:
             attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
             service = str(attrs.get("service.name", ""))
+            host = str(attrs.get("host.name", ""))
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    self.spans.append(
+                    self._on_span(
                         ReceivedSpan(
                             service=service,
+                            host=host,
                             name=span.name,
                             trace_id=span.trace_id.hex(),
                             span_id=span.span_id.hex(),
@@ -54,7 +65,8 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     async def start(self) -> None:
         self._server = grpc.aio.server()
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
-        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        # Port 0: the kernel picks a free one, so no other process can take it first.
+        self.port = self._server.add_insecure_port(f"{self.host}:0")
         await self._server.start()
 
     async def stop(self) -> None:
@@ -73,3 +85,21 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             )
             raise AssertionError(f"spans never matched within {timeout}s; received {seen}") from None
         return self.spans
+
+
+async def serve_to_file(host: str, out: str) -> None:
+    with open(out, "a") as sink:
+
+        def write(span: ReceivedSpan) -> None:
+            fields = dataclasses.asdict(span) | {"attributes": {k: str(v) for k, v in span.attributes.items()}}
+            sink.write(json.dumps(fields) + "\n")
+            sink.flush()
+
+        receiver = OtlpReceiver(host, on_span=write)
+        await receiver.start()
+        print(receiver.port, flush=True)
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve_to_file(sys.argv[1], sys.argv[2]))

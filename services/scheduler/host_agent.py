@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llamafleet.server import GRPC_OPTIONS
+from llamafleet.server import GRPC_OPTIONS, KEEPALIVE_OPTIONS
 from llamafleet.telemetry import configure_logging
 from llamafleet.v1 import worker_pb2, worker_pb2_grpc
 from services.scheduler.config import HostAgentSettings
@@ -30,16 +30,8 @@ from services.scheduler.transport import HEARTBEAT, SpawnError
 
 log = logging.getLogger("llamafleet.host_agent")
 
-# A dead rank 0 or a cut network shows within KEEPALIVE_S + KEEPALIVE_TIMEOUT_S.
-KEEPALIVE_S = 2.0
-KEEPALIVE_TIMEOUT_S = 3.0
-CHANNEL_OPTIONS = [
-    *GRPC_OPTIONS,
-    ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
-    ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+# A dead rank 0 or a cut network shows within seconds (see llamafleet/server.py).
+CHANNEL_OPTIONS = [*GRPC_OPTIONS, *KEEPALIVE_OPTIONS]
 # How long the agent's workers get to leave in order when it stops or loses rank 0.
 STOP_WORKERS_S = 30.0
 GOODBYE = worker_pb2.WorkerCommand(
