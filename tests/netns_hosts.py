@@ -13,11 +13,14 @@ id, so concurrent runs do not collide.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,3 +123,120 @@ class NetnsHosts:
         if "firewall" in self._made:
             _run("iptables", "-D", *self._firewall, check=False)
         self._made.clear()
+
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMAFLEET = REPO / ".venv" / "bin" / "llamafleet"
+# The default ports: each host has a network of its own, so nothing else can hold them.
+GATEWAY_PORT, SCHEDULER_PORT = 50051, 50052
+
+
+def ready_workers(status: dict, host: str | None = None) -> list[dict]:
+    """The ready workers of a ClusterStatus (as JSON), on `host` when given."""
+    return [
+        w
+        for w in status.get("workers", [])
+        if w.get("state") == "WORKER_STATE_READY" and (host is None or w.get("host") == host)
+    ]
+
+
+class NetnsFleet:
+    """`llamafleet up --hosts FILE` run on the first of `hosts` (host A), with `workers` per
+    host, plus an OTLP receiver there; every call is made from host A through
+    tests/fleet_client.py (this process has no address on the test network)."""
+
+    def __init__(self, hosts: NetnsHosts, work: Path, workers: dict[str, int], env: dict[str, str]) -> None:
+        self.hosts = hosts
+        self.work = work
+        self.spans = work / "spans.jsonl"
+        self._workers = workers
+        self._env = env
+        self._processes: list[tuple[subprocess.Popen, int]] = []
+        self.a = hosts.hosts[next(iter(workers))].address
+
+    def __enter__(self) -> NetnsFleet:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        first = next(iter(self._workers))
+        lines = [f"rsh: {self.hosts.agent}", "hosts:"]
+        for name, count in self._workers.items():
+            lines += [f"  - address: {self.hosts.hosts[name].address}", f"    name: {name}", f"    workers: {count}"]
+        (self.work / "hosts.yaml").write_text("\n".join(lines) + "\n")
+        receiver = self.hosts.popen(
+            first,
+            f"{sys.executable} {REPO / 'tests' / 'otlp_receiver.py'} {self.a} {self.spans}",
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._processes.append((receiver, signal.SIGKILL))
+        port = receiver.stdout.readline().strip()
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{self.a}:{port}", "OTEL_BSP_SCHEDULE_DELAY": "200", **self._env}
+        exports = " ".join(f"{k}={v}" for k, v in env.items())
+        with open(self.work / "up.log", "wb") as log:
+            up = self.hosts.popen(
+                first,
+                f"cd {self.work} && env {exports} {LLAMAFLEET} up --hosts hosts.yaml",
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self._processes.append((up, signal.SIGTERM))
+        state = self.work / ".llamafleet" / "stack.json"
+        give_up = time.monotonic() + 300
+        while not state.exists():
+            if up.poll() is not None or time.monotonic() > give_up:
+                raise RuntimeError(f"the fleet did not come up:\n{(self.work / 'up.log').read_text()[-4000:]}")
+            time.sleep(0.2)
+
+    def __exit__(self, *_exc: object) -> None:
+        for process, sig in reversed(self._processes):
+            if process.poll() is None:
+                os.killpg(process.pid, sig)
+                try:
+                    process.wait(120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(10)
+        self._processes.clear()
+
+    def client_process(self, *args: str) -> subprocess.Popen:
+        """tests/fleet_client.py on host A, its output piped."""
+        addresses = [f"--gateway {self.a}:{GATEWAY_PORT}", f"--scheduler {self.a}:{SCHEDULER_PORT}"]
+        command = " ".join([sys.executable, str(REPO / "tests" / "fleet_client.py"), *addresses, *args])
+        return self.hosts.popen(
+            next(iter(self._workers)), command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def client(self, *args: str, timeout: float = 240) -> list[dict]:
+        """tests/fleet_client.py run on host A; its JSON lines."""
+        process = self.client_process(*args)
+        out, err = process.communicate(timeout=timeout)
+        if process.returncode != 0:
+            raise RuntimeError(f"fleet_client {' '.join(args)} failed:\n{out}{err}")
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def status(self) -> dict:
+        (status,) = self.client("status", timeout=60)
+        return status
+
+    def wait_status(self, done: Callable[[dict], bool], timeout: float = 120) -> dict:
+        """The first ClusterStatus (as JSON) that `done` accepts, polled (bounded)."""
+        give_up = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if done(status):
+                return status
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"the fleet never reached the state asked for within {timeout:.0f}s: {status}")
+            time.sleep(0.5)
+
+    def llamafleet(self, host: str, args: str) -> subprocess.Popen:
+        """The llamafleet CLI run on `host` (in the fleet's folder)."""
+        return self.hosts.popen(
+            host, f"cd {self.work} && {LLAMAFLEET} {args}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
