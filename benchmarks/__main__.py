@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import BenchContext, assemble_benchmarks_md, command_line, parse_size
 
-SUITES = ("serving", "fleet", "storage", "mpi", "postproc")
+SUITES = ("serving", "fleet", "multihost", "storage", "mpi", "postproc")
 
 DESCRIPTION = """\
 Benchmarks of llamafleet, each against a peer measured in the same run.
@@ -31,6 +31,9 @@ suites:
   fleet     a worker process, a worker's process group, a llama-server and rank 0 each killed
             under 16 streams through the gateway: streams completed, resumed, hung, time to
             heal; a worker added and one drained under load.                 (~2 min)
+  multihost the fleet across five hosts made of network namespaces (root only): a model's
+            cold fill on one host vs three at once, a host killed under load, a host
+            joining.                                                        (~3 min)
   storage   PutBlob/GetBlob MB/s and p50/p95/p99 for 64 MiB, 256 MiB and 1 GiB objects against
             plain HTTP PUT/GET to the SeaweedFS filer and hashlib SHA-256 over the same bytes;
             cold vs warm model load through the node cache (1 GiB).         (~2 min)
@@ -142,6 +145,11 @@ async def run_suite(name: str, ctx: BenchContext, args: argparse.Namespace) -> N
         from benchmarks import fleet_bench
 
         await fleet_bench.run(ctx, fleet_bench.FleetOptions.quick() if ctx.quick else fleet_bench.FleetOptions())
+    elif name == "multihost":
+        from benchmarks import multihost_bench
+
+        opts = multihost_bench.MultihostOptions.quick() if ctx.quick else multihost_bench.MultihostOptions()
+        await asyncio.to_thread(multihost_bench.run, ctx, opts)
     elif name == "storage":
         from benchmarks import storage_bench
 

@@ -52,7 +52,8 @@ KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     *GRPC_OPTIONS,
     *KEEPALIVE_OPTIONS,
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 # Buckets from sub-millisecond unary calls up to multi-minute generations and uploads.

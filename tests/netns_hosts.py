@@ -82,6 +82,7 @@ class NetnsHosts:
         return self
 
     def _write_agent(self) -> None:
+        self.agent.parent.mkdir(parents=True, exist_ok=True)
         cases = "\n".join(f"  {h.address}|{h.name}) ns={h.namespace}; name={h.name};;" for h in self.hosts.values())
         self.agent.write_text(
             "#!/bin/sh\n"
@@ -164,6 +165,8 @@ class NetnsFleet:
 
     def _start(self) -> None:
         first = next(iter(self._workers))
+        # `up` writes its state file once the fleet serves: one left by an earlier run is stale.
+        (self.work / ".llamafleet" / "stack.json").unlink(missing_ok=True)
         lines = [f"rsh: {self.hosts.agent}", "hosts:"]
         for name, count in self._workers.items():
             lines += [f"  - address: {self.hosts.hosts[name].address}", f"    name: {name}", f"    workers: {count}"]

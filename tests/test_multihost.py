@@ -24,12 +24,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsFleet]:
     if why := missing_requirements():
         pytest.skip(why)
     hosts = NetnsHosts(["hosta", "hostb", "hostc", "hostd"], tmp_path_factory.mktemp("netns")).create()
-    env = {
-        # Workers notice a host agent that vanished without a word within seconds.
-        "LLAMAFLEET_SCHEDULER_LEASE_S": "4",
-        "LLAMAFLEET_HOST_AGENT_LEASE_S": "4",
-        "LLAMAFLEET_GATEWAY_SCHEDULER_RETRY_S": "120",
-    }
+    env = {"LLAMAFLEET_GATEWAY_SCHEDULER_RETRY_S": "120"}
     try:
         with NetnsFleet(hosts, tmp_path_factory.mktemp("fleet"), {"hosta": 0, "hostb": 2, "hostc": 2}, env) as fleet:
             yield fleet

@@ -17,7 +17,9 @@ A link ends in a close handshake: each side sends one last message tagged FIN (r
 shutdown, the worker its farewell) and sends nothing after it; once a side has sent and
 received FIN, every message in both directions has arrived, and it disconnects.
 A link also fails when the peer says nothing for `lease_s` (a hung host or a cut cable:
-no MPI error ever arrives for those), which is why `periodic` messages flow both ways.
+no MPI error ever arrives for those), which is why `periodic` messages flow both ways; a
+new link gets `startup_s` more for its process to start (a Python process importing its
+modules on a busy host takes seconds).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class MpiLinks:
         periodic: Callable[[], bytes] | None = None,
         period_s: float = 0.5,
         lease_s: float = 10.0,
+        startup_s: float = 60.0,
         poll_max_s: float = 0.001,
         poll_active_s: float = 100e-6,
         active_window_s: float = 0.0,
@@ -85,6 +88,7 @@ class MpiLinks:
         self.periodic = periodic
         self.period_s = period_s
         self.lease_s = lease_s
+        self._startup_s = startup_s
         self._poll_max_s = poll_max_s
         self._poll_active_s = min(poll_active_s, poll_max_s)
         self._active_window_s = active_window_s
@@ -176,7 +180,7 @@ class MpiLinks:
             busy = True
             if op == "attach":
                 comm, peer = arg  # type: ignore[misc]
-                self._links[number] = _Link(comm, peer, last_heard=now)
+                self._links[number] = _Link(comm, peer, last_heard=now + self._startup_s)
                 continue
             link = self._links.get(number)
             if link is None or link.fin_sent:
