@@ -184,15 +184,19 @@ def remote_processes(cfg: StackConfig, seaweed: SeaweedServer) -> dict[str, Mana
     processes = {}
     inherited = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     master = f"{cfg.host}:{seaweed.master_port}.{seaweed.master_grpc_port}"
-    for host in cfg.remote_hosts:
+    for i, host in enumerate(cfg.remote_hosts, start=1):
         data = cfg.root / "seaweedfs" / f"volume-{host.name}"
+        # A port of its own per host: weed also listens on a unix socket in /tmp named by its
+        # port, so hosts sharing one /tmp (containers, namespaces) must not share port numbers.
+        port = cfg.weed_volume_port + i
         volume = [
             weed_binary(),
             "volume",
             f"-mserver={master}",
             f"-ip={host.address}",
             f"-ip.bind={host.address}",
-            f"-port={cfg.weed_volume_port}",
+            f"-port={port}",
+            f"-port.grpc={port + 10000}",
             f"-dir={data}",
         ]
         agent_env = {
