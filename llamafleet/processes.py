@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -72,11 +73,32 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+# Ports handed out by free_port in this process: never twice.
+_HANDED_OUT: set[int] = set()
+# Below the kernel's ephemeral range, and above the well-known ports and this project's defaults.
+FIRST_PORT = 10000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out (free now; callers bind it soon after)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port that is free now, for a process that will bind it soon after.
+
+    It is chosen at random *below* the kernel's ephemeral range: a port the kernel hands out
+    for port 0 can be taken by any outgoing connection before its process binds it (a test's
+    Prometheus once lost its port that way); these ones only another explicit bind can take."""
+    top = _ephemeral_start()
+    for _ in range(1000):
+        port = random.randrange(FIRST_PORT, top)
+        if port not in _HANDED_OUT and port_is_free(host, port):
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free port between {FIRST_PORT} and {top} on {host}")
 
 
 def tail(path: Path, lines: int = 20) -> str:
