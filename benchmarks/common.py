@@ -157,13 +157,7 @@ class Report:
 async def stop_stack(stack: Stack) -> None:
     """Stack.stop(), except that SeaweedFS gets 2 s instead of 25: its filer waits ~15 s for
     its own metadata subscription, and a benchmark's data is thrown away anyway."""
-    try:
-        for name in reversed(list(stack.processes)):
-            await stack.processes[name].stop(45.0 if name == "scheduler" else 10.0)
-        stack.processes.clear()
-        await stack.seaweed.stop(grace=2.0)
-    finally:
-        await stack.stop()
+    await stack.stop(seaweed_grace=2.0)
 
 
 def machine_info() -> dict[str, str]:

@@ -383,7 +383,7 @@ class Stack:
                     )
                 await asyncio.sleep(0.3)
 
-    async def stop(self) -> None:
+    async def stop(self, seaweed_grace: float = 25.0) -> None:
         """Stop every service in reverse order, then SeaweedFS; nothing is left running."""
         for supervisor in self._supervisors:
             supervisor.cancel()
@@ -394,7 +394,7 @@ class Stack:
             grace = 45.0 if name == "scheduler" or name.startswith("host-agent@") else 10.0
             await self.processes[name].stop(grace)
         self.processes.clear()
-        await self.seaweed.stop()
+        await self.seaweed.stop(seaweed_grace)
 
     async def __aenter__(self) -> Stack:
         await self.start()
