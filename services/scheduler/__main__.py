@@ -28,7 +28,6 @@ from services.scheduler.membership import Membership
 from services.scheduler.metrics import SchedulerMetrics, register_worker_collector
 from services.scheduler.mpi_links import MpiLinks, WorkerSpawner
 from services.scheduler.servicer import SchedulerServicer
-from services.scheduler.transport import HEARTBEAT
 from services.scheduler.worker import Worker
 
 log = logging.getLogger("llamafleet.scheduler")
@@ -65,17 +64,12 @@ async def run_rank0(settings: SchedulerSettings) -> None:
             on_closed=lambda worker, reason: membership.on_closed(worker, reason),
             on_joined=lambda host, workers: membership.host_joined(host, workers),
         )
-        links = MpiLinks(
+        links = MpiLinks.to_workers(
             loop,
+            settings,
             on_message=lambda worker, payload: membership.on_event(worker, payload),
             on_lost=lambda worker, reason: membership.on_lost(worker, reason),
             on_closed=lambda worker, reason: membership.on_closed(worker, reason),
-            periodic=lambda: HEARTBEAT,
-            period_s=settings.stats_period_s,
-            lease_s=settings.lease_s,
-            poll_max_s=settings.mpi_poll_max_s,
-            poll_active_s=settings.mpi_poll_active_s,
-            active_window_s=settings.mpi_active_window_s,
         )
         spawner = WorkerSpawner()
         transport = FleetTransport(links, spawner, hosts)

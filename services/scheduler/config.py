@@ -21,7 +21,21 @@ from llamafleet.generation import POLICIES
 from llamafleet.v1 import worker_pb2
 
 
-class SchedulerSettings(ServiceSettings):
+class WorkerLinkSettings(BaseSettings):
+    """How a worker's parent (rank 0, or a host agent) keeps its MPI links to its workers."""
+
+    # How often the parent sends each worker a heartbeat, and a worker its statistics.
+    stats_period_s: float = Field(default=0.5, gt=0)
+    # Seconds without a message from a worker (or, on the worker, from its parent) before the
+    # other side counts it as lost: what catches a hung host, where no MPI error arrives.
+    lease_s: float = Field(default=10.0, gt=0)
+    # MPI thread polling: every 1 ms; every 100 µs within 50 ms of a message sent or received.
+    mpi_poll_max_s: float = Field(default=0.001, gt=0)
+    mpi_poll_active_s: float = Field(default=100e-6, gt=0)
+    mpi_active_window_s: float = Field(default=0.05, ge=0)
+
+
+class SchedulerSettings(ServiceSettings, WorkerLinkSettings):
     model_config = SettingsConfigDict(env_prefix=env_prefix("scheduler"), extra="ignore")
 
     port: int = SCHEDULER_PORT
@@ -32,9 +46,6 @@ class SchedulerSettings(ServiceSettings):
     # Worker processes rank 0 spawns on its own host at start (MPI_Comm_spawn) and keeps: lost
     # ones are replaced. Other hosts' agents bring their own (llamafleet host-agent).
     workers: int = Field(default=2, ge=0)
-    # Seconds without a message from a worker (or, on the worker, from rank 0) before the
-    # other side counts it as lost: what catches a hung host, where no MPI error arrives.
-    lease_s: float = Field(default=10.0, gt=0)
     policy: str = Field(default="round_robin", pattern="|".join(POLICIES))
     # Requests allowed to wait for a slot at rank 0; beyond it RESOURCE_EXHAUSTED.
     queue_limit: int = Field(default=256, ge=0)
@@ -49,11 +60,6 @@ class SchedulerSettings(ServiceSettings):
     drain_timeout_s: float = Field(default=300.0, gt=0)
     # How long LoadModel waits for each worker to come back on the new model.
     rollout_worker_timeout_s: float = Field(default=600.0, gt=0)
-    stats_period_s: float = Field(default=0.5, gt=0)
-    # MPI thread polling: every 1 ms; on rank 0 every 100 µs within 50 ms of a worker's message.
-    mpi_poll_max_s: float = Field(default=0.001, gt=0)
-    mpi_poll_active_s: float = Field(default=100e-6, gt=0)
-    mpi_active_window_s: float = Field(default=0.05, ge=0)
 
     # The node cache of each host, shared by its workers (`{host}` in it becomes the worker's
     # host name, for hosts that share one filesystem); where the llama-servers' logs go.
@@ -96,7 +102,7 @@ class SchedulerSettings(ServiceSettings):
         )
 
 
-class HostAgentSettings(BaseSettings):
+class HostAgentSettings(WorkerLinkSettings):
     """A host agent's settings (`LLAMAFLEET_HOST_AGENT_*`): the MPI job on a host other than
     rank 0's that spawns that host's workers and relays them to rank 0."""
 
@@ -108,12 +114,6 @@ class HostAgentSettings(BaseSettings):
     host: str = Field(default_factory=socket.gethostname)
     # Workers to serve as soon as the host joins.
     workers: int = Field(default=0, ge=0)
-    # Heartbeats to the workers, and how long a silent worker is given (as on rank 0).
-    stats_period_s: float = Field(default=0.5, gt=0)
-    lease_s: float = Field(default=10.0, gt=0)
-    mpi_poll_max_s: float = Field(default=0.001, gt=0)
-    mpi_poll_active_s: float = Field(default=100e-6, gt=0)
-    mpi_active_window_s: float = Field(default=0.05, ge=0)
     # Longest wait between attempts to reach rank 0.
     reconnect_max_s: float = Field(default=5.0, gt=0)
     log_level: str = "INFO"

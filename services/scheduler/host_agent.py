@@ -26,7 +26,7 @@ from llamafleet.telemetry import configure_logging
 from llamafleet.v1 import worker_pb2, worker_pb2_grpc
 from services.scheduler.config import HostAgentSettings
 from services.scheduler.mpi_links import MpiLinks, WorkerSpawner
-from services.scheduler.transport import HEARTBEAT, SpawnError
+from services.scheduler.transport import SpawnError
 
 log = logging.getLogger("llamafleet.host_agent")
 
@@ -42,17 +42,12 @@ GOODBYE = worker_pb2.WorkerCommand(
 class HostAgent:
     def __init__(self, settings: HostAgentSettings, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
-        self._links = MpiLinks(
+        self._links = MpiLinks.to_workers(
             loop,
+            settings,
             on_message=lambda worker, payload: self._up(worker_pb2.HostEvent(worker=worker, message=payload)),
             on_lost=lambda worker, reason: self._ended(worker_pb2.HostEvent(worker=worker, lost=reason)),
             on_closed=lambda worker, _reason: self._ended(worker_pb2.HostEvent(worker=worker, closed=True)),
-            periodic=lambda: HEARTBEAT,
-            period_s=settings.stats_period_s,
-            lease_s=settings.lease_s,
-            poll_max_s=settings.mpi_poll_max_s,
-            poll_active_s=settings.mpi_poll_active_s,
-            active_window_s=settings.mpi_active_window_s,
         )
         self._spawner = WorkerSpawner()
         self._workers: set[int] = set()

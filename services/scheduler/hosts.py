@@ -20,7 +20,7 @@ import grpc
 
 from llamafleet.errors import InvalidArgument
 from llamafleet.v1 import worker_pb2, worker_pb2_grpc
-from services.scheduler.mpi_links import MpiLinks, WorkerSpawner
+from services.scheduler.mpi_links import MpiLinks, OnLinkEnd, OnMessage, WorkerSpawner
 from services.scheduler.transport import SpawnError
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 # How long an agent may take to start one worker process.
 SPAWN_TIMEOUT_S = 120.0
 
-OnMessage = Callable[[int, bytes], None]
-OnLinkEnd = Callable[[int, str], None]
 OnHostJoined = Callable[[str, int], None]
 
 

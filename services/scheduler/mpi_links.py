@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
-from services.scheduler.transport import SpawnError
+from services.scheduler.config import WorkerLinkSettings
+from services.scheduler.transport import HEARTBEAT, SpawnError
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,31 @@ class MpiLinks:
         self._batch: list[tuple[OnMessage | OnLinkEnd, int, bytes | str]] = []
         self._thread = threading.Thread(target=self._run, name="mpi-links", daemon=True)
         self.idle_wakeups = 0
+
+    @classmethod
+    def to_workers(
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        settings: WorkerLinkSettings,
+        *,
+        on_message: OnMessage,
+        on_lost: OnLinkEnd,
+        on_closed: OnLinkEnd,
+    ) -> MpiLinks:
+        """The links of a workers' parent (rank 0, a host agent): heartbeats every stats
+        period, and fast polling while messages flow."""
+        return cls(
+            loop,
+            on_message=on_message,
+            on_lost=on_lost,
+            on_closed=on_closed,
+            periodic=lambda: HEARTBEAT,
+            period_s=settings.stats_period_s,
+            lease_s=settings.lease_s,
+            poll_max_s=settings.mpi_poll_max_s,
+            poll_active_s=settings.mpi_poll_active_s,
+            active_window_s=settings.mpi_active_window_s,
+        )
 
     def start(self) -> None:
         self._thread.start()
