@@ -28,9 +28,14 @@ def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
 
 
 def mpiexec_argv(ranks: int) -> list[str]:
-    """mpiexec for `ranks` processes on this host, however many cores it has."""
+    """mpiexec for `ranks` processes on this host, however many cores it has.
+
+    MPI's TCP traffic between ranks stays on loopback: Open MPI otherwise offers every interface's
+    address, and with a Docker bridge (docker0: the same 172.17.0.1 on every host running Docker)
+    among them, a connection to a spawned rank can go to the wrong address and hang.
+    """
     mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
-    argv = [mpiexec, "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    argv = [mpiexec, "-n", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "btl_tcp_if_include", "lo"]
     if os.geteuid() == 0:
         argv.append("--allow-run-as-root")
     return argv
