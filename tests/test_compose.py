@@ -192,7 +192,7 @@ async def test_models_push_from_the_host_to_storage(compose_stack: ComposeStack,
     async with StorageClient(address) as storage:
         info = await storage.resolve("pushed:compose")
     assert info.sha256 == hashlib.sha256(demo_model.read_bytes()).hexdigest()
-    assert info.size == demo_model.stat().st_size
+    assert info.size_bytes == demo_model.stat().st_size
 
 
 @pytest.mark.asyncio
