@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up down status install protos lint test test-gpu bench clean
+.PHONY: up down status install protos lint test test-gpu bench docker-offline clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+## Prepare a machine without Docker Hub for docker-compose.offline.yml (base image, compose plugin).
+docker-offline: $(STAMP)
+	scripts/docker_offline.sh
 
 clean:
 	rm -rf .llamafleet .pytest_cache .ruff_cache .hypothesis

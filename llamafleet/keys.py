@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -131,7 +132,11 @@ class KeyStore:
             keys = self._read()
             yield keys
             tmp = self.path.with_name(self.path.name + ".tmp")
+            # Owner-only when new; an existing file keeps the mode it was given (a containerised
+            # gateway running as another user needs it readable: deploy/README.md).
+            mode = stat.S_IMODE(self.path.stat().st_mode) if self.path.exists() else 0o600
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "w") as f:
                 json.dump({"version": FILE_VERSION, "keys": [asdict(k) for k in keys.values()]}, f, indent=2)
             os.replace(tmp, self.path)

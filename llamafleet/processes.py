@@ -28,22 +28,15 @@ def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "SIGTERM", "--", *argv] if setpriv else list(argv)
 
 
-def mpiexec_argv(
-    ranks: int,
-    *,
-    fault_tolerant: bool = False,
-    network: str = "",
-    hostfile: Path | None = None,
-    rsh_agent: str = "",
-) -> list[str]:
-    """mpiexec for `ranks` processes, however many cores the hosts have.
+def mpiexec_argv(ranks: int, *, fault_tolerant: bool = False) -> list[str]:
+    """mpiexec for `ranks` processes on this host, however many cores it has.
 
     `fault_tolerant` turns on ULFM: a process's death fails only the operations that involve
-    it, and the failure detector reports it, instead of aborting the job. `network` (a CIDR
-    or interface name) is what MPI's TCP traffic between hosts uses; without one, everything
-    stays on this host over loopback. Either way it is pinned: left to choose, Open MPI may
-    pick an address such as Docker's bridge and hang. `hostfile` and `rsh_agent` (the
-    command that runs a command on another host, ssh by default) span several hosts.
+    it, and the failure detector reports it, instead of aborting the job. MPI's TCP traffic
+    stays on loopback (every process of a job runs on this host; see docs/MULTIHOST.md): Open
+    MPI otherwise offers every interface's address, and with a Docker bridge (docker0, the same
+    172.17.0.1 on every host running Docker) among them, a connection to a spawned process can
+    go to the wrong address and hang.
     """
     mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
     argv = [mpiexec, "-n", str(ranks), "--oversubscribe", "--bind-to", "none"]
@@ -51,16 +44,7 @@ def mpiexec_argv(
         argv.append("--allow-run-as-root")
     if fault_tolerant:
         argv += ["--with-ft", "ulfm", "--mca", "mpi_ft_detector", "true"]
-    if network:
-        argv += ["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", network]
-        argv += ["--prtemca", "oob_tcp_if_include", network]
-    else:
-        argv += ["--mca", "btl_tcp_if_include", "lo"]
-    if hostfile is not None:
-        argv += ["--hostfile", str(hostfile)]
-    if rsh_agent:
-        argv += ["--prtemca", "plm_ssh_agent", rsh_agent]
-    return argv
+    return [*argv, "--mca", "btl_tcp_if_include", "lo"]
 
 
 def port_is_free(host: str, port: int) -> bool:

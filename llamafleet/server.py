@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
@@ -82,6 +83,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             ["method"],
             buckets=LATENCY_BUCKETS,
         )
+
+    def export_at_zero(self, services: Sequence[str]) -> None:
+        """Export every method of `services` (full names) with every status code at 0 before its
+        first call, so that dashboards and alerts read "none yet" as 0 rather than as no data."""
+        for name in services:
+            for method in descriptor_pool.Default().FindServiceByName(name).methods:
+                self._latency.labels(method.name)
+                for code in grpc.StatusCode:
+                    self._requests.labels(method.name, code.name)
 
     async def intercept_service(
         self,
@@ -201,11 +211,13 @@ async def serve(
     configure_logging(settings.log_level)
     setup_tracing(service)
     start_metrics_endpoint(settings.metrics_host, settings.metrics_port)
-    server = grpc.aio.server(interceptors=[ServerInterceptor(service, translate_error)], options=SERVER_OPTIONS)
+    interceptor = ServerInterceptor(service, translate_error)
+    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     async with contextlib.AsyncExitStack() as stack:
         names = list(await setup(server, stack))
+        interceptor.export_at_zero(names)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         try:
             if credentials is None:

@@ -107,6 +107,43 @@ def alert_expressions(path: Path = ALERTS_FILE) -> list[tuple[str, str]]:
     ]
 
 
+# A comparison operator (longest first), unless it already has the bool modifier.
+_COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)(?!\s*bool\b)")
+
+
+def comparisons_as_bool(expr: str) -> str:
+    """`expr` with the `bool` modifier on every comparison: `up == 0` then returns 0 or 1 for each
+    series of `up` instead of keeping only those that compare true, so an alert's expression has
+    data whenever the series it watches exist, firing or not. Label matchers (`{code!="OK"}`),
+    range selectors and strings are left alone."""
+    out: list[str] = []
+    depth = 0
+    quote = ""
+    i = 0
+    while i < len(expr):
+        char = expr[i]
+        if quote:
+            if char == "\\":
+                out.append(expr[i : i + 2])
+                i += 2
+                continue
+            if char == quote:
+                quote = ""
+        elif char in "\"'`":
+            quote = char
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+        elif depth == 0 and (match := _COMPARISON.match(expr, i)):
+            out.append(f"{match.group(1)} bool")
+            i = match.end()
+            continue
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
 def alert_names(path: Path = ALERTS_FILE) -> list[str]:
     return [rule["alert"] for _group, rule in _rules(path) if "alert" in rule]
 

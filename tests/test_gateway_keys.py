@@ -27,6 +27,15 @@ def test_keys_are_stored_hashed_and_private(tmp_path: Path) -> None:
     assert store.authenticate(f"Bearer {key}") == record
 
 
+def test_a_rewrite_keeps_the_mode_the_file_was_given(tmp_path: Path) -> None:
+    """A containerised gateway runs as another user: the file made readable stays readable."""
+    store = KeyStore(tmp_path / "keys.json")
+    store.create("alice")
+    store.path.chmod(0o644)
+    store.create("bob")
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o644
+
+
 @pytest.mark.parametrize(
     ("header", "needle"),
     [

@@ -347,6 +347,7 @@ class OpenAIFace:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        self._core.metrics.export_routes_at_zero(resource.canonical for resource in app.router.resources())
         return app
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

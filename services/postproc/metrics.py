@@ -7,6 +7,10 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram
 from services.postproc.backends import Backend
 
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The operations services/postproc/servicer.py times, and those it micro-batches; exported at 0
+# from the start so that "none yet" reads as 0 on a dashboard rather than as no data.
+OPERATIONS = ("token_stats", "sample", "pool", "search")
+BATCHED_OPERATIONS = ("token_stats", "sample")
 
 
 class PostprocMetrics:
@@ -46,6 +50,11 @@ class PostprocMetrics:
             buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.5),
             registry=registry,
         )
+        for operation in OPERATIONS:
+            self.compute_seconds.labels(operation, backend.name)
+        for operation in BATCHED_OPERATIONS:
+            self.batch_requests.labels(operation)
+            self.batch_rows.labels(operation)
         info = Gauge(
             "llamafleet_postproc_backend_info",
             "The backend and device in use (value 1).",

@@ -146,6 +146,8 @@ class Dispatcher:
 
     def add_worker(self, view: WorkerView) -> None:
         self.workers[view.rank] = view
+        # Exported at 0 from the start: a dashboard's per-worker rate reads 0, not no data.
+        self._metrics.dispatched.labels(str(view.rank), self.default_policy)
         self.worker_changed()
 
     def remove_worker(self, rank: int) -> None:
