@@ -228,6 +228,20 @@ ALERT_CASES: list[tuple[str, list[tuple[str, str]], str, str, list[dict[str, str
         [{"worker": "2", "severity": "warning"}],
     ),
     (
+        "a worker process lost",
+        [("llamafleet_scheduler_worker_losses_total", "0 0 1 1 1")],
+        "3m",
+        "LlamafleetWorkerLost",
+        [{"severity": "warning"}],
+    ),
+    (
+        "a worker's replacements keep dying",
+        [('llamafleet_scheduler_worker_respawns_total{worker="3"}', "0+1x10")],
+        "5m",
+        "LlamafleetWorkerRespawnLoop",
+        [{"worker": "3", "severity": "critical"}],
+    ),
+    (
         "a third of calls fail",
         [
             ('llamafleet_gateway_grpc_requests_total{job="gateway", method="Generate", code="OK"}', "0+60x20"),
