@@ -30,7 +30,8 @@ class FleetOptions:
     workers: int = 2
     slots: int = 8
     streams: int = 16
-    max_tokens: int = 800
+    # Prompt + tokens fit a slot's context (4096 shared by 8 slots).
+    max_tokens: int = 480
     # Seconds a scenario may take before its streams count as hung.
     hang_s: float = 120.0
 
