@@ -26,7 +26,8 @@ class SchedulerSettings(ServiceSettings):
     storage_address: str = f"127.0.0.1:{STORAGE_PORT}"
     # The model every worker loads at start: "name:tag" or a sha256 digest.
     model: str = DEFAULT_MODEL
-    policy: str = Field(default="round_robin", pattern="|".join(POLICIES))
+    # Routing policy for requests that name none (see services/scheduler/policies.py).
+    policy: str = Field(default="prefix_affinity", pattern="|".join(POLICIES))
     # Requests allowed to wait for a slot at rank 0; beyond it RESOURCE_EXHAUSTED.
     queue_limit: int = Field(default=256, ge=0)
     # How long a request waits for any worker to become ready before UNAVAILABLE.

@@ -38,7 +38,7 @@ from services.scheduler.messages import (
     WorkerState,
 )
 from services.scheduler.metrics import SchedulerMetrics
-from services.scheduler.policies import Policy, WorkerLoad, make_policy
+from services.scheduler.policies import Policy, RouteRequest, Served, WorkerLoad, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,14 @@ class WorkerView:
 class _Stream:
     """The events a worker sent back for one request, in order."""
 
-    def __init__(self, request_id: str, view: WorkerView, cost: int) -> None:
-        self.request_id = request_id
+    def __init__(self, view: WorkerView, route: RouteRequest, policy: Policy) -> None:
+        self.request_id = route.request_id
         self.view = view
         self.rank = view.rank
-        self.cost = cost
+        self.cost = route.cost
+        # The policy that placed it hears when it leaves the worker (and how it went).
+        self.route = route
+        self.policy = policy
         # Whether the worker slot it held was given back (at the worker's last message, or at the end).
         self.released = False
         self._events: collections.deque[tuple[Tag, Any]] = collections.deque()
@@ -148,7 +151,7 @@ class Dispatcher:
             if tag in (Tag.DONE, Tag.FAILED):
                 # The worker is done with it: its slot serves the next request even while a
                 # slow caller is still reading what was generated.
-                self._release(stream)
+                self._release(stream, payload if tag is Tag.DONE else None)
 
     def on_stats(self, rows: np.ndarray) -> None:
         for rank, view in self.workers.items():
@@ -185,7 +188,7 @@ class Dispatcher:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _acquire(self, policy: Policy, prompt: str, cost: int, model: str, excluded: set[int]) -> WorkerView:
+    async def _acquire(self, policy: Policy, route: RouteRequest, model: str, excluded: set[int]) -> WorkerView:
         """Reserve a slot on a ready worker (serving `model`, when given), waiting in the
         queue while all are busy."""
         loop = asyncio.get_running_loop()
@@ -199,11 +202,11 @@ class Dispatcher:
                 preferred = [w for w in ready if w.rank not in excluded] or ready
                 if preferred:
                     loads = [WorkerLoad(w.rank, w.in_flight, w.slots_total, w.outstanding_tokens) for w in preferred]
-                    rank = policy.choose(loads, prompt, cost)
+                    rank = policy.choose(loads, route)
                     if rank is not None:
                         view = self.workers[rank]
                         view.in_flight += 1
-                        view.outstanding_tokens += cost
+                        view.outstanding_tokens += route.cost
                         return view
                     if not queued and len(self._waiters) >= self.queue_limit:
                         self._metrics.rejected.labels("queue_full").inc()
@@ -238,12 +241,13 @@ class Dispatcher:
             if queued:
                 self._wake_waiters()
 
-    def _release(self, stream: _Stream) -> None:
+    def _release(self, stream: _Stream, done: Done | None = None) -> None:
         if stream.released:
             return
         stream.released = True
         stream.view.in_flight -= 1
         stream.view.outstanding_tokens -= stream.cost
+        stream.policy.observe(stream.rank, stream.route, _served(done) if done is not None else None)
         self._wake_waiters()
 
     # --- one request ---
@@ -261,16 +265,18 @@ class Dispatcher:
                 f"model {model[:12]} is not loaded; the pool serves {self.model_sha256[:12]} (switch with LoadModel)"
             )
         policy = self._policy(request.policy)
-        cost = estimate_cost(request.prompt, request.params)
+        route = RouteRequest(
+            request.request_id, request.prompt, request.params.max_tokens, estimate_cost(request.prompt, request.params)
+        )
         start = time.perf_counter()
         excluded: set[int] = set()
         submit = Submit(request.request_id, request.prompt, request.params.SerializeToString(), trace)
         for attempt in range(1, self.max_attempts + 1):
-            view = await self._acquire(policy, request.prompt, cost, model, excluded)
+            view = await self._acquire(policy, route, model, excluded)
             dispatched = time.perf_counter()
             self._metrics.queue_wait.observe(dispatched - start)
             self._metrics.dispatched.labels(str(view.rank), policy.name).inc()
-            stream = _Stream(request.request_id, view, cost)
+            stream = _Stream(view, route, policy)
             self._streams[request.request_id] = stream
             self._send(view.rank, Tag.SUBMIT, submit)
             first_token_at: float | None = None
@@ -403,6 +409,18 @@ class Dispatcher:
             log.error(
                 "workers %s did not confirm shutdown within %.0fs", sorted(set(self.workers) - self._acks), timeout
             )
+
+
+def _served(done: Done) -> Served:
+    """What a finished request tells its policy about the worker's cache and speed."""
+    result = common_pb2.GenerationResult.FromString(done.result)
+    return Served(
+        prompt_tokens=result.usage.prompt_tokens,
+        cached_tokens=result.usage.cached_prompt_tokens,
+        prompt_ms=result.timings.prompt_eval_ms,
+        generated_tokens=result.usage.completion_tokens,
+        generation_ms=result.timings.generation_ms,
+    )
 
 
 def _merge_chunks(first: Chunk, stream: _Stream) -> common_pb2.TokenChunk:
