@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import BenchContext, assemble_benchmarks_md, command_line, parse_size
 
-SUITES = ("serving", "storage", "mpi", "postproc")
+SUITES = ("serving", "routing", "storage", "mpi", "postproc")
 
 DESCRIPTION = """\
 Benchmarks of llamafleet, each against a peer measured in the same run.
@@ -28,6 +28,10 @@ suites:
             many direct llama-servers (again with the "bench" demo model, 1 worker); then
             round_robin vs least_loaded vs prefix_affinity on a shared-prefix workload (16
             prefixes of ~1k tokens, 4 workers, the "bench" demo model). (~12 min on 2 cores)
+  routing   the default scheduling policy against SGLang's router (sglang-router, cache_aware) and round
+            robin, in front of the same llama-servers: 2 and 4 workers, shared-prefix workloads (8×700,
+            4×1500 and 16×300 words) at 2-16 streams and a no-shared-prefix one; TTFT and req/s with
+            the ratio to SGLang. SGLang's router comes from .venv-peers (make bench installs it). (~20 min)
   storage   PutBlob/GetBlob MB/s and p50/p95/p99 for 64 MiB, 256 MiB and 1 GiB objects against
             plain HTTP PUT/GET to the SeaweedFS filer and hashlib SHA-256 over the same bytes;
             cold vs warm model load through the node cache (1 GiB).         (~2 min)
@@ -135,6 +139,12 @@ async def run_suite(name: str, ctx: BenchContext, args: argparse.Namespace) -> N
         from benchmarks import serving_bench
 
         await serving_bench.run(ctx, serving_options(args))
+    elif name == "routing":
+        from benchmarks import routing_bench
+
+        await routing_bench.run(
+            ctx, routing_bench.RoutingOptions.quick() if args.quick else routing_bench.RoutingOptions()
+        )
     elif name == "storage":
         from benchmarks import storage_bench
 

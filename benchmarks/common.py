@@ -35,7 +35,7 @@ BENCH_DOCS = DOCS / "bench"
 BENCHMARKS_MD = DOCS / "BENCHMARKS.md"
 
 # Fragments in the order BENCHMARKS.md shows them; any other docs/bench/*.md follows.
-FRAGMENT_ORDER = ("serving", "storage", "mpi", "mpi-h100", "postproc-cpu", "postproc")
+FRAGMENT_ORDER = ("serving", "routing", "storage", "mpi", "mpi-h100", "postproc-cpu", "postproc")
 
 Cell = str | int | float | None
 

@@ -167,46 +167,63 @@ def test_a_prefix_being_computed_is_waited_for_not_computed_twice() -> None:
     assert policy.choose(loads(0, 0), second) == home
 
 
-def test_a_busy_home_is_waited_for_while_its_queue_is_short() -> None:
-    clock = Clock()
-    policy = policy_with(clock)
+def placed_home(policy: PrefixAffinityPolicy) -> tuple[int, int]:
+    """(home, other): home has finished a request with PREFIX."""
     warm = route(PREFIX + "question 0", "r0")
     home = policy.choose(loads(0, 0), warm)
     finish(policy, home, warm)
-    other = 2 if home == 1 else 1
-    # Both of home's slots serve short warm requests; the other worker is idle.
-    for i in (1, 2):
-        busy = [WorkerLoad(home, i - 1, 2, 0), WorkerLoad(other, 0, 2, 0)]
-        assert policy.choose(busy, route(PREFIX + f"question {i}", f"r{i}")) == home
+    return home, 2 if home == 1 else 1
+
+
+def test_a_second_request_for_a_prefix_in_use_waits_for_the_first() -> None:
+    # The prefix sits in the slot of the request using it: another request would compute it again.
+    clock = Clock()
+    policy = policy_with(clock)
+    home, other = placed_home(policy)
+    assert policy.choose(loads(0, 0), route(PREFIX + "question 1", "r1")) == home
+    in_use = [WorkerLoad(home, 1, 2, 0), WorkerLoad(other, 0, 2, 0)]
+    assert policy.choose(in_use, route(PREFIX + "question 2", "r2")) is None
+
+
+def test_a_busy_home_is_waited_for_while_its_queue_is_short() -> None:
+    clock = Clock()
+    policy = policy_with(clock)
+    home, other = placed_home(policy)
     full = [WorkerLoad(home, 2, 2, 0), WorkerLoad(other, 0, 2, 0)]
-    assert policy.choose(full, route(PREFIX + "question 3", "r3")) is None
+    assert policy.choose(full, route(PREFIX + "question 1", "r1")) is None
 
 
 def test_a_hot_prefix_spreads_once_its_queue_costs_more_than_a_prefill() -> None:
     clock = Clock()
     policy = policy_with(clock)
-    warm = route(PREFIX + "question 0", "r0")
-    home = policy.choose(loads(0, 0), warm)
-    finish(policy, home, warm)
-    other = 2 if home == 1 else 1
-    for i in (1, 2):
-        policy.choose([WorkerLoad(home, i - 1, 2, 0), WorkerLoad(other, 0, 2, 0)], route(PREFIX + f"q{i}", f"r{i}"))
+    home, other = placed_home(policy)
     full = [WorkerLoad(home, 2, 2, 0), WorkerLoad(other, 0, 2, 0)]
     picks = []
-    for i in range(3, 40):
+    for i in range(1, 40):
         clock.now += 0.001  # each waiter arrived after the ones before it
         picks.append(policy.choose(full, route(PREFIX + f"q{i}", f"r{i}")))
     # The first waiters queue for home; once the queue ahead is worth a prefill, one goes to the other worker.
     assert picks[0] is None and other in picks
 
 
+def test_a_cold_request_lets_a_shorter_waiting_one_take_the_slot_first() -> None:
+    clock = Clock()
+    policy = policy_with(clock)
+    home, other = placed_home(policy)
+    full = [WorkerLoad(home, 2, 2, 0), WorkerLoad(other, 2, 2, 0)]
+    warm, cold = route(PREFIX + "question 1", "warm"), route("unrelated " + PREFIX, "cold")
+    assert policy.choose(full, warm) is None
+    assert policy.choose(full, cold) is None
+    # home releases a slot: the cold request (first in the queue) yields it to the warm one.
+    freed = [WorkerLoad(home, 1, 2, 0), WorkerLoad(other, 2, 2, 0)]
+    assert policy.choose(freed, cold) is None
+    assert policy.choose(freed, warm) == home
+
+
 def test_a_waiter_that_waited_as_long_as_a_prefill_takes_a_free_worker() -> None:
     clock = Clock()
     policy = policy_with(clock)
-    warm = route(PREFIX + "question 0", "r0")
-    home = policy.choose(loads(0, 0), warm)
-    finish(policy, home, warm)
-    other = 2 if home == 1 else 1
+    home, other = placed_home(policy)
     full = [WorkerLoad(home, 2, 2, 0), WorkerLoad(other, 0, 2, 0)]
     late = route(PREFIX + "question 1", "r1")
     assert policy.choose(full, late) is None

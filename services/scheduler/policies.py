@@ -166,13 +166,16 @@ class _Waiter:
     target: int | None
     since: float
     seen_round: int
+    # Its own prefill on the target once there, the shortest-job-first order among waiters.
+    prefill_s: float
 
 
 @dataclass
 class _Option:
     rank: int
-    # Estimated seconds until its first token.
+    # Estimated seconds until its first token, and of them its own prefill.
     ttft_s: float
+    prefill_s: float
     now: bool  # False: wait for this worker
     tie: tuple[float, ...] = field(default=())
 
@@ -236,8 +239,14 @@ class PrefixAffinityPolicy:
             soonest = min(free, key=lambda o: (o.ttft_s, *o.tie))
             if now - since >= soonest.ttft_s:
                 best = soonest
+        if best is not None and best.now and now - since < best.prefill_s and self._shorter_waiting(best, request):
+            # Shortest job first: a request waiting for this worker needs less prefill there
+            # (it holds that request's prefix); it takes the slot, this one asks again at the
+            # next release, for as long as its own prefill would take.
+            best = _Option(best.rank, best.ttft_s, best.prefill_s, False)
         if best is None or not best.now:
-            self._waiters[request.request_id] = _Waiter(best.rank if best else None, since, self._round)
+            target, prefill = (best.rank, best.prefill_s) if best else (None, 0.0)
+            self._waiters[request.request_id] = _Waiter(target, since, self._round, prefill)
             return None
         self._waiters.pop(request.request_id, None)
         self._place(best.rank, request, blocks, now)
@@ -254,8 +263,8 @@ class PrefixAffinityPolicy:
         tie = (self._recent_load(worker.rank, now), worker.in_flight, worker.rank)
         options = []
         if worker.in_flight < worker.slots_total:
-            cold = prompt - min(prompt, match.cached * block)
-            options.append(_Option(worker.rank, backlog + rates.prefill_s(cold), True, tie))
+            cold = rates.prefill_s(prompt - min(prompt, match.cached * block))
+            options.append(_Option(worker.rank, backlog + cold, cold, True, tie))
         busy = worker.in_flight >= worker.slots_total
         # Waiting only pays where the worker will hold more of the prompt than it can give
         # now, and only where it has a request in flight whose release wakes the waiter.
@@ -267,15 +276,15 @@ class PrefixAffinityPolicy:
             if match.pending > match.cached:
                 computing = blocks[match.cached]
                 ready_in = max(ready_in, min((f.done_at - now for f in flights if computing in f.block_set), default=0))
-            warm = prompt - min(prompt, match.pending * block)
-            service = rates.prefill_s(warm) + rates.decode_s(request.max_tokens)
+            warm = rates.prefill_s(prompt - min(prompt, match.pending * block))
+            service = warm + rates.decode_s(request.max_tokens)
             ahead = sum(
                 1
                 for rid, w in self._waiters.items()
                 if w.target == worker.rank and w.since < since and rid != request.request_id
             )
             wait = max(ready_in, 0.0) + ahead * service / max(worker.slots_total, 1)
-            options.append(_Option(worker.rank, wait + rates.prefill_s(warm), False, tie))
+            options.append(_Option(worker.rank, wait + warm, warm, False, tie))
         return options
 
     def _place(self, rank: int, request: RouteRequest, blocks: list[int], now: float) -> None:
@@ -292,6 +301,12 @@ class PrefixAffinityPolicy:
     def _recent_load(self, rank: int, now: float) -> float:
         value, at = self._recent.get(rank, (0.0, now))
         return value * math.exp(-(now - at) / self.RECENT_S)
+
+    def _shorter_waiting(self, option: _Option, request: RouteRequest) -> bool:
+        return any(
+            w.target == option.rank and w.prefill_s < option.prefill_s and rid != request.request_id
+            for rid, w in self._waiters.items()
+        )
 
     def _prune_waiters(self) -> None:
         stale = [rid for rid, w in self._waiters.items() if w.seen_round < self._round - self.STALE_ROUNDS]

@@ -7,8 +7,10 @@ SGLang's router, at block granularity). Per worker the index keeps two sets:
 - cached: blocks of prompts the worker finished, least recently used first. llama-server keeps
   a finished prompt in its slot and, once the slot moves on, in its host-RAM prompt cache, so
   a later prompt with that prefix skips its prefill there;
-- pending: blocks of prompts in flight. They are not reusable yet: llama.cpp shares no prompt
-  between slots while both run, so a second request sent now computes the prefix again.
+- pending: blocks of prompts in flight. They are not reusable by another request until that
+  one ends: llama.cpp shares no prompt between slots while both run, so a second request sent
+  now computes the prefix again, even one the worker had cached before (it sits in the busy
+  slot).
 
 Characters, not tokens: a shared character prefix is a shared token prefix up to the last
 token or two of it, and characters need no tokenizer round trip per request.
@@ -35,7 +37,8 @@ def prompt_blocks(prompt: str, block_chars: int = BLOCK_CHARS) -> list[int]:
 
 @dataclass(frozen=True)
 class Match:
-    """How many leading blocks of a prompt a worker holds: finished, or finished or in flight."""
+    """How many leading blocks of a prompt a worker can reuse now (`cached`), and once its
+    requests in flight have ended (`pending`)."""
 
     cached: int
     pending: int
@@ -55,12 +58,14 @@ class PrefixIndex:
         self._workers: dict[int, _WorkerBlocks] = collections.defaultdict(_WorkerBlocks)
 
     def match(self, rank: int, blocks: Sequence[int]) -> Match:
-        """Leading blocks of `blocks` that `rank` has cached, and cached or pending."""
+        """Leading blocks of `blocks` that `rank` has cached (and no request is using), and cached or pending."""
         worker = self._workers.get(rank)
         if worker is None:
             return Match(0, 0)
         cached = 0
-        while cached < len(blocks) and blocks[cached] in worker.cached:
+        # A block in use by a request in flight is not reusable by another one: llama.cpp
+        # holds it in that request's slot alone until the slot moves on.
+        while cached < len(blocks) and blocks[cached] in worker.cached and blocks[cached] not in worker.pending:
             cached += 1
         pending = cached
         while pending < len(blocks) and (blocks[pending] in worker.cached or blocks[pending] in worker.pending):
