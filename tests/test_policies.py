@@ -220,17 +220,6 @@ def test_a_cold_request_lets_a_shorter_waiting_one_take_the_slot_first() -> None
     assert policy.choose(freed, warm) == home
 
 
-def test_a_waiter_that_waited_as_long_as_a_prefill_takes_a_free_worker() -> None:
-    clock = Clock()
-    policy = policy_with(clock)
-    home, other = placed_home(policy)
-    full = [WorkerLoad(home, 2, 2, 0), WorkerLoad(other, 0, 2, 0)]
-    late = route(PREFIX + "question 1", "r1")
-    assert policy.choose(full, late) is None
-    clock.now += 5.0  # home's requests overran their estimates
-    assert policy.choose(full, late) == other
-
-
 def test_cold_requests_go_to_the_worker_with_less_prefill_queued() -> None:
     clock = Clock()
     policy = policy_with(clock)

@@ -231,14 +231,7 @@ class PrefixAffinityPolicy:
         since = waiter.since if waiter else now
         blocks = prompt_blocks(request.prompt, self.block_chars)
         options = [o for w in candidates for o in self._options(w, request, blocks, since, now)]
-        free = [o for o in options if o.now]
         best = min(options, key=lambda o: (o.ttft_s, *o.tie), default=None)
-        if free and best is not None and not best.now:
-            # Waited as long as computing elsewhere would have taken: stop waiting (the
-            # estimate of the wait was wrong, e.g. a request ran longer than its budget).
-            soonest = min(free, key=lambda o: (o.ttft_s, *o.tie))
-            if now - since >= soonest.ttft_s:
-                best = soonest
         if best is not None and best.now and now - since < best.prefill_s and self._shorter_waiting(best, request):
             # Shortest job first: a request waiting for this worker needs less prefill there
             # (it holds that request's prefix); it takes the slot, this one asks again at the
