@@ -103,9 +103,9 @@ class RoutingOptions:
     workers: tuple[int, ...] = (2, 4)
     workloads: tuple[Workload, ...] = (
         Workload("8×700", 8, 6, 700, 16, (2, 4, 8, 16)),
-        Workload("4×1500", 4, 12, 1500, 16, (4, 16)),
-        Workload("16×300", 16, 3, 300, 16, (4, 16)),
-        Workload("unique", 48, 1, 0, 300, (4, 16)),
+        Workload("4×1500", 4, 8, 1500, 16, (4, 16)),
+        Workload("16×300", 16, 2, 300, 16, (4, 16)),
+        Workload("unique", 32, 1, 0, 300, (4, 16)),
     )
     max_tokens: int = 16
     slots: int = 2

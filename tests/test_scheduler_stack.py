@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llamafleet.demo_model import write_demo_model
+from llamafleet.demo_model import WORDS, write_demo_model
 from llamafleet.models import push_model
 from llamafleet.stack import Stack, StackConfig
 from llamafleet.storage_client import StorageClient
@@ -71,6 +72,26 @@ async def wait_cluster(
             if all(w.state == scheduler_pb2.WORKER_STATE_READY for w in status.workers) and done(status):
                 return status
             await asyncio.sleep(0.05)
+
+
+async def test_a_repeated_prefix_lands_on_the_worker_that_holds_it(scheduler) -> None:
+    # Runs first: later tests restart llama-servers and change the model, which empties caches.
+    rng = random.Random(19)
+    prefixes = [" ".join(rng.choice(WORDS) for _ in range(300)) for _ in range(4)]
+    homes: dict[int, str] = {}
+    for turn in range(3):
+        for i, prefix in enumerate(prefixes):
+            request = scheduler_pb2.SubmitRequest(
+                prompt=f"{prefix} question {turn}", params=common_pb2.GenerationParams(max_tokens=2)
+            )
+            result = [e async for e in scheduler.Submit(request, timeout=60)][-1].result
+            if turn == 0:
+                homes[i] = result.worker
+            else:
+                assert result.worker == homes[i], f"prefix {i} went to {result.worker}, not {homes[i]}"
+                assert result.usage.cached_prompt_tokens >= 300, result.usage
+    # The default policy spreads distinct prefixes over the workers.
+    assert len(set(homes.values())) == 2
 
 
 async def test_a_full_queue_answers_resource_exhausted(scheduler) -> None:
