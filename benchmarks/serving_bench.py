@@ -107,8 +107,6 @@ class ServingOptions:
     policy_model: str = "bench"
     prefix_tokens: int = 1024
     suffix_words: int = 16
-    # 16 prefixes: with 8, the consistent-hash ring put 4 of them on one worker in a run, and
-    # its bounded-load overflow turned half of prefix_affinity's requests cold.
     groups: int = 16
     per_group: int = 4
     # 2 streams keep 2 cores busy with prefill; at 4, warm requests also wait behind other

@@ -167,36 +167,32 @@ def test_a_prefix_being_computed_is_waited_for_not_computed_twice() -> None:
     assert policy.choose(loads(0, 0), second) == home
 
 
-def placed_home(policy: PrefixAffinityPolicy) -> tuple[int, int]:
-    """(home, other): home has finished a request with PREFIX."""
+def warm_home() -> tuple[PrefixAffinityPolicy, Clock, int, int]:
+    """A policy whose worker `home` (of two) has finished a request with PREFIX; the other is `other`."""
+    clock = Clock()
+    policy = policy_with(clock)
     warm = route(PREFIX + "question 0", "r0")
     home = policy.choose(loads(0, 0), warm)
     finish(policy, home, warm)
-    return home, 2 if home == 1 else 1
+    return policy, clock, home, 2 if home == 1 else 1
 
 
 def test_a_second_request_for_a_prefix_in_use_waits_for_the_first() -> None:
     # The prefix sits in the slot of the request using it: another request would compute it again.
-    clock = Clock()
-    policy = policy_with(clock)
-    home, other = placed_home(policy)
+    policy, _, home, other = warm_home()
     assert policy.choose(loads(0, 0), route(PREFIX + "question 1", "r1")) == home
     in_use = [WorkerLoad(home, 1, 2, 0), WorkerLoad(other, 0, 2, 0)]
     assert policy.choose(in_use, route(PREFIX + "question 2", "r2")) is None
 
 
 def test_a_busy_home_is_waited_for_while_its_queue_is_short() -> None:
-    clock = Clock()
-    policy = policy_with(clock)
-    home, other = placed_home(policy)
+    policy, _, home, other = warm_home()
     full = [WorkerLoad(home, 2, 2, 0), WorkerLoad(other, 0, 2, 0)]
     assert policy.choose(full, route(PREFIX + "question 1", "r1")) is None
 
 
 def test_a_hot_prefix_spreads_once_its_queue_costs_more_than_a_prefill() -> None:
-    clock = Clock()
-    policy = policy_with(clock)
-    home, other = placed_home(policy)
+    policy, clock, home, other = warm_home()
     full = [WorkerLoad(home, 2, 2, 0), WorkerLoad(other, 0, 2, 0)]
     picks = []
     for i in range(1, 40):
@@ -207,9 +203,7 @@ def test_a_hot_prefix_spreads_once_its_queue_costs_more_than_a_prefill() -> None
 
 
 def test_a_cold_request_lets_a_shorter_waiting_one_take_the_slot_first() -> None:
-    clock = Clock()
-    policy = policy_with(clock)
-    home, other = placed_home(policy)
+    policy, _, home, other = warm_home()
     full = [WorkerLoad(home, 2, 2, 0), WorkerLoad(other, 2, 2, 0)]
     warm, cold = route(PREFIX + "question 1", "warm"), route("unrelated " + PREFIX, "cold")
     assert policy.choose(full, warm) is None
