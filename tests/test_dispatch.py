@@ -13,12 +13,12 @@ from services.scheduler.metrics import SchedulerMetrics
 _METRICS = SchedulerMetrics()
 
 
-def make(ranks=(1, 2), *, queue_limit=4, ready_wait_s=0.2, slots=1) -> tuple[Dispatcher, list]:
+def make(ranks=(1, 2), *, queue_limit=4, ready_wait_s=0.2, slots=1, policy="round_robin") -> tuple[Dispatcher, list]:
     sent: list = []
     d = Dispatcher(
         lambda dest, tag, payload: sent.append((dest, tag, payload)),
         list(ranks),
-        policy="round_robin",
+        policy=policy,
         queue_limit=queue_limit,
         ready_wait_s=ready_wait_s,
         max_attempts=2,
@@ -33,13 +33,17 @@ def request(rid: str) -> scheduler_pb2.SubmitRequest:
     return scheduler_pb2.SubmitRequest(request_id=rid, prompt="hi", params=common_pb2.GenerationParams(max_tokens=4))
 
 
-def done(rid: str, tokens: int = 2) -> Done:
-    result = common_pb2.GenerationResult(usage=common_pb2.Usage(completion_tokens=tokens))
-    return Done(rid, result.SerializeToString())
+def done(rid: str, tokens: int = 2, prompt_tokens: int = 0, cached: int = 0) -> Done:
+    usage = common_pb2.Usage(completion_tokens=tokens, prompt_tokens=prompt_tokens, cached_prompt_tokens=cached)
+    return Done(rid, common_pb2.GenerationResult(usage=usage).SerializeToString())
 
 
 async def collect(d: Dispatcher, rid: str) -> list:
-    return [event async for event in d.submit(request(rid), {})]
+    return await collect_request(d, request(rid))
+
+
+async def collect_request(d: Dispatcher, submitted: scheduler_pb2.SubmitRequest) -> list:
+    return [event async for event in d.submit(submitted, {})]
 
 
 async def until(predicate, timeout: float = 2.0) -> None:
@@ -128,3 +132,26 @@ async def test_caller_going_away_cancels_on_the_worker_and_frees_the_slot() -> N
         await task
     assert sent[-1][1] is Tag.CANCEL and isinstance(sent[-1][2], Cancel)
     assert d.workers[1].in_flight == 0
+
+
+@pytest.mark.asyncio
+async def test_the_placing_policy_hears_how_each_request_left_its_worker() -> None:
+    # prefix_affinity learns from the result: the worker that served a prompt holds it, so the
+    # same prompt goes back there (here: twice to one worker, though round robin would alternate).
+    d, sent = make(policy="prefix_affinity")
+    prompt = "shared prefix " * 40
+
+    async def serve(rid: str, cached: int) -> int:
+        request = scheduler_pb2.SubmitRequest(
+            request_id=rid, prompt=prompt, params=common_pb2.GenerationParams(max_tokens=4)
+        )
+        task = asyncio.create_task(collect_request(d, request))
+        await until(lambda: sent and sent[-1][2].request_id == rid)
+        rank = sent[-1][0]
+        d.on_message(rank, Tag.DONE, done(rid, prompt_tokens=80, cached=cached))
+        await task
+        return rank
+
+    first = await serve("a", cached=0)
+    assert await serve("b", cached=76) == first
+    assert d.workers[first].in_flight == 0
