@@ -214,6 +214,18 @@ def test_a_cold_request_lets_a_shorter_waiting_one_take_the_slot_first() -> None
     assert policy.choose(freed, warm) == home
 
 
+def test_nothing_yields_to_a_request_waiting_for_its_prefix_to_be_computed() -> None:
+    clock = Clock()
+    policy = policy_with(clock)
+    first = route(PREFIX + "question 0", "r0")
+    home = policy.choose(loads(0, 0), first)
+    clock.now += 0.5  # r0 is half through its prefill
+    in_use = [WorkerLoad(r, 1 if r == home else 0, 2, 0) for r in (1, 2)]
+    assert policy.choose(in_use, route(PREFIX + "question 1", "r1")) is None  # waits for r0 to finish
+    # That waiter cannot use a free slot now, so a request that can goes ahead.
+    assert policy.choose(in_use, route("unrelated prompt " * 10, "r2")) is not None
+
+
 def test_cold_requests_go_to_the_worker_with_less_prefill_queued() -> None:
     clock = Clock()
     policy = policy_with(clock)

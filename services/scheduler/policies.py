@@ -168,6 +168,8 @@ class _Waiter:
     seen_round: int
     # Its own prefill on the target once there, the shortest-job-first order among waiters.
     prefill_s: float
+    # Waiting for a free slot there (its prefix is cached), not for a request to finish its prefix.
+    for_slot: bool
 
 
 @dataclass
@@ -178,6 +180,8 @@ class _Option:
     prefill_s: float
     now: bool  # False: wait for this worker
     tie: tuple[float, ...] = field(default=())
+    # A wait for a free slot alone (not for a request to finish the prefix).
+    for_slot: bool = False
 
 
 class PrefixAffinityPolicy:
@@ -232,14 +236,15 @@ class PrefixAffinityPolicy:
         blocks = prompt_blocks(request.prompt, self.block_chars)
         options = [o for w in candidates for o in self._options(w, request, blocks, since, now)]
         best = min(options, key=lambda o: (o.ttft_s, *o.tie), default=None)
-        if best is not None and best.now and now - since < best.prefill_s and self._shorter_waiting(best, request):
-            # Shortest job first: a request waiting for this worker needs less prefill there
-            # (it holds that request's prefix); it takes the slot, this one asks again at the
-            # next release, for as long as its own prefill would take.
+        busy = any(w.in_flight for w in candidates)
+        if best and best.now and busy and now - since < best.prefill_s and self._shorter_waiting(best, request):
+            # Shortest job first: a request waiting for a slot on this worker needs less
+            # prefill there (it holds that request's prefix); it takes the slot, this one asks
+            # again at the next release, for as long as its own prefill would take.
             best = _Option(best.rank, best.ttft_s, best.prefill_s, False)
         if best is None or not best.now:
-            target, prefill = (best.rank, best.prefill_s) if best else (None, 0.0)
-            self._waiters[request.request_id] = _Waiter(target, since, self._round, prefill)
+            target, prefill, for_slot = (best.rank, best.prefill_s, best.for_slot) if best else (None, 0.0, False)
+            self._waiters[request.request_id] = _Waiter(target, since, self._round, prefill, for_slot)
             return None
         self._waiters.pop(request.request_id, None)
         self._place(best.rank, request, blocks, now)
@@ -277,7 +282,7 @@ class PrefixAffinityPolicy:
                 if w.target == worker.rank and w.since < since and rid != request.request_id
             )
             wait = max(ready_in, 0.0) + ahead * service / max(worker.slots_total, 1)
-            options.append(_Option(worker.rank, wait + warm, warm, False, tie))
+            options.append(_Option(worker.rank, wait + warm, warm, False, tie, match.pending == match.cached))
         return options
 
     def _place(self, rank: int, request: RouteRequest, blocks: list[int], now: float) -> None:
@@ -297,7 +302,7 @@ class PrefixAffinityPolicy:
 
     def _shorter_waiting(self, option: _Option, request: RouteRequest) -> bool:
         return any(
-            w.target == option.rank and w.prefill_s < option.prefill_s and rid != request.request_id
+            w.target == option.rank and w.for_slot and w.prefill_s < option.prefill_s and rid != request.request_id
             for rid, w in self._waiters.items()
         )
 
