@@ -377,8 +377,10 @@ async def run(ctx: BenchContext, opts: RoutingOptions) -> None:
         "ends. TTFT is measured by the client (first chunk with a token); req/s = requests / wall time of the run. "
         "From cache: prompt tokens llama-server took from its cache; cold: requests that got less than half their "
         "prefix from it.\n"
-        "- **Caveat**: 2 cores run the load generator, the stack, SGLang's router and every llama-server; each "
-        "level runs once, so ratios near a goal are within the run-to-run spread (±10–20%).\n"
+        "- **Caveat**: 2 cores run the load generator, the stack, SGLang's router and every llama-server, on a "
+        "machine shared with other work (the load average above). Each level runs once, its targets one after "
+        "another, so other work during one target's turn moves that level's ratios, by up to 2× on a busy "
+        "machine; read the goal column across levels, not one cell.\n"
     )
     body = "\n".join([setup, "**Summary**\n", *summary, "", *(r.markdown() for r in reports)])
     write_fragment(ctx, "routing", "Routing", body)
