@@ -31,7 +31,7 @@ suites:
   routing   the default scheduling policy against SGLang's router (sglang-router, cache_aware) and round
             robin, in front of the same llama-servers: 2 and 4 workers, shared-prefix workloads (8×700,
             4×1500 and 16×300 words) at 2-16 streams and a no-shared-prefix one; TTFT and req/s with
-            the ratio to SGLang. SGLang's router comes from .venv-peers (make bench installs it). (~15 min)
+            the ratio to SGLang. SGLang's router comes from .venv-peers (make bench installs it). (~30 min)
   storage   PutBlob/GetBlob MB/s and p50/p95/p99 for 64 MiB, 256 MiB and 1 GiB objects against
             plain HTTP PUT/GET to the SeaweedFS filer and hashlib SHA-256 over the same bytes;
             cold vs warm model load through the node cache (1 GiB).         (~2 min)

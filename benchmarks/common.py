@@ -255,7 +255,7 @@ writes its section below to `docs/bench/<suite>.md` and this file is rebuilt fro
 Run it:
 
 ```bash
-make bench                                   # all suites, bounded defaults (≤ 35 min on 2 cores)
+make bench                                   # all suites, bounded defaults (≤ 50 min on 2 cores)
 make bench BENCH_ARGS="--suite serving"      # one suite: serving | routing | storage | mpi | postproc | all
 make bench BENCH_ARGS="--quick"              # seconds-long smoke run (results only, docs untouched)
 ```
