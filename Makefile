@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The benchmarks' peers, in a venv of their own: never a dependency of llamafleet.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
 
 .PHONY: up down status install protos lint test test-gpu bench docker-offline clean
 
@@ -14,6 +17,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet sglang-router==0.3.2
+	touch $(PEERS_STAMP)
 
 ## Start SeaweedFS, storage, the MPI scheduler with 2 llama-server workers, postproc and gateway (Ctrl-C stops).
 up: $(STAMP)
@@ -34,7 +42,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	cd protos && ../$(BIN)/buf lint
 
-test: $(STAMP)
+# The bench smoke test runs SGLang's router too.
+test: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/ruff check .
 	cd protos && ../$(BIN)/buf lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -43,7 +52,7 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(PEERS_STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 ## Prepare a machine without Docker Hub for docker-compose.offline.yml (base image, compose plugin).

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import BenchContext, assemble_benchmarks_md, command_line, parse_size
 
-SUITES = ("serving", "fleet", "multihost", "storage", "mpi", "postproc")
+SUITES = ("serving", "routing", "fleet", "multihost", "storage", "mpi", "postproc")
 
 DESCRIPTION = """\
 Benchmarks of llamafleet, each against a peer measured in the same run.
@@ -28,6 +28,10 @@ suites:
             many direct llama-servers (again with the "bench" demo model, 1 worker); then
             round_robin vs least_loaded vs prefix_affinity on a shared-prefix workload (16
             prefixes of ~1k tokens, 4 workers, the "bench" demo model). (~12 min on 2 cores)
+  routing   the default scheduling policy against SGLang's router (sglang-router, cache_aware) and round
+            robin, in front of the same llama-servers: 2 and 4 workers, shared-prefix workloads (8×700,
+            4×1500 and 16×300 words) at 2-16 streams and a no-shared-prefix one; TTFT and req/s with
+            the ratio to SGLang. SGLang's router comes from .venv-peers (make bench installs it). (~30 min)
   fleet     a worker process, a worker's process group, a llama-server and rank 0 each killed
             under 16 streams through the gateway: streams completed, resumed, hung, time to
             heal; a worker added and one drained under load.                 (~2 min)
@@ -141,6 +145,12 @@ async def run_suite(name: str, ctx: BenchContext, args: argparse.Namespace) -> N
         from benchmarks import serving_bench
 
         await serving_bench.run(ctx, serving_options(args))
+    elif name == "routing":
+        from benchmarks import routing_bench
+
+        await routing_bench.run(
+            ctx, routing_bench.RoutingOptions.quick() if args.quick else routing_bench.RoutingOptions()
+        )
     elif name == "fleet":
         from benchmarks import fleet_bench
 

@@ -35,7 +35,7 @@ BENCH_DOCS = DOCS / "bench"
 BENCHMARKS_MD = DOCS / "BENCHMARKS.md"
 
 # Fragments in the order BENCHMARKS.md shows them; any other docs/bench/*.md follows.
-FRAGMENT_ORDER = ("serving", "fleet", "multihost", "storage", "mpi", "mpi-h100", "postproc-cpu", "postproc")
+FRAGMENT_ORDER = ("serving", "routing", "fleet", "multihost", "storage", "mpi", "mpi-h100", "postproc-cpu", "postproc")
 
 Cell = str | int | float | None
 
@@ -249,8 +249,8 @@ writes its section below to `docs/bench/<suite>.md` and this file is rebuilt fro
 Run it:
 
 ```bash
-make bench                                   # all suites, bounded defaults (≤ 20 min on 2 cores)
-make bench BENCH_ARGS="--suite serving"      # one suite: serving | fleet | multihost | storage | mpi | postproc | all
+make bench                                   # all suites, bounded defaults (≤ 60 min on 2 cores)
+make bench BENCH_ARGS="--suite serving"      # one suite: serving | routing | fleet | multihost | storage | mpi | postproc | all
 make bench BENCH_ARGS="--quick"              # seconds-long smoke run (results only, docs untouched)
 ```
 

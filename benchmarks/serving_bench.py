@@ -107,8 +107,6 @@ class ServingOptions:
     policy_model: str = "bench"
     prefix_tokens: int = 1024
     suffix_words: int = 16
-    # 16 prefixes: with 8, the consistent-hash ring put 4 of them on one worker in a run, and
-    # its bounded-load overflow turned half of prefix_affinity's requests cold.
     groups: int = 16
     per_group: int = 4
     # 2 streams keep 2 cores busy with prefill; at 4, warm requests also wait behind other
@@ -216,13 +214,16 @@ class GatewayTarget:
 
 
 class OpenAITarget:
-    """The gateway's OpenAI-compatible face: POST /v1/completions, SSE, usage in the last event."""
+    """The gateway's OpenAI-compatible face: POST /v1/completions, SSE, usage in the last event.
+
+    Also any other OpenAI completions server (SGLang's router requires `model`)."""
 
     name = "http"
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, model: str = "") -> None:
         timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0)
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False)
+        self._model = model
 
     async def stream(self, prompt: str, params: common_pb2.GenerationParams, policy: str) -> AsyncIterator[Event]:
         body = {
@@ -235,6 +236,8 @@ class OpenAITarget:
         }
         if policy:
             body["policy"] = policy
+        if self._model:
+            body["model"] = self._model
         async with self._http.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
                 await response.aread()
@@ -396,9 +399,18 @@ async def direct_servers(
             await server.stop()
 
 
+class StackShape(Protocol):
+    """What a suite's options say about the stacks it starts."""
+
+    slots: int
+    ctx_size: int
+
+    def threads(self, servers: int) -> int: ...
+
+
 @contextlib.asynccontextmanager
 async def running_stack(
-    ctx: BenchContext, root: Path, workers: int, opts: ServingOptions, model: Path | None = None
+    ctx: BenchContext, root: Path, workers: int, opts: StackShape, model: Path | None = None
 ) -> AsyncIterator[Stack]:
     env = {
         "LLAMAFLEET_SCHEDULER_THREADS": str(opts.threads(workers)),

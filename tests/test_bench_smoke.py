@@ -1,7 +1,8 @@
 """`python -m benchmarks --quick` end to end: the serving suite (a real 1-worker stack and a
-direct llama-server), the storage suite (SeaweedFS and the storage service) and the postproc
-suite (NumPy sampler and the postproc service) produce their CSV files with no failed request.
-About 45 s on 2 cores; docs/ is never touched (--quick)."""
+direct llama-server), the routing suite (a 2-worker stack and SGLang's router in front of its
+llama-servers), the storage suite (SeaweedFS and the storage service) and the postproc suite
+(NumPy sampler and the postproc service) produce their CSV files with no failed request.
+About 70 s on 2 cores; docs/ is never touched (--quick)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,19 @@ def test_quick_serving_writes_csvs(tmp_path: Path) -> None:
     policies = rows(tmp_path / "serving_policies.csv")
     assert [r["policy"] for r in policies] == ["round_robin", "least_loaded", "prefix_affinity"]
     assert (tmp_path / "serving.md").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_quick_routing_measures_sglang_beside_the_gateway(tmp_path: Path) -> None:
+    run_quick("routing", tmp_path, timeout=110)
+    points = rows(tmp_path / "routing.csv")
+    assert {r["target"] for r in points} == {"gateway", "http", "sglang", "round_robin"}
+    assert {r["workload"] for r in points} == {"2×64", "unique"}
+    for r in points:
+        assert int(r["failed"]) == 0, r
+        assert float(r["request_throughput"]) > 0 and float(r["ttft_ms_mean"]) > 0, r
+    assert all(float(r["throughput_vs_sglang"]) > 0 for r in points)
+    assert (tmp_path / "routing.md").is_file()
 
 
 @pytest.mark.timeout(90)

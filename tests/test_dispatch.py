@@ -53,11 +53,13 @@ def ready(rank: int, slots: int) -> scheduler_pb2.WorkerStatus:
     return scheduler_pb2.WorkerStatus(rank=rank, host="h", state=READY, model_sha256="abc", slots_total=slots)
 
 
-def make(ranks=(1, 2), *, queue_limit=4, ready_wait_s=0.2, slots=1, max_attempts=3) -> tuple[Dispatcher, FakeTransport]:
+def make(
+    ranks=(1, 2), *, queue_limit=4, ready_wait_s=0.2, slots=1, max_attempts=3, policy="round_robin"
+) -> tuple[Dispatcher, FakeTransport]:
     transport = FakeTransport()
     d = Dispatcher(
         transport,
-        policy="round_robin",
+        policy=policy,
         queue_limit=queue_limit,
         ready_wait_s=ready_wait_s,
         max_attempts=max_attempts,
@@ -81,8 +83,10 @@ def chunk(work_id: int, text: str, ids: list[int]) -> worker_pb2.WorkerEvent:
     )
 
 
-def done(work_id: int, completion_tokens: int = 2) -> worker_pb2.WorkerEvent:
-    usage = common_pb2.Usage(prompt_tokens=2, completion_tokens=completion_tokens)
+def done(work_id: int, completion_tokens: int = 2, prompt_tokens: int = 2, cached: int = 0) -> worker_pb2.WorkerEvent:
+    usage = common_pb2.Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_prompt_tokens=cached
+    )
     return worker_pb2.WorkerEvent(work_id=work_id, done=common_pb2.GenerationResult(usage=usage))
 
 
@@ -91,8 +95,12 @@ def failed(work_id: int, code: grpc.StatusCode, message: str, retryable: bool) -
     return worker_pb2.WorkerEvent(work_id=work_id, failed=failure)
 
 
-async def collect(d: Dispatcher, rid: str, max_tokens: int = 8) -> list[scheduler_pb2.SubmitResponse]:
-    return [event async for event in d.submit(request(rid, max_tokens), {})]
+async def collect(
+    d: Dispatcher, rid: str, max_tokens: int = 8, prompt: str = "hi"
+) -> list[scheduler_pb2.SubmitResponse]:
+    submitted = request(rid, max_tokens)
+    submitted.prompt = prompt
+    return [event async for event in d.submit(submitted, {})]
 
 
 async def until(predicate, timeout: float = 2.0) -> None:
@@ -239,6 +247,26 @@ async def test_caller_going_away_cancels_on_the_worker_and_frees_the_slot() -> N
     (_worker, cancel), *_ = t.of_kind("cancel")
     assert cancel.cancel.work_id == t.submits()[0][1].work_id
     assert d.workers[1].in_flight == 0
+
+
+@pytest.mark.asyncio
+async def test_the_placing_policy_hears_how_each_request_left_its_worker() -> None:
+    # prefix_affinity learns from the result: the worker that served a prompt holds it, so the
+    # same prompt goes back there (here: twice to one worker, though round robin would alternate).
+    d, t = make(policy="prefix_affinity")
+    prompt = "shared prefix " * 40
+
+    async def serve(rid: str, cached: int) -> int:
+        task = asyncio.create_task(collect(d, rid, prompt=prompt))
+        await until(lambda: t.submits() and t.submits()[-1][1].request_id == rid)
+        rank, item = t.submits()[-1]
+        d.on_work_event(rank, done(item.work_id, prompt_tokens=80, cached=cached))
+        await task
+        return rank
+
+    first = await serve("a", cached=0)
+    assert await serve("b", cached=76) == first
+    assert d.workers[first].in_flight == 0
 
 
 # --- membership ---

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llamafleet.demo_model import write_demo_model
+from llamafleet.demo_model import WORDS, write_demo_model
 from llamafleet.models import push_model
 from llamafleet.stack import Stack, StackConfig
 from llamafleet.storage_client import StorageClient
@@ -103,6 +104,26 @@ def assert_complete(outcomes: list[Outcome], max_tokens: int) -> None:
     assert not failed, failed
     for o in outcomes:
         assert o.tokens == max_tokens and o.result.usage.completion_tokens == max_tokens, o
+
+
+async def test_a_repeated_prefix_lands_on_the_worker_that_holds_it(scheduler) -> None:
+    # Runs first: later tests restart llama-servers and change the model, which empties caches.
+    rng = random.Random(19)
+    prefixes = [" ".join(rng.choice(WORDS) for _ in range(300)) for _ in range(4)]
+    homes: dict[int, str] = {}
+    for turn in range(3):
+        for i, prefix in enumerate(prefixes):
+            request = scheduler_pb2.SubmitRequest(
+                prompt=f"{prefix} question {turn}", params=common_pb2.GenerationParams(max_tokens=2)
+            )
+            result = [e async for e in scheduler.Submit(request, timeout=60)][-1].result
+            if turn == 0:
+                homes[i] = result.worker
+            else:
+                assert result.worker == homes[i], f"prefix {i} went to {result.worker}, not {homes[i]}"
+                assert result.usage.cached_prompt_tokens >= 300, result.usage
+    # The default policy spreads distinct prefixes over the workers.
+    assert len(set(homes.values())) == 2
 
 
 async def kill_under_load(

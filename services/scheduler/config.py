@@ -46,7 +46,8 @@ class SchedulerSettings(ServiceSettings, WorkerLinkSettings):
     # Worker processes rank 0 spawns on its own host at start (MPI_Comm_spawn) and keeps: lost
     # ones are replaced. Other hosts' agents bring their own (llamafleet host-agent).
     workers: int = Field(default=2, ge=0)
-    policy: str = Field(default="round_robin", pattern="|".join(POLICIES))
+    # Routing policy for requests that name none (see services/scheduler/policies.py).
+    policy: str = Field(default="prefix_affinity", pattern="|".join(POLICIES))
     # Requests allowed to wait for a slot at rank 0; beyond it RESOURCE_EXHAUSTED.
     queue_limit: int = Field(default=256, ge=0)
     # How long a request waits for any worker to become ready before UNAVAILABLE.

@@ -26,7 +26,7 @@ from llamafleet.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from llamafleet.generation import estimate_cost
 from llamafleet.v1 import common_pb2, scheduler_pb2, worker_pb2
 from services.scheduler.metrics import SchedulerMetrics
-from services.scheduler.policies import Policy, WorkerLoad, make_policy
+from services.scheduler.policies import Policy, RouteRequest, Served, WorkerLoad, make_policy
 from services.scheduler.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,13 @@ class WorkerView:
 class _Work:
     """One attempt of a request on one worker: the events it sent back, in order."""
 
-    def __init__(self, work_id: int, view: WorkerView, cost: int) -> None:
+    def __init__(self, work_id: int, view: WorkerView, route: RouteRequest, policy: Policy) -> None:
         self.work_id = work_id
         self.view = view
-        self.cost = cost
+        self.cost = route.cost
+        # The policy that placed it hears when it leaves the worker (and how it went).
+        self.route = route
+        self.policy = policy
         # Whether the worker slot it held was given back (at its last event, or at the end).
         self.released = False
         self._events: collections.deque[worker_pb2.WorkerEvent] = collections.deque()
@@ -188,7 +191,7 @@ class Dispatcher:
         )
         for work in [w for w in self._works.values() if w.view is view]:
             work.put(worker_pb2.WorkerEvent(work_id=work.work_id, failed=failure))
-            self._release(work)
+            self._release(work, None)
         self.worker_changed()
 
     def on_work_event(self, rank: int, event: worker_pb2.WorkerEvent) -> None:
@@ -199,7 +202,7 @@ class Dispatcher:
         if not event.HasField("chunk"):
             # The worker is done with it: its slot serves the next request even while a
             # slow caller is still reading what was generated.
-            self._release(work)
+            self._release(work, _served(event.done) if event.HasField("done") else None)
 
     # --- placement ---
 
@@ -215,7 +218,7 @@ class Dispatcher:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _acquire(self, policy: Policy, prompt: str, cost: int, model: str, excluded: set[int]) -> WorkerView:
+    async def _acquire(self, policy: Policy, route: RouteRequest, model: str, excluded: set[int]) -> WorkerView:
         """Reserve a slot on a ready worker (serving `model`, when given), waiting in the
         queue while all are busy."""
         loop = asyncio.get_running_loop()
@@ -231,11 +234,12 @@ class Dispatcher:
                     loads = [
                         WorkerLoad(w.rank, w.in_flight, w.reported.slots_total, w.outstanding_tokens) for w in preferred
                     ]
-                    rank = policy.choose(loads, prompt, cost)
+                    # A rank returned is binding: the policy counts the request as running there.
+                    rank = policy.choose(loads, route)
                     if rank is not None:
                         view = self.workers[rank]
                         view.in_flight += 1
-                        view.outstanding_tokens += cost
+                        view.outstanding_tokens += route.cost
                         return view
                     if not queued and len(self._waiters) >= self.queue_limit:
                         self._metrics.rejected.labels("queue_full").inc()
@@ -270,12 +274,14 @@ class Dispatcher:
             if queued:
                 self._wake_waiters()
 
-    def _release(self, work: _Work) -> None:
+    def _release(self, work: _Work, served: Served | None) -> None:
+        """Give the work's slot back, once; its policy hears how it went (None: not served)."""
         if work.released:
             return
         work.released = True
         work.view.in_flight -= 1
         work.view.outstanding_tokens -= work.cost
+        work.policy.observe(work.view.rank, work.route, served)
         self._wake_waiters()
 
     # --- one request ---
@@ -291,7 +297,9 @@ class Dispatcher:
                 f"model {model[:12]} is not loaded; the pool serves {self.model_sha256[:12]} (switch with LoadModel)"
             )
         policy = self._policy(request.policy)
-        cost = estimate_cost(request.prompt, request.params)
+        route = RouteRequest(
+            request.request_id, request.prompt, request.params.max_tokens, estimate_cost(request.prompt, request.params)
+        )
         start = time.perf_counter()
         first_token_at: float | None = None
         # Every token id generated so far: what a resume continues after.
@@ -302,14 +310,14 @@ class Dispatcher:
         handovers: list[common_pb2.Handover] = []
         excluded: set[int] = set()
         for attempt in range(1, self.max_attempts + 1):
-            view = await self._acquire(policy, request.prompt, cost, model, excluded)
+            view = await self._acquire(policy, route, model, excluded)
             dispatched = time.perf_counter()
             if attempt == 1:
                 self._metrics.queue_wait.observe(dispatched - start)
             if handovers and not handovers[-1].to_worker:
                 handovers[-1].to_worker = view.name
             self._metrics.dispatched.labels(str(view.rank), policy.name).inc()
-            work = _Work(next(self._work_ids), view, cost)
+            work = _Work(next(self._work_ids), view, route, policy)
             self._works[work.work_id] = work
             item = worker_pb2.WorkItem(
                 work_id=work.work_id,
@@ -361,7 +369,7 @@ class Dispatcher:
                     break
             finally:
                 del self._works[work.work_id]
-                self._release(work)
+                self._release(work, None)
                 if not ended:
                     # The caller went away (cancel or deadline): free the llama-server slot.
                     self._transport.send(
@@ -414,6 +422,17 @@ class Dispatcher:
             policy=self.default_policy,
             model_sha256=self.model_sha256,
         )
+
+
+def _served(result: common_pb2.GenerationResult) -> Served:
+    """What a finished request tells its policy about the worker's cache and speed."""
+    return Served(
+        prompt_tokens=result.usage.prompt_tokens,
+        cached_tokens=result.usage.cached_prompt_tokens,
+        prompt_ms=result.timings.prompt_eval_ms,
+        generated_tokens=result.usage.completion_tokens,
+        generation_ms=result.timings.generation_ms,
+    )
 
 
 def _merge_waiting(first: common_pb2.TokenChunk, work: _Work) -> common_pb2.TokenChunk:
