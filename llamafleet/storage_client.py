@@ -14,9 +14,11 @@ from pathlib import Path
 
 from llamafleet.channels import open_channel
 from llamafleet.errors import DataLoss
+from llamafleet.serial_thread import write_hashed
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 
-CHUNK_BYTES = 1024 * 1024
+# Large messages: per-message costs (Python, protobuf, HTTP/2 frames) stay small next to the bytes.
+CHUNK_BYTES = 4 * 1024 * 1024
 # Sent with uploads and run creations, so manifests say who made them (see the servicer).
 UPLOADER_METADATA = "x-llamafleet-uploader"
 
@@ -83,23 +85,21 @@ class StorageClient:
         if info is None:
             info = await self.resolve(ref)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
-        digest = hashlib.sha256()
         try:
-            with open(tmp, "wb") as out:
-                async for chunk in self.stream(info.sha256):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-                out.flush()
-                # On disk before the rename, so a crash cannot leave a renamed, short file.
-                os.fsync(out.fileno())
-            if digest.hexdigest() != info.sha256:
-                raise DataLoss(f"downloaded bytes hash to {digest.hexdigest()}, not {info.sha256}; nothing was written")
+            _size, actual = await write_hashed(self._counted(self.stream(info.sha256), progress), tmp)
+            if actual != info.sha256:
+                raise DataLoss(f"downloaded bytes hash to {actual}, not {info.sha256}; nothing was written")
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
         return info
+
+    @staticmethod
+    async def _counted(chunks: AsyncIterator[bytes], progress: Progress | None) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+            if progress:
+                progress(len(chunk))
 
     async def upload(
         self,

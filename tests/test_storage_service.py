@@ -295,9 +295,8 @@ def test_cli_models(address: str, tmp_path: Path) -> None:
 
 
 def test_cli_pull_of_a_corrupt_blob_writes_nothing(address: str, seaweed: SeaweedServer, tmp_path: Path) -> None:
-    data = os.urandom(MB)
-    source = tmp_path / "data.bin"
-    source.write_bytes(data)
+    source = write_demo_model(tmp_path / "data.gguf", seed=11)
+    data = source.read_bytes()
     cli(address, "models", "push", str(source), "--name", "cli/corrupt:v1")
     httpx.put(f"{seaweed.filer_url}{blob_path(sha(data))}", content=data[::-1], timeout=30).raise_for_status()
     out_dir = tmp_path / "out"
@@ -305,6 +304,38 @@ def test_cli_pull_of_a_corrupt_blob_writes_nothing(address: str, seaweed: Seawee
     failed = cli(address, "models", "pull", "cli/corrupt:v1", "-o", str(out_dir / "model.gguf"), code=1)
     assert "DATA_LOSS" in failed.output
     assert list(out_dir.iterdir()) == []
+
+
+def test_cli_push_of_a_file_that_is_not_gguf_is_refused(address: str, tmp_path: Path) -> None:
+    source = tmp_path / "random.gguf"
+    source.write_bytes(os.urandom(3 * MB))
+    refused = cli(address, "models", "push", str(source), "--name", "cli/random:v1", code=1)
+    assert "INVALID_ARGUMENT" in refused.output and "not a GGUF file" in refused.output
+    assert "NOT_FOUND" in cli(address, "models", "inspect", "cli/random:v1", code=1).output
+
+
+@in_module_loop
+async def test_a_model_that_is_not_gguf_is_invalid_argument(client: StorageClient, tmp_path: Path) -> None:
+    data = os.urandom(2 * MB)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await put(client, data, kind=storage_pb2.ARTIFACT_KIND_MODEL)
+    assert refused.value.code() == Code.INVALID_ARGUMENT and "not a GGUF file" in (refused.value.details() or "")
+    assert not await stored(client, sha(data))
+
+
+@in_module_loop
+async def test_get_blob_reads_large_blobs_from_the_volume_servers_bit_exact(
+    client: StorageClient, tmp_path: Path
+) -> None:
+    data = os.urandom(21 * MB + 77)
+    source = tmp_path / "large.bin"
+    source.write_bytes(data)
+    info = (await client.upload(source)).info
+    out = tmp_path / "large.out"
+    await client.download(info.sha256, out, info=info)
+    assert out.read_bytes() == data
+    sizes = [len(chunk) async for chunk in client.stream(info.sha256)]
+    assert sum(sizes) == len(data) and max(sizes) == 4 * MB  # large messages
 
 
 def test_cli_runs(address: str, demo_digest: str, tmp_path: Path) -> None:
@@ -335,13 +366,14 @@ async def test_gc_refuses_when_a_run_cannot_be_read(client: StorageClient, filer
 
 
 @in_module_loop
-async def test_gc_keeps_everything_referenced(client: StorageClient, demo_digest: str) -> None:
+async def test_gc_keeps_everything_referenced(client: StorageClient, demo_digest: str, tmp_path: Path) -> None:
     stub = client.stub
     deeper = await put(client, os.urandom(1000))
     needed = await put(client, os.urandom(2000), refs=[deeper.sha256])
     tagged = await put(client, os.urandom(3000), refs=[needed.sha256])
     await client.tag("gc/kept", "v1", tagged.sha256)
-    run_model = await put(client, os.urandom(4000), kind=storage_pb2.ARTIFACT_KIND_MODEL)
+    gguf_bytes = write_demo_model(tmp_path / "run-model.gguf", seed=5).read_bytes()
+    run_model = await put(client, gguf_bytes, kind=storage_pb2.ARTIFACT_KIND_MODEL)
     run_prompts = await put(client, os.urandom(500), kind=storage_pb2.ARTIFACT_KIND_PROMPTS)
     await stub.CreateRun(storage_pb2.CreateRunRequest(model=run_model.sha256, prompts_sha256=run_prompts.sha256))
     orphan = await put(client, os.urandom(5000))

@@ -38,6 +38,8 @@ def translate_error(exc: Exception) -> errors.FleetError | None:
             return errors.InvalidArgument(exc.field, str(exc))
         case storage_errors.InvalidResult():
             return errors.InvalidArgument("results", str(exc))
+        case storage_errors.NotGGUF():
+            return errors.InvalidArgument("data", str(exc))
         case storage_errors.HashMismatch():
             return errors.InvalidArgument("expected_sha256", str(exc))
         case storage_errors.DataLoss() | storage_errors.CorruptRecord():
