@@ -379,6 +379,7 @@ RATIOS = (
     ("PutBlob / curl PUT", "grpc_put", "curl_put", "put"),
     ("GetBlob / curl GET", "grpc_get", "curl_get", "get"),
     ("node-cache fill / curl GET to file", "node_cache_fill", "curl_get_file", "fill"),
+    ("node-cache fill / curl GET", "node_cache_fill", "curl_get", None),
     ("CLI push / curl PUT", "cli_push", "curl_put", "cli_push"),
     ("CLI pull / curl GET to file", "cli_pull", "curl_get_file", "cli_pull"),
     ("GetBlob / gRPC from memory", "grpc_get", "grpc_memory", None),

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PIECE_BYTES = 4 << 20
 DEFAULT_PARALLEL = 4
+# A volume server or master that failed is not asked again for this long (its pieces come
+# from the filer), so that one unreachable server costs one connect timeout, not one per piece.
+AVOID_S = 30.0
+CONNECT_TIMEOUT_S = 3.0
 
 
 class _VolumeFailed(Exception):
@@ -90,6 +94,7 @@ class ChunkReader:
         self._executor = ThreadPoolExecutor(4 * parallel, thread_name_prefix="chunk-read")
         self._local = threading.local()
         self._volumes: dict[str, list[str]] = {}
+        self._avoid_until: dict[str, float] = {}
         # Where the bytes came from, since this reader was made.
         self.bytes_from_volumes = 0
         self.bytes_from_filer = 0
@@ -142,28 +147,38 @@ class ChunkReader:
         return data
 
     def _from_volume(self, chunk: Chunk, start: int, length: int) -> bytes:
-        try:
-            for netloc in self._locate(chunk.volume_id):
+        failure = "no volume server holds it"
+        for netloc in self._locate(chunk.volume_id):
+            if self._avoid_until.get(netloc, 0.0) > time.monotonic():
+                failure = f"{netloc} failed lately"
+                continue
+            try:
                 status, data = self._get(netloc, f"/{chunk.file_id}", start, length)
-                if status in (200, 206) and len(data) == length:
-                    return data
-        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:
-            raise _VolumeFailed(f"{type(e).__name__}: {e}") from e
-        raise _VolumeFailed("no volume server served it")
+            except (OSError, http.client.HTTPException) as e:
+                self._avoid_until[netloc] = time.monotonic() + AVOID_S
+                failure = f"{netloc}: {type(e).__name__}: {e}"
+                continue
+            if status in (200, 206) and len(data) == length:
+                return data
+            failure = f"{netloc}: HTTP {status} with {len(data)} of {length} bytes"
+        raise _VolumeFailed(failure)
 
     def _locate(self, volume_id: str) -> list[str]:
         if (known := self._volumes.get(volume_id)) is not None:
             return known
         assert self._master is not None
-        connection = self._connection(self._master)
+        if self._avoid_until.get(self._master, 0.0) > time.monotonic():
+            raise _VolumeFailed(f"the master {self._master} failed lately")
         try:
+            connection = self._connection(self._master)
             connection.request("GET", f"/dir/lookup?volumeId={quote(volume_id)}")
             response = connection.getresponse()
             answer = json.loads(response.read())
-        except BaseException:
+            urls = [str(location["url"]) for location in answer.get("locations") or []]
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as e:
             self._drop(self._master)
-            raise
-        urls = [location["url"] for location in answer.get("locations") or []]
+            self._avoid_until[self._master] = time.monotonic() + AVOID_S
+            raise _VolumeFailed(f"the master {self._master}: {type(e).__name__}: {e}") from e
         if not urls:
             raise _VolumeFailed(f"the master knows no location of volume {volume_id}: {answer}")
         self._volumes[volume_id] = urls
@@ -211,7 +226,12 @@ class ChunkReader:
     def _connection(self, netloc: str) -> http.client.HTTPConnection:
         connections: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", {})
         if (connection := connections.get(netloc)) is None:
-            connection = connections[netloc] = http.client.HTTPConnection(netloc, timeout=self._timeout)
+            # A short connect timeout (an unreachable server shows fast), then `timeout` per read.
+            connection = http.client.HTTPConnection(netloc, timeout=min(CONNECT_TIMEOUT_S, self._timeout))
+            connection.connect()
+            assert connection.sock is not None
+            connection.sock.settimeout(self._timeout)
+            connections[netloc] = connection
         return connection
 
     def _drop(self, netloc: str) -> None:
