@@ -3,8 +3,9 @@ measured in the same run, per object size (64 MiB, 256 MiB, 1 GiB):
 
 - PutBlob vs `curl -T` (one PUT to the filer);
 - GetBlob vs `curl -o /dev/null` (one GET from the filer);
-- a worker's node-cache cold fill (GetBlob, SHA-256, write, fsync, rename) vs `curl -o FILE`
-  followed by an fsync of FILE (the same bytes landing on the same disk);
+- a worker's node-cache cold fill (LocateBlob, then ranges straight from the volume server,
+  SHA-256, write, fsync, rename) vs `curl -o FILE` followed by an fsync of FILE (the same
+  bytes landing on the same disk), and vs `curl -o /dev/null`;
 - `llamafleet models push` / `models pull` as processes (start included) vs `curl -T` and
   `curl -o FILE` + fsync.
 
@@ -179,11 +180,11 @@ class Methods:
 
     async def node_cache_fill(self, src: Source) -> None:
         self.cache.path_for(src.sha256).unlink(missing_ok=True)
-        path = await self.cache.ensure(src.sha256, lambda: self.storage.stream(src.sha256))
+        path = await self.cache.ensure(src.sha256, lambda: self.storage.fetch(src.sha256))
         _check_size("node cache fill", path.stat().st_size, src.size)
 
     async def node_cache_hit(self, src: Source) -> None:
-        await self.cache.ensure(src.sha256, lambda: self.storage.stream(src.sha256))
+        await self.cache.ensure(src.sha256, lambda: self.storage.fetch(src.sha256))
 
     async def curl_put(self, src: Source) -> None:
         self.filer_path = f"/bench/{uuid.uuid4().hex}.gguf"
@@ -369,7 +370,7 @@ def throughput_report(rows: Sequence[dict]) -> Report:
         table,
         note="p95/p99 of 2–5 repeats are interpolated between the slowest ones (≈ max). cli_*: "
         "`llamafleet models push/pull` as a process, start included; node_cache_fill: a worker's cold fill "
-        "(GetBlob, SHA-256, write, fsync, rename).",
+        "(LocateBlob, ranges straight from the volume server, SHA-256, write, fsync, rename).",
         labels=2,
     )
 
@@ -451,8 +452,11 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     body = "\n".join(
         [
             "- **Setup**: `weed server` (master, volume, filer in one process) and the storage service on "
-            "loopback, as `llamafleet up` starts them (the service reads blobs straight from the volume server, "
-            "4 MiB ranges, 4 at once); the gRPC client in the bench process, curl and the CLI as processes.",
+            "loopback, as `llamafleet up` starts them. GetBlob: the service reads 4 MiB ranges straight from the "
+            "volume server, 4 at once, hashes them on a thread and streams 4 MiB messages. Node-cache fill and "
+            "`models pull`: the client asks where the chunks live (LocateBlob) and reads them there itself, 4 at "
+            "once, hashing and writing on threads (one pass). The gRPC client in the bench process, curl and the "
+            "CLI as processes.",
             "- **Caveat**: 2 cores serve the client, the storage service (hashing every byte), SeaweedFS and "
             "curl, shared with other work on the machine; objects come from the page cache and land in SeaweedFS "
             "volumes on the local disk. Ratios are to the curl of the same run; absolute MiB/s vary with the load.",

@@ -5,6 +5,7 @@ models …` / `llamafleet runs …` commands."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -19,13 +20,16 @@ from typer.testing import CliRunner, Result
 
 from llamafleet.cli import app
 from llamafleet.demo_model import write_demo_model
+from llamafleet.errors import DataLoss
 from llamafleet.models import publish_model
+from llamafleet.processes import free_port
 from llamafleet.seaweed import SeaweedServer
 from llamafleet.storage_client import StorageClient, caller_identity
 from llamafleet.v1 import storage_pb2
 from services.storage.blobstore import TMP_DIR, blob_path
 from services.storage.errors import FilerNotFound
 from services.storage.filer import FilerClient
+from services.storage.node_cache import CacheVerificationError, NodeCache
 from services.storage.runs import PARTS, run_path
 
 MB = 1 << 20
@@ -136,10 +140,15 @@ async def test_round_trip_is_bit_exact_and_corruption_never_reaches_the_file(
     flipped[2 * MB] ^= 0x40
     await filer.put_bytes(blob_path(first.info.sha256), bytes(flipped))
     fresh = tmp_path / "out" / "fresh.bin"
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+    # Read from the volume servers, checked here.
+    with pytest.raises(DataLoss):
         await client.download(first.info.sha256, fresh)
-    assert info.value.code() == Code.DATA_LOSS
     assert sorted(p.name for p in out.parent.iterdir()) == ["copy.bin"]  # no fresh.bin, no .part
+    # Through GetBlob, checked by the service.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in client.stream(first.info.sha256):
+            pass
+    assert info.value.code() == Code.DATA_LOSS
 
 
 @in_module_loop
@@ -336,6 +345,48 @@ async def test_get_blob_reads_large_blobs_from_the_volume_servers_bit_exact(
     assert out.read_bytes() == data
     sizes = [len(chunk) async for chunk in client.stream(info.sha256)]
     assert sum(sizes) == len(data) and max(sizes) == 4 * MB  # large messages
+
+
+@in_module_loop
+async def test_a_node_cache_fill_reads_straight_from_the_volume_servers(
+    client: StorageClient, filer: FilerClient, seaweed: SeaweedServer, tmp_path: Path
+) -> None:
+    data = os.urandom(9 * MB + 3)
+    digest = (await put(client, data)).sha256
+    located = await client.stub.LocateBlob(storage_pb2.LocateBlobRequest(ref=digest))
+    assert len(located.chunks) > 1 and all(c.urls for c in located.chunks)
+    assert [c.offset for c in located.chunks] == list(
+        itertools.accumulate([0] + [c.size_bytes for c in located.chunks])
+    )[:-1]
+    assert sum(c.size_bytes for c in located.chunks) == len(data)
+
+    cache = NodeCache(tmp_path / "cache", 1 << 30)
+    before = client._chunks.bytes_from_volumes
+    path = await cache.ensure(digest, lambda: client.fetch(digest))
+    assert path.read_bytes() == data and client._chunks.bytes_from_volumes - before == len(data)
+
+    # A bit flipped behind storage's back, on the filer: the fill refuses it and keeps nothing.
+    flipped = bytearray(data)
+    flipped[5 * MB] ^= 0x40
+    await filer.put_bytes(blob_path(digest), bytes(flipped))
+    path.unlink()
+    with pytest.raises(CacheVerificationError):
+        await cache.ensure(digest, lambda: client.fetch(digest))
+    assert not path.exists() and list((cache.root / "tmp").iterdir()) == []
+
+
+@in_module_loop
+async def test_a_fill_falls_back_to_get_blob_when_a_volume_server_cannot_be_reached(
+    address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(6 * MB)
+    async with StorageClient(address) as client:
+        digest = (await put(client, data)).sha256
+        unreachable = f"127.0.0.1:{free_port()}"
+        remember = client._chunks.remember
+        monkeypatch.setattr(client._chunks, "remember", lambda volume_id, urls: remember(volume_id, [unreachable]))
+        path = await NodeCache(tmp_path / "cache", 1 << 30).ensure(digest, lambda: client.fetch(digest))
+        assert path.read_bytes() == data and client._chunks.bytes_from_volumes == 0
 
 
 def test_cli_runs(address: str, demo_digest: str, tmp_path: Path) -> None:

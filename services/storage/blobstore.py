@@ -45,7 +45,7 @@ from services.storage.errors import (
     NotGGUF,
     TagNotFound,
 )
-from services.storage.filer import FileInfo, FilerClient
+from services.storage.filer import Chunk, FileInfo, FilerClient
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +513,7 @@ class BlobStore:
         hasher = Sha256Thread() if whole else None
         received = 0
         try:
-            async for chunk in self.reader.read(blob_path(digest), info, offset, count):
+            async for chunk in self.reader.read(blob_path(digest), info.chunks, offset, count):
                 if hasher is not None:
                     await hasher.update(chunk)
                 received += len(chunk)
@@ -529,6 +529,21 @@ class BlobStore:
         finally:
             if hasher is not None:
                 hasher.close()
+
+    async def locate(self, sha256: str) -> list[tuple[Chunk, list[str]]]:
+        """Each chunk of the blob with the volume servers that hold it, in order; empty when
+        the blob cannot be read chunk by chunk or a volume cannot be located (then it is
+        read through `get`). BlobNotFound if it is not stored."""
+        digest = validate_digest(sha256)
+        info = await self.filer.stat(blob_path(digest))
+        if info is None or info.is_dir:
+            raise BlobNotFound(digest)
+        if not info.chunks:
+            return []
+        volumes = await self.reader.locate(sorted({c.volume_id for c in info.chunks}))
+        if any(c.volume_id not in volumes for c in info.chunks):
+            return []
+        return [(c, volumes[c.volume_id]) for c in info.chunks]
 
     async def delete(self, sha256: str) -> None:
         """Delete the blob and its manifest (BlobNotFound if neither exists). Tags that

@@ -8,8 +8,10 @@ them fetched at once on threads with blocking sockets (a large `recv` releases t
 lands in the bytes object handed out: no copy in Python), and handed out in order.
 
 A piece whose volume server fails is read from the filer instead, and a file whose chunks
-cannot be read one by one (or a reader without a master) is read in ranges from the filer
-the same way, still in parallel.
+cannot be read one by one (or a reader that cannot locate volumes) is read in ranges from the
+filer the same way, still in parallel. The storage service reads this way with a master and
+a filer; a storage client (a worker filling its node cache) with the locations that
+LocateBlob gave it and no filer.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from services.storage.errors import FilerError, FilerNotFound, FilerUnavailable
-from services.storage.filer import Chunk, FileInfo
+from services.storage.filer import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +57,15 @@ class Piece:
     chunk_start: int = 0
 
 
-def plan_pieces(info: FileInfo, offset: int, count: int, piece_bytes: int) -> Iterator[Piece]:
-    """The pieces of `count` bytes from `offset`, in order: within chunks when the entry
-    lists them, else plain ranges of the file."""
+def plan_pieces(chunks: Sequence[Chunk] | None, offset: int, count: int, piece_bytes: int) -> Iterator[Piece]:
+    """The pieces of `count` bytes from `offset`, in order: within `chunks` (the file's,
+    end to end) when known, else plain ranges of the file."""
     end = offset + count
-    if info.chunks is None:
+    if chunks is None:
         for start in range(offset, end, piece_bytes):
             yield Piece(start, min(piece_bytes, end - start))
         return
-    for chunk in info.chunks:
+    for chunk in chunks:
         start, stop = max(offset, chunk.offset), min(end, chunk.offset + chunk.size)
         for piece_start in range(start, stop, piece_bytes):
             length = min(piece_bytes, stop - piece_start)
@@ -71,12 +73,13 @@ def plan_pieces(info: FileInfo, offset: int, count: int, piece_bytes: int) -> It
 
 
 class ChunkReader:
-    """Parallel ranged reads of filer files, from their volume servers where `master_url`
-    is known. One instance serves any number of concurrent reads."""
+    """Parallel ranged reads of filer files, from their volume servers where they can be
+    located (through `master_url`, or as `remember`ed), else from `filer_url`. One instance
+    serves any number of concurrent reads."""
 
     def __init__(
         self,
-        filer_url: str,
+        filer_url: str | None,
         master_url: str | None = None,
         *,
         piece_bytes: int = DEFAULT_PIECE_BYTES,
@@ -86,7 +89,7 @@ class ChunkReader:
     ) -> None:
         self.piece_bytes = piece_bytes
         self.parallel = parallel
-        self._filer = urlsplit(filer_url).netloc
+        self._filer = urlsplit(filer_url).netloc if filer_url else None
         self._master = urlsplit(master_url).netloc if master_url else None
         self._timeout = timeout
         self._retries = retries
@@ -103,12 +106,31 @@ class ChunkReader:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def read(self, path: str, info: FileInfo, offset: int, count: int) -> AsyncIterator[bytes]:
-        """`count` bytes of the filer file `path` (whose entry is `info`) from `offset`, in
-        pieces, in order. FilerNotFound if it is gone meanwhile, FilerUnavailable if the
-        filer cannot serve a piece after retries."""
+    def remember(self, volume_id: str, urls: Sequence[str]) -> None:
+        """Where a volume lives (host:port of its volume servers), as storage said."""
+        self._volumes[volume_id] = list(urls)
+
+    async def locate(self, volume_ids: Sequence[str]) -> dict[str, list[str]]:
+        """The volume servers of each volume that can be located now (none without a master)."""
         loop = asyncio.get_running_loop()
-        pieces = plan_pieces(info, offset, count, self.piece_bytes)
+
+        def locate_or_none(volume_id: str) -> list[str] | None:
+            try:
+                return self._locate(volume_id)
+            except _VolumeFailed as e:
+                log.info("volume %s cannot be located: %s", volume_id, e)
+                return None
+
+        found = await asyncio.gather(*(loop.run_in_executor(self._executor, locate_or_none, v) for v in volume_ids))
+        return {v: urls for v, urls in zip(volume_ids, found, strict=True) if urls}
+
+    async def read(self, path: str, chunks: Sequence[Chunk] | None, offset: int, count: int) -> AsyncIterator[bytes]:
+        """`count` bytes of the filer file `path` (whose chunks are `chunks`, if known) from
+        `offset`, in pieces, in order. FilerNotFound if it is gone meanwhile,
+        FilerUnavailable if a piece can be read neither from a volume server nor, after
+        retries, from the filer."""
+        loop = asyncio.get_running_loop()
+        pieces = plan_pieces(chunks, offset, count, self.piece_bytes)
         target = quote(path, safe="/")
         window: deque[asyncio.Future[bytes]] = deque()
 
@@ -132,7 +154,7 @@ class ChunkReader:
     # -- on the reader's threads ----------------------------------------------------------------
 
     def _fetch(self, target: str, piece: Piece) -> bytes:
-        if piece.chunk is not None and self._master is not None:
+        if piece.chunk is not None:
             try:
                 data = self._from_volume(piece.chunk, piece.chunk_start, piece.length)
                 with self._count_lock:
@@ -166,7 +188,8 @@ class ChunkReader:
     def _locate(self, volume_id: str) -> list[str]:
         if (known := self._volumes.get(volume_id)) is not None:
             return known
-        assert self._master is not None
+        if self._master is None:
+            raise _VolumeFailed(f"volume {volume_id} is not known and there is no master to ask")
         if self._avoid_until.get(self._master, 0.0) > time.monotonic():
             raise _VolumeFailed(f"the master {self._master} failed lately")
         try:
@@ -185,6 +208,8 @@ class ChunkReader:
         return urls
 
     def _from_filer(self, target: str, piece: Piece) -> bytes:
+        if self._filer is None:
+            raise FilerUnavailable(f"bytes {piece.offset}+{piece.length} cannot be read: no volume server served them")
         for attempt in range(self._retries + 1):
             try:
                 status, data = self._get(self._filer, target, piece.offset, piece.length)

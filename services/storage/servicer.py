@@ -175,6 +175,17 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             self._metrics.verification_failures.labels("get").inc()
             raise
 
+    async def LocateBlob(
+        self, request: storage_pb2.LocateBlobRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.LocateBlobResponse:
+        digest = await self._digest(request.ref)
+        manifest = await self._manifest(digest)
+        chunks = [
+            storage_pb2.BlobChunk(offset=c.offset, size_bytes=c.size, file_id=c.file_id, urls=urls)
+            for c, urls in await self._store.locate(digest)
+        ]
+        return storage_pb2.LocateBlobResponse(info=to_info(manifest), chunks=chunks)
+
     async def StatBlob(
         self, request: storage_pb2.StatBlobRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.StatBlobResponse:
