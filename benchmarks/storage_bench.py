@@ -2,7 +2,8 @@
 measured in the same run, per object size (64 MiB, 256 MiB, 1 GiB):
 
 - PutBlob vs `curl -T` (one PUT to the filer);
-- GetBlob vs `curl -o /dev/null` (one GET from the filer);
+- GetBlob, and a verified read the way the node cache reads (LocateBlob, then ranges straight
+  from the volume server, hashed), vs `curl -o /dev/null` (one GET from the filer);
 - a worker's node-cache cold fill (LocateBlob, then ranges straight from the volume server,
   SHA-256, write, fsync, rename) vs `curl -o FILE` followed by an fsync of FILE (the same
   bytes landing on the same disk), and vs `curl -o /dev/null`;
@@ -51,6 +52,7 @@ from llamafleet.channels import wait_serving
 from llamafleet.gguf_info import MAGIC
 from llamafleet.models import GGUF_MEDIA_TYPE
 from llamafleet.processes import ManagedProcess, ProcessExited, free_port
+from llamafleet.serial_thread import Sha256Thread
 from llamafleet.stack import Stack, StackConfig, service_commands
 from llamafleet.storage_client import StorageClient
 from llamafleet.v1 import storage_pb2
@@ -172,6 +174,18 @@ class Methods:
             received += len(chunk)
         _check_size("GetBlob", received, src.size)
 
+    async def direct_get(self, src: Source) -> None:
+        """What the node cache and `models pull` do before writing: LocateBlob, the ranges
+        straight from the volume server, hashed on a thread."""
+        hasher = Sha256Thread()
+        try:
+            async for chunk in self.storage.fetch(src.sha256):
+                await hasher.update(chunk)
+            if await hasher.hexdigest() != src.sha256:
+                raise RuntimeError("the direct read returned other bytes")
+        finally:
+            hasher.close()
+
     async def grpc_memory(self, src: Source) -> None:
         received = 0
         async for chunk in self.ceiling.stream("memory", length=src.size):
@@ -236,6 +250,7 @@ METHODS = (
     "grpc_put",
     "curl_put",
     "grpc_get",
+    "direct_get",
     "curl_get",
     "node_cache_fill",
     "curl_get_file",
@@ -256,7 +271,7 @@ async def bench_size(ctx: BenchContext, methods: Methods, src: Source, repeats: 
     for r in range(repeats):
         await measure("grpc_put")
         await methods.storage.tag(*TAG.split(":"), src.sha256)
-        for name in ("curl_put", "grpc_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull"):
+        for name in ("curl_put", "grpc_get", "direct_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull"):
             await measure(name)
         # Deleted so that the push transfers again instead of deduplicating.
         await methods.grpc_delete(src)
@@ -379,6 +394,7 @@ def throughput_report(rows: Sequence[dict]) -> Report:
 RATIOS = (
     ("PutBlob / curl PUT", "grpc_put", "curl_put", "put"),
     ("GetBlob / curl GET", "grpc_get", "curl_get", "get"),
+    ("LocateBlob + direct read / curl GET", "direct_get", "curl_get", "get"),
     ("node-cache fill / curl GET to file", "node_cache_fill", "curl_get_file", "fill"),
     ("node-cache fill / curl GET", "node_cache_fill", "curl_get", None),
     ("CLI push / curl PUT", "cli_push", "curl_put", "cli_push"),
