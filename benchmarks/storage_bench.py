@@ -56,6 +56,7 @@ from llamafleet.serial_thread import Sha256Thread
 from llamafleet.stack import Stack, StackConfig, service_commands
 from llamafleet.storage_client import StorageClient
 from llamafleet.v1 import storage_pb2
+from services.storage.blobstore import blob_path
 from services.storage.node_cache import NodeCache
 
 MIB = 1 << 20
@@ -157,6 +158,7 @@ class Methods:
         self.ceiling = ceiling
         self.root = root
         self.cache = NodeCache(root / "node-cache", max_bytes=1 << 40)
+        # Where curl_put stores its copy (removed again right after).
         self.filer_path = ""
 
     async def grpc_put(self, src: Source) -> None:
@@ -205,12 +207,15 @@ class Methods:
         self.filer_path = f"/bench/{uuid.uuid4().hex}.gguf"
         await run_process("curl", "-sSf", "-o", "/dev/null", "-T", str(src.path), self.filer_url + self.filer_path)
 
+    # The GETs read the blob itself, as GetBlob and the node cache do: the same bytes in the
+    # same place (this machine evicts cold pages from its cache, so another copy would be
+    # in the cache or not by chance).
     async def curl_get(self, src: Source) -> None:
-        await run_process("curl", "-sSf", "-o", "/dev/null", self.filer_url + self.filer_path)
+        await run_process("curl", "-sSf", "-o", "/dev/null", self.filer_url + blob_path(src.sha256))
 
     async def curl_get_file(self, src: Source) -> None:
         out = self.root / "curl.out"
-        await run_process("curl", "-sSf", "-o", str(out), self.filer_url + self.filer_path)
+        await run_process("curl", "-sSf", "-o", str(out), self.filer_url + blob_path(src.sha256))
         await asyncio.to_thread(fsync_file, out)
         _check_size("curl GET to a file", out.stat().st_size, src.size)
         out.unlink()
@@ -272,13 +277,14 @@ async def bench_size(ctx: BenchContext, methods: Methods, src: Source, repeats: 
     for r in range(repeats):
         await measure("grpc_put")
         await methods.storage.tag(*TAG.split(":"), src.sha256)
-        for name in ("curl_put", "grpc_get", "direct_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull"):
+        await measure("curl_put")
+        await methods.curl_delete()
+        for name in ("grpc_get", "direct_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull"):
             await measure(name)
         # Deleted so that the push transfers again instead of deduplicating.
         await methods.grpc_delete(src)
         await measure("cli_push")
         await methods.grpc_delete(src)
-        await methods.curl_delete()
         await measure("grpc_memory")
         await measure("sha256")
         ctx.progress(
@@ -476,7 +482,9 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
             "CLI as processes.",
             "- **Caveat**: 2 cores serve the client, the storage service (hashing every byte), SeaweedFS and "
             "curl, shared with other work on the machine; objects come from the page cache and land in SeaweedFS "
-            "volumes on the local disk. Ratios are to the curl of the same run; absolute MiB/s vary with the load.",
+            "volumes on the local disk. This machine reclaims cold pages on its own (DAMON), so a read may find "
+            "its bytes in the page cache or on disk; the curl GETs read the blob itself, as GetBlob and the node "
+            "cache do. Ratios are to the curl of the same run; absolute MiB/s vary with the load.",
             "",
             "**Summary**",
             "",
