@@ -230,23 +230,35 @@ class ChunkReader:
         raise AssertionError("unreachable: every attempt returns or raises")
 
     def _get(self, netloc: str, target: str, start: int, length: int) -> tuple[int, bytes]:
-        """One ranged GET on this thread's connection to `netloc`: (status, body)."""
-        connection = self._connection(netloc)
-        try:
-            connection.request(
-                "GET",
-                target,
-                headers={"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"},
-            )
-            response = connection.getresponse()
-            # With a Content-Length this reads straight into one bytes object.
-            data = response.read() if response.status in (200, 206) else response.read(2000)
+        """One ranged GET on this thread's connection to `netloc`: (status, body). A kept-alive
+        connection that the server closed meanwhile (idle) is replaced once: that is no failure."""
+        while True:
+            reused = netloc in self._local.__dict__.get("connections", {})
+            connection = self._connection(netloc)
+            try:
+                connection.request(
+                    "GET",
+                    target,
+                    headers={"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"},
+                )
+                response = connection.getresponse()
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                self._drop(netloc)
+                if reused:
+                    continue
+                raise
+            except BaseException:
+                self._drop(netloc)
+                raise
+            try:
+                # With a Content-Length this reads straight into one bytes object.
+                data = response.read() if response.status in (200, 206) else response.read(2000)
+            except BaseException:
+                self._drop(netloc)
+                raise
             if not response.isclosed():
                 self._drop(netloc)
             return response.status, data
-        except BaseException:
-            self._drop(netloc)
-            raise
 
     def _connection(self, netloc: str) -> http.client.HTTPConnection:
         connections: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", {})
