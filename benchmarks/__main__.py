@@ -38,9 +38,9 @@ suites:
   multihost the fleet across five hosts made of network namespaces (root only): a model's
             cold fill on one host vs three at once, a host killed under load, a host
             joining.                                                        (~3 min)
-  storage   PutBlob/GetBlob MB/s and p50/p95/p99 for 64 MiB, 256 MiB and 1 GiB objects against
-            plain HTTP PUT/GET to the SeaweedFS filer and hashlib SHA-256 over the same bytes;
-            cold vs warm model load through the node cache (1 GiB).         (~2 min)
+  storage   PutBlob, GetBlob, a node-cache cold fill and `models push/pull` (as processes) MiB/s
+            and p50/p95/p99 for 64 MiB, 256 MiB and 1 GiB objects against one curl PUT/GET to
+            the SeaweedFS filer in the same run; a warm node-cache hit.      (~4 min)
   mpi       MPI ping-pong (mpi4py Send/Recv, 2 ranks) bandwidth and latency, 1 KiB-256 MiB,
             host buffers here; pinned and CuPy device buffers where CuPy finds a GPU. (~10 s)
   postproc  the NumPy sampler and TokenStats (CPU) of benchmarks/postproc_bench.py; the service end to
@@ -106,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument(
         "--storage-sizes", type=parse_list(parse_size), help="object sizes, e.g. 64M,256M,1G (the default)"
     )
-    storage.add_argument("--cache-size", type=parse_size, help="blob size of the node-cache test (default: 1G)")
     mpi = parser.add_argument_group("mpi")
     mpi.add_argument("--mpi-max-size", type=parse_size, help="largest message (default: 256M; sizes are powers of 4)")
     return parser
@@ -134,8 +133,6 @@ def storage_options(args: argparse.Namespace):  # -> StorageOptions
     opts = StorageOptions.quick() if args.quick else StorageOptions()
     if args.storage_sizes:
         opts = replace(opts, sizes=args.storage_sizes)
-    if args.cache_size:
-        opts = replace(opts, cache_size=args.cache_size)
     return opts
 
 

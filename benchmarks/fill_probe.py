@@ -23,7 +23,7 @@ async def fill(storage_address: str, digest: str, cache_dir: Path) -> dict:
     cache = NodeCache(cache_dir, 1 << 40)
     started = time.perf_counter()
     async with StorageClient(storage_address) as storage:
-        path = await cache.ensure(digest, lambda: storage.stream(digest))
+        path = await cache.ensure(digest, lambda: storage.fetch(digest))
     return {"seconds": time.perf_counter() - started, "bytes": path.stat().st_size}
 
 

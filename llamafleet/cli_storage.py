@@ -29,11 +29,8 @@ from rich.table import Table
 from llamafleet import config as defaults
 from llamafleet.channels import open_channel
 from llamafleet.errors import DataLoss
-from llamafleet.models import publish_model
 from llamafleet.storage_client import StorageClient, sha256_file, split_name_tag
 from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, storage_pb2
-from services.storage.blobstore import validate_name, validate_tag
-from services.storage.errors import InvalidName
 
 models_app = typer.Typer(
     help="Models (and other blobs) in storage: push, pull, ls, inspect, rm, gc.", no_args_is_help=True
@@ -161,6 +158,13 @@ def models_push(
     storage: StorageOpt = STORAGE,
 ) -> None:
     """Upload a model (nothing is sent if storage has it already) and tag it."""
+    # Here, not at the top: they bring gguf and numpy, which every other command would load
+    # at its start for nothing.
+    from llamafleet.gguf_info import MAGIC, HeaderSniffer
+    from llamafleet.models import publish_model
+    from services.storage.blobstore import validate_name, validate_tag
+    from services.storage.errors import InvalidName
+
     labels = _labels(label)
     try:
         # Before hashing and sending gigabytes: the tag would be refused only at the end.
@@ -169,6 +173,12 @@ def models_push(
         validate_tag(tag)
     except InvalidName as exc:
         raise _fail(f"--name {name!r}: {exc}") from None
+    # Storage refuses it too, but only once it is hashed and sent: say so at once.
+    sniffer = HeaderSniffer()
+    with file.open("rb") as f:
+        sniffer.feed(f.read(len(MAGIC)))
+    if sniffer.problem is not None:
+        raise _fail(f"INVALID_ARGUMENT: not a GGUF file: {sniffer.problem}; only GGUF models can be pushed")
     size = file.stat().st_size
 
     async def go() -> storage_pb2.PutBlobResponse:

@@ -266,6 +266,8 @@ class HeaderSniffer:
         self._next_try = min(first_try, limit)
         self._header: GGUFHeader | None = None
         self.done = False
+        # Why the stream is not a GGUF file, once that is known (None: it may be one).
+        self.problem: str | None = None
 
     def feed(self, chunk: bytes) -> bool:
         """Take the next bytes of the stream; True when `parse()` is due."""
@@ -274,6 +276,7 @@ class HeaderSniffer:
         room = self.limit - len(self._buffer)
         self._buffer += chunk[:room]
         if len(self._buffer) >= 4 and self._buffer[:4] != MAGIC:
+            self.problem = f"it starts with {bytes(self._buffer[:4])!r}, not the GGUF magic {MAGIC!r}"
             self._finish()
             return False
         return len(self._buffer) >= self._next_try
@@ -286,11 +289,14 @@ class HeaderSniffer:
         last_chance = final or len(self._buffer) >= self.limit
         try:
             header = parse_header(self._buffer)
-        except NotGGUF:
+        except NotGGUF as e:
+            self.problem = str(e)
             self._finish()
             return
-        except Truncated:
+        except Truncated as e:
             header = None
+            if final and self._header is None and len(self._buffer) < self.limit:
+                self.problem = f"it ends within its header after {len(self._buffer)} bytes ({e})"
         if header is not None:
             self._header = header
         complete = header is not None and header.parameter_count is not None

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import grpc
 
-from llamafleet.demo_model import write_demo_model
 from llamafleet.storage_client import StorageClient, sha256_file, split_name_tag
 from llamafleet.v1 import storage_pb2
 
@@ -50,6 +49,9 @@ async def ensure_model(
 ) -> str:
     """Make `ref` name the given GGUF (or the demo model when `path` is None) in storage."""
     if path is None:
+        # Here: it brings gguf and numpy, which the CLI would otherwise load at every start.
+        from llamafleet.demo_model import write_demo_model
+
         path = models_dir / "demo.gguf"
         if not path.exists():
             report(f"generating the demo model at {path}")

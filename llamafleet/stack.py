@@ -92,6 +92,10 @@ class StackConfig:
     def filer_url(self) -> str:
         return f"http://{self.host}:{self.weed_filer_port}"
 
+    @property
+    def master_url(self) -> str:
+        return f"http://{self.host}:{self.weed_master_port}"
+
     def metrics_urls(self) -> dict[str, str]:
         return {
             name: f"http://{self.host}:{getattr(self, f'{name}_metrics_port')}/metrics"
@@ -119,6 +123,7 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
                 "LLAMAFLEET_STORAGE_PORT": str(cfg.storage_port),
                 "LLAMAFLEET_STORAGE_METRICS_PORT": str(cfg.storage_metrics_port),
                 "LLAMAFLEET_STORAGE_FILER_URL": cfg.filer_url,
+                "LLAMAFLEET_STORAGE_MASTER_URL": cfg.master_url,
             },
         ),
         "scheduler": (
@@ -414,5 +419,5 @@ class Stack:
             **{f"{name} metrics": url for name, url in c.metrics_urls().items()},
             **({"Prometheus": f"http://{c.address(c.prometheus_port)}"} if c.with_prometheus else {}),
             "SeaweedFS filer": c.filer_url,
-            "SeaweedFS master": f"http://{c.host}:{c.weed_master_port}",
+            "SeaweedFS master": c.master_url,
         }

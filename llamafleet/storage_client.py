@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import hashlib
+import logging
 import os
 import socket
 import uuid
@@ -14,9 +15,16 @@ from pathlib import Path
 
 from llamafleet.channels import open_channel
 from llamafleet.errors import DataLoss
+from llamafleet.serial_thread import write_hashed
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
+from services.storage.chunk_reader import ChunkReader
+from services.storage.errors import StorageError
+from services.storage.filer import Chunk
 
-CHUNK_BYTES = 1024 * 1024
+log = logging.getLogger(__name__)
+
+# Large messages: per-message costs (Python, protobuf, HTTP/2 frames) stay small next to the bytes.
+CHUNK_BYTES = 4 * 1024 * 1024
 # Sent with uploads and run creations, so manifests say who made them (see the servicer).
 UPLOADER_METADATA = "x-llamafleet-uploader"
 
@@ -49,8 +57,12 @@ class StorageClient:
         self._channel = open_channel(address)
         self.stub = storage_pb2_grpc.StorageStub(self._channel)
         self.metadata = ((UPLOADER_METADATA, caller_identity()),)
+        # Reads straight from the volume servers (see `fetch`); no filer: what they cannot
+        # serve comes through GetBlob.
+        self._chunks = ChunkReader(None, piece_bytes=CHUNK_BYTES)
 
     async def close(self) -> None:
+        self._chunks.close()
         await self._channel.close()
 
     async def __aenter__(self) -> StorageClient:
@@ -74,6 +86,32 @@ class StorageClient:
         finally:
             call.cancel()
 
+    async def fetch(self, sha256: str) -> AsyncIterator[bytes]:
+        """The blob's bytes, UNVERIFIED: the caller checks their SHA-256 (NodeCache and
+        `download` do). Read straight from the volume servers that hold them, several ranges
+        at once, when storage says where they are (LocateBlob); else, and from wherever a
+        direct read fails (e.g. a volume server this host cannot reach), through GetBlob."""
+        located = await self.stub.LocateBlob(storage_pb2.LocateBlobRequest(ref=sha256), timeout=30.0)
+        received = 0
+        if located.chunks:
+            chunks = [Chunk(c.file_id, c.offset, c.size_bytes) for c in located.chunks]
+            for chunk, proto in zip(chunks, located.chunks, strict=True):
+                self._chunks.remember(chunk.volume_id, proto.urls)
+            try:
+                async for data in self._chunks.read("", chunks, 0, located.info.size_bytes):
+                    received += len(data)
+                    yield data
+                return
+            except (StorageError, OSError) as e:
+                log.warning(
+                    "direct read of sha256:%s failed at byte %d (%s); the rest comes through storage",
+                    sha256,
+                    received,
+                    e,
+                )
+        async for data in self.stream(sha256, offset=received):
+            yield data
+
     async def download(
         self, ref: str, dest: Path, progress: Progress | None = None, info: storage_pb2.BlobInfo | None = None
     ) -> storage_pb2.BlobInfo:
@@ -83,23 +121,21 @@ class StorageClient:
         if info is None:
             info = await self.resolve(ref)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
-        digest = hashlib.sha256()
         try:
-            with open(tmp, "wb") as out:
-                async for chunk in self.stream(info.sha256):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-                out.flush()
-                # On disk before the rename, so a crash cannot leave a renamed, short file.
-                os.fsync(out.fileno())
-            if digest.hexdigest() != info.sha256:
-                raise DataLoss(f"downloaded bytes hash to {digest.hexdigest()}, not {info.sha256}; nothing was written")
+            _size, actual = await write_hashed(self._counted(self.fetch(info.sha256), progress), tmp)
+            if actual != info.sha256:
+                raise DataLoss(f"downloaded bytes hash to {actual}, not {info.sha256}; nothing was written")
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
         return info
+
+    @staticmethod
+    async def _counted(chunks: AsyncIterator[bytes], progress: Progress | None) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+            if progress:
+                progress(len(chunk))
 
     async def upload(
         self,

@@ -38,7 +38,9 @@ async def address(seaweed, tmp_path_factory: pytest.TempPathFactory) -> AsyncIte
     """The address of a storage service (its own process) on `seaweed`."""
     from storage_service import storage_service
 
-    async with storage_service(seaweed.filer_url, tmp_path_factory.mktemp("logs")) as running:
+    async with storage_service(
+        seaweed.filer_url, tmp_path_factory.mktemp("logs"), master_url=seaweed.master_url
+    ) as running:
         yield running
 
 

@@ -27,6 +27,7 @@ from services.storage.blobstore import (
     validate_name,
     validate_tag,
 )
+from services.storage.chunk_reader import ChunkReader
 from services.storage.errors import (
     BlobNotFound,
     DataLoss,
@@ -36,6 +37,7 @@ from services.storage.errors import (
     InvalidDigest,
     InvalidName,
     InvalidRange,
+    NotGGUF,
     TagNotFound,
 )
 from services.storage.filer import FilerClient
@@ -52,6 +54,14 @@ async def filer(seaweed: SeaweedServer) -> AsyncIterator[FilerClient]:
 @pytest_asyncio.fixture(loop_scope="module")
 async def store(filer: FilerClient) -> BlobStore:
     return BlobStore(filer)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def direct(filer: FilerClient, seaweed: SeaweedServer) -> AsyncIterator[BlobStore]:
+    """A store that reads from the volume servers (1 MiB pieces, so that reads cross pieces)."""
+    reader = ChunkReader(seaweed.filer_url, seaweed.master_url, piece_bytes=MB, parallel=3)
+    yield BlobStore(filer, reader)
+    reader.close()
 
 
 async def chunked(data: bytes, sizes: Iterable[int] = (MB,)) -> AsyncIterator[bytes]:
@@ -258,6 +268,71 @@ async def test_offset_and_length_reads(store: BlobStore) -> None:
         await store.get(hashlib.sha256(b"never stored").hexdigest())
     with pytest.raises(InvalidDigest):
         await store.get("not-a-digest")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_parallel_ranged_reads_from_the_volume_servers_match(direct: BlobStore, filer: FilerClient) -> None:
+    data = os.urandom(13 * MB + 4321)
+    digest = (await direct.put(chunked(data, [3 * MB + 1]))).sha256
+    info = await filer.stat(blob_path(digest))
+    assert info is not None and info.chunks is not None and len(info.chunks) > 1  # the filer's 4 MiB chunks
+    before = direct.reader.bytes_from_volumes
+    assert await read_all(await direct.get(digest)) == data
+    assert direct.reader.bytes_from_volumes - before == len(data)
+    for offset, length in [(0, 1), (4 * MB - 3, 7), (MB + 5, 5 * MB), (len(data) - 10, None), (123, 9 * MB)]:
+        end = len(data) if length is None else offset + length
+        assert await read_all(await direct.get(digest, offset, length)) == data[offset:end], (offset, length)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_corruption_on_a_volume_server_is_data_loss_on_the_fast_path(
+    direct: BlobStore, filer: FilerClient, seaweed: SeaweedServer
+) -> None:
+    data = os.urandom(6 * MB)
+    digest = (await direct.put(chunked(data))).sha256
+    info = await filer.stat(blob_path(digest))
+    assert info is not None and info.chunks is not None
+    # One chunk's needle rewritten on its volume server, behind the filer's back: same size,
+    # one bit flipped.
+    chunk = info.chunks[1]
+    flipped = bytearray(data[chunk.offset : chunk.offset + chunk.size])
+    flipped[100] ^= 0x01
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        lookup = (await http.get(f"{seaweed.master_url}/dir/lookup", params={"volumeId": chunk.volume_id})).json()
+        url = f"http://{lookup['locations'][0]['url']}/{chunk.file_id}"
+        (await http.post(url, files={"file": ("chunk", bytes(flipped))})).raise_for_status()
+    with pytest.raises(DataLoss):
+        await read_all(await direct.get(digest))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_unreachable_master_falls_back_to_the_filer(filer: FilerClient, seaweed: SeaweedServer) -> None:
+    reader = ChunkReader(seaweed.filer_url, f"http://127.0.0.1:{free_port()}", piece_bytes=MB)
+    store = BlobStore(filer, reader)
+    try:
+        data = os.urandom(5 * MB + 1)
+        digest = (await store.put(chunked(data))).sha256
+        assert await read_all(await store.get(digest)) == data
+        assert reader.bytes_from_filer == len(data) and reader.bytes_from_volumes == 0
+    finally:
+        reader.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_model_that_is_not_gguf_is_refused_at_its_first_bytes(store: BlobStore, filer: FilerClient) -> None:
+    async def random_then_fail() -> AsyncIterator[bytes]:
+        yield os.urandom(MB)
+        raise AssertionError("the upload went on after its first bytes showed it is not GGUF")
+
+    before = {m.sha256 for m in await store.list_blobs()}
+    with pytest.raises(NotGGUF, match="not a GGUF file: it starts with"):
+        await store.put(random_then_fail(), manifest_fields={"kind": "model"})
+    with pytest.raises(NotGGUF, match="ends within its header"):
+        await store.put(chunked(b"GGUF\x03\x00\x00\x00"), manifest_fields={"kind": "model"})
+    assert {m.sha256 for m in await store.list_blobs()} == before
+    assert await tmp_files(filer) == []
+    # Other kinds take any bytes.
+    assert (await store.put(chunked(b"not a model"), manifest_fields={"kind": "other"})).new_blob
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -148,6 +148,14 @@ def test_not_gguf_stops_after_the_magic() -> None:
     assert empty.parameter_count == 0 and empty.metadata()["tensor_count"] == "0"
 
 
+def test_the_sniffer_says_why_a_stream_is_not_gguf(demo_model: Path) -> None:
+    assert "not the GGUF magic" in (sniff(b"PK\x03\x04" + bytes(100)).problem or "")
+    assert "version 1" in (sniff(b"GGUF" + struct.pack("<IQQ", 1, 0, 0) + bytes(100)).problem or "")
+    assert "ends within its header" in (sniff(b"GGUF" + struct.pack("<I", 3)).problem or "")
+    assert "ends within its header" in (sniff(b"").problem or "")
+    assert sniff(demo_model.read_bytes()).problem is None
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2048), st.integers(min_value=0, max_value=2))
 def test_any_bytes_parse_or_fail_cleanly(tail: bytes, prefix_kind: int) -> None:

@@ -5,6 +5,7 @@ models …` / `llamafleet runs …` commands."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -19,13 +20,16 @@ from typer.testing import CliRunner, Result
 
 from llamafleet.cli import app
 from llamafleet.demo_model import write_demo_model
+from llamafleet.errors import DataLoss
 from llamafleet.models import publish_model
+from llamafleet.processes import free_port
 from llamafleet.seaweed import SeaweedServer
 from llamafleet.storage_client import StorageClient, caller_identity
 from llamafleet.v1 import storage_pb2
 from services.storage.blobstore import TMP_DIR, blob_path
 from services.storage.errors import FilerNotFound
 from services.storage.filer import FilerClient
+from services.storage.node_cache import CacheVerificationError, NodeCache
 from services.storage.runs import PARTS, run_path
 
 MB = 1 << 20
@@ -136,10 +140,15 @@ async def test_round_trip_is_bit_exact_and_corruption_never_reaches_the_file(
     flipped[2 * MB] ^= 0x40
     await filer.put_bytes(blob_path(first.info.sha256), bytes(flipped))
     fresh = tmp_path / "out" / "fresh.bin"
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+    # Read from the volume servers, checked here.
+    with pytest.raises(DataLoss):
         await client.download(first.info.sha256, fresh)
-    assert info.value.code() == Code.DATA_LOSS
     assert sorted(p.name for p in out.parent.iterdir()) == ["copy.bin"]  # no fresh.bin, no .part
+    # Through GetBlob, checked by the service.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in client.stream(first.info.sha256):
+            pass
+    assert info.value.code() == Code.DATA_LOSS
 
 
 @in_module_loop
@@ -295,9 +304,8 @@ def test_cli_models(address: str, tmp_path: Path) -> None:
 
 
 def test_cli_pull_of_a_corrupt_blob_writes_nothing(address: str, seaweed: SeaweedServer, tmp_path: Path) -> None:
-    data = os.urandom(MB)
-    source = tmp_path / "data.bin"
-    source.write_bytes(data)
+    source = write_demo_model(tmp_path / "data.gguf", seed=11)
+    data = source.read_bytes()
     cli(address, "models", "push", str(source), "--name", "cli/corrupt:v1")
     httpx.put(f"{seaweed.filer_url}{blob_path(sha(data))}", content=data[::-1], timeout=30).raise_for_status()
     out_dir = tmp_path / "out"
@@ -305,6 +313,80 @@ def test_cli_pull_of_a_corrupt_blob_writes_nothing(address: str, seaweed: Seawee
     failed = cli(address, "models", "pull", "cli/corrupt:v1", "-o", str(out_dir / "model.gguf"), code=1)
     assert "DATA_LOSS" in failed.output
     assert list(out_dir.iterdir()) == []
+
+
+def test_cli_push_of_a_file_that_is_not_gguf_is_refused(address: str, tmp_path: Path) -> None:
+    source = tmp_path / "random.gguf"
+    source.write_bytes(os.urandom(3 * MB))
+    refused = cli(address, "models", "push", str(source), "--name", "cli/random:v1", code=1)
+    assert "INVALID_ARGUMENT" in refused.output and "not a GGUF file" in refused.output
+    assert "NOT_FOUND" in cli(address, "models", "inspect", "cli/random:v1", code=1).output
+
+
+@in_module_loop
+async def test_a_model_that_is_not_gguf_is_invalid_argument(client: StorageClient, tmp_path: Path) -> None:
+    data = os.urandom(2 * MB)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await put(client, data, kind=storage_pb2.ARTIFACT_KIND_MODEL)
+    assert refused.value.code() == Code.INVALID_ARGUMENT and "not a GGUF file" in (refused.value.details() or "")
+    assert not await stored(client, sha(data))
+
+
+@in_module_loop
+async def test_get_blob_reads_large_blobs_from_the_volume_servers_bit_exact(
+    client: StorageClient, tmp_path: Path
+) -> None:
+    data = os.urandom(21 * MB + 77)
+    source = tmp_path / "large.bin"
+    source.write_bytes(data)
+    info = (await client.upload(source)).info
+    out = tmp_path / "large.out"
+    await client.download(info.sha256, out, info=info)
+    assert out.read_bytes() == data
+    sizes = [len(chunk) async for chunk in client.stream(info.sha256)]
+    assert sum(sizes) == len(data) and max(sizes) == 4 * MB  # large messages
+
+
+@in_module_loop
+async def test_a_node_cache_fill_reads_straight_from_the_volume_servers(
+    client: StorageClient, filer: FilerClient, seaweed: SeaweedServer, tmp_path: Path
+) -> None:
+    data = os.urandom(9 * MB + 3)
+    digest = (await put(client, data)).sha256
+    located = await client.stub.LocateBlob(storage_pb2.LocateBlobRequest(ref=digest))
+    assert len(located.chunks) > 1 and all(c.urls for c in located.chunks)
+    assert [c.offset for c in located.chunks] == list(
+        itertools.accumulate([0] + [c.size_bytes for c in located.chunks])
+    )[:-1]
+    assert sum(c.size_bytes for c in located.chunks) == len(data)
+
+    cache = NodeCache(tmp_path / "cache", 1 << 30)
+    before = client._chunks.bytes_from_volumes
+    path = await cache.ensure(digest, lambda: client.fetch(digest))
+    assert path.read_bytes() == data and client._chunks.bytes_from_volumes - before == len(data)
+
+    # A bit flipped behind storage's back, on the filer: the fill refuses it and keeps nothing.
+    flipped = bytearray(data)
+    flipped[5 * MB] ^= 0x40
+    await filer.put_bytes(blob_path(digest), bytes(flipped))
+    path.unlink()
+    with pytest.raises(CacheVerificationError):
+        await cache.ensure(digest, lambda: client.fetch(digest))
+    assert not path.exists() and list((cache.root / "tmp").iterdir()) == []
+
+
+@in_module_loop
+async def test_a_fill_falls_back_to_get_blob_when_a_volume_server_cannot_be_reached(
+    address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(6 * MB)
+    async with StorageClient(address) as client:
+        digest = (await put(client, data)).sha256
+        unreachable = f"127.0.0.1:{free_port()}"
+        remember = client._chunks.remember
+        monkeypatch.setattr(client._chunks, "remember", lambda volume_id, urls: remember(volume_id, [unreachable]))
+        path = await NodeCache(tmp_path / "cache", 1 << 30).ensure(digest, lambda: client.fetch(digest))
+        assert path.read_bytes() == data and client._chunks.bytes_from_volumes == 0
 
 
 def test_cli_runs(address: str, demo_digest: str, tmp_path: Path) -> None:
@@ -335,13 +417,14 @@ async def test_gc_refuses_when_a_run_cannot_be_read(client: StorageClient, filer
 
 
 @in_module_loop
-async def test_gc_keeps_everything_referenced(client: StorageClient, demo_digest: str) -> None:
+async def test_gc_keeps_everything_referenced(client: StorageClient, demo_digest: str, tmp_path: Path) -> None:
     stub = client.stub
     deeper = await put(client, os.urandom(1000))
     needed = await put(client, os.urandom(2000), refs=[deeper.sha256])
     tagged = await put(client, os.urandom(3000), refs=[needed.sha256])
     await client.tag("gc/kept", "v1", tagged.sha256)
-    run_model = await put(client, os.urandom(4000), kind=storage_pb2.ARTIFACT_KIND_MODEL)
+    gguf_bytes = write_demo_model(tmp_path / "run-model.gguf", seed=5).read_bytes()
+    run_model = await put(client, gguf_bytes, kind=storage_pb2.ARTIFACT_KIND_MODEL)
     run_prompts = await put(client, os.urandom(500), kind=storage_pb2.ARTIFACT_KIND_PROMPTS)
     await stub.CreateRun(storage_pb2.CreateRunRequest(model=run_model.sha256, prompts_sha256=run_prompts.sha256))
     orphan = await put(client, os.urandom(5000))

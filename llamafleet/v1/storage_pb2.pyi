@@ -126,6 +126,32 @@ class GetBlobResponse(_message.Message):
     data: bytes
     def __init__(self, info: _Optional[_Union[BlobInfo, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class LocateBlobRequest(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    def __init__(self, ref: _Optional[str] = ...) -> None: ...
+
+class BlobChunk(_message.Message):
+    __slots__ = ("offset", "size_bytes", "file_id", "urls")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    URLS_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    size_bytes: int
+    file_id: str
+    urls: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, offset: _Optional[int] = ..., size_bytes: _Optional[int] = ..., file_id: _Optional[str] = ..., urls: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LocateBlobResponse(_message.Message):
+    __slots__ = ("info", "chunks")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    info: BlobInfo
+    chunks: _containers.RepeatedCompositeFieldContainer[BlobChunk]
+    def __init__(self, info: _Optional[_Union[BlobInfo, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[BlobChunk, _Mapping]]] = ...) -> None: ...
+
 class StatBlobRequest(_message.Message):
     __slots__ = ("ref",)
     REF_FIELD_NUMBER: _ClassVar[int]

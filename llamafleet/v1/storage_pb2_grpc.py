@@ -45,6 +45,11 @@ class StorageStub:
                 request_serializer=llamafleet_dot_v1_dot_storage__pb2.GetBlobRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_storage__pb2.GetBlobResponse.FromString,
                 _registered_method=True)
+        self.LocateBlob = channel.unary_unary(
+                '/llamafleet.v1.Storage/LocateBlob',
+                request_serializer=llamafleet_dot_v1_dot_storage__pb2.LocateBlobRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_storage__pb2.LocateBlobResponse.FromString,
+                _registered_method=True)
         self.StatBlob = channel.unary_unary(
                 '/llamafleet.v1.Storage/StatBlob',
                 request_serializer=llamafleet_dot_v1_dot_storage__pb2.StatBlobRequest.SerializeToString,
@@ -127,6 +132,15 @@ class StorageServicer:
     def GetBlob(self, request, context):
         """Streams a header, then the bytes; a whole-object read is verified against its digest
         and ends with DATA_LOSS on a mismatch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LocateBlob(self, request, context):
+        """Where a blob's bytes live on the SeaweedFS volume servers, for a client that reads them
+        there itself (a worker filling its node cache: several ranges at once, no relay) and
+        checks their SHA-256. No chunks: read it with GetBlob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,6 +243,11 @@ def add_StorageServicer_to_server(servicer, server):
                     servicer.GetBlob,
                     request_deserializer=llamafleet_dot_v1_dot_storage__pb2.GetBlobRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_storage__pb2.GetBlobResponse.SerializeToString,
+            ),
+            'LocateBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.LocateBlob,
+                    request_deserializer=llamafleet_dot_v1_dot_storage__pb2.LocateBlobRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_storage__pb2.LocateBlobResponse.SerializeToString,
             ),
             'StatBlob': grpc.unary_unary_rpc_method_handler(
                     servicer.StatBlob,
@@ -351,6 +370,33 @@ class Storage:
             '/llamafleet.v1.Storage/GetBlob',
             llamafleet_dot_v1_dot_storage__pb2.GetBlobRequest.SerializeToString,
             llamafleet_dot_v1_dot_storage__pb2.GetBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LocateBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Storage/LocateBlob',
+            llamafleet_dot_v1_dot_storage__pb2.LocateBlobRequest.SerializeToString,
+            llamafleet_dot_v1_dot_storage__pb2.LocateBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,

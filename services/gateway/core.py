@@ -39,7 +39,7 @@ from llamafleet.v1 import (
 from services.gateway.admission import Admission, RateLimits, Rejected
 from services.gateway.config import GatewaySettings
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.models import ModelResolver
+from services.gateway.models import ModelResolver, is_model
 
 # Rate limits of everyone when no keys file is configured: one shared principal.
 ANONYMOUS = "anonymous"
@@ -236,11 +236,11 @@ class GatewayCore:
         result.timings.total_ms = (now - start) * 1000
 
     async def list_models(self) -> gateway_pb2.ListModelsResponse:
-        """The models tagged in storage."""
+        """The models tagged in storage (GGUF files pushed as models; other artifacts are not)."""
         models = []
         for entry in await self._storage.list_tags():
             info = (await self._storage.stub.StatBlob(storage_pb2.StatBlobRequest(ref=entry.sha256), timeout=10)).info
-            if info.kind == storage_pb2.ARTIFACT_KIND_MODEL:
+            if is_model(info):
                 models.append(
                     gateway_pb2.ModelInfo(
                         name=f"{entry.name}:{entry.tag}", sha256=entry.sha256, size_bytes=info.size_bytes

@@ -11,6 +11,13 @@ from llamafleet.storage_client import StorageClient
 from llamafleet.v1 import storage_pb2
 
 
+def is_model(info: storage_pb2.BlobInfo) -> bool:
+    """Whether a stored blob is a model: pushed as one, with a GGUF header read (storage
+    records its version for every GGUF; blobs pushed as models before storage checked
+    that may be any bytes)."""
+    return info.kind == storage_pb2.ARTIFACT_KIND_MODEL and "gguf_version" in info.metadata
+
+
 class ModelResolver:
     def __init__(self, storage: StorageClient, ttl_s: float) -> None:
         self._storage = storage

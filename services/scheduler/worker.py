@@ -120,7 +120,7 @@ class Worker:
 
     async def _fetch_model(self) -> Path:
         async with StorageClient(self.config.storage_address) as storage:
-            return await self.cache.ensure(self.model_sha256, lambda: storage.stream(self.model_sha256))
+            return await self.cache.ensure(self.model_sha256, lambda: storage.fetch(self.model_sha256))
 
     async def _start_llama_server(self, model: Path) -> None:
         port = free_port()

@@ -10,6 +10,7 @@ import grpc
 from llamafleet.server import serve
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 from services.storage.blobstore import BlobStore
+from services.storage.chunk_reader import ChunkReader
 from services.storage.config import StorageSettings
 from services.storage.filer import FilerClient
 from services.storage.runs import RunStore
@@ -21,7 +22,15 @@ def main() -> None:
 
     async def setup(server: grpc.aio.Server, stack: contextlib.AsyncExitStack) -> list[str]:
         filer = await stack.enter_async_context(FilerClient(settings.filer_url, timeout=settings.filer_timeout_s))
-        store = BlobStore(filer, chunk_size=settings.chunk_bytes)
+        reader = ChunkReader(
+            settings.filer_url,
+            settings.master_url or None,
+            piece_bytes=settings.chunk_bytes,
+            parallel=settings.read_parallel,
+            timeout=settings.filer_timeout_s,
+        )
+        stack.callback(reader.close)
+        store = BlobStore(filer, reader)
         storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store, RunStore(store)), server)
         return [storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name]
 

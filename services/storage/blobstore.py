@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -33,6 +32,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from llamafleet.gguf_info import HeaderSniffer
+from llamafleet.serial_thread import Sha256Thread
+from services.storage.chunk_reader import ChunkReader
 from services.storage.errors import (
     BlobNotFound,
     DataLoss,
@@ -41,9 +42,10 @@ from services.storage.errors import (
     InvalidDigest,
     InvalidName,
     InvalidRange,
+    NotGGUF,
     TagNotFound,
 )
-from services.storage.filer import FileInfo, FilerClient
+from services.storage.filer import Chunk, FileInfo, FilerClient
 
 log = logging.getLogger(__name__)
 
@@ -331,9 +333,10 @@ async def gather_bounded(jobs: list[Callable[[], Awaitable[T]]], limit: int) -> 
 class BlobStore:
     """Content-addressed blobs with manifests and tags, over a FilerClient."""
 
-    def __init__(self, filer: FilerClient, *, chunk_size: int = 1 << 20, concurrency: int = 8) -> None:
+    def __init__(self, filer: FilerClient, reader: ChunkReader | None = None, *, concurrency: int = 8) -> None:
         self.filer = filer
-        self.chunk_size = chunk_size
+        # Whole blobs are read through it; without a master, in parallel ranges from the filer.
+        self.reader = reader or ChunkReader(filer.base_url)
         # How many filer calls a listing makes at once.
         self.concurrency = concurrency
         # Serialises the check-then-move of puts of the same digest in this process, so two
@@ -366,7 +369,8 @@ class BlobStore:
         `manifest_fields`: kind, media_type, filename, uploader, labels, metadata, refs, and
         any other JSON-able fields (kept in `Manifest.extra`); sha256, size and created are
         computed and may not be given. Metadata read from a GGUF header in the bytes takes
-        precedence over given metadata of the same keys."""
+        precedence over given metadata of the same keys. A "model" (kind) must be a GGUF
+        file: NotGGUF as soon as its first bytes show it is not (nothing is stored)."""
         expected = validate_digest(expected_sha256) if expected_sha256 else None
         fields = dict(manifest_fields or {})
         if computed := _COMPUTED_FIELDS & fields.keys():
@@ -386,9 +390,15 @@ class BlobStore:
             return PutResult(expected, stored.size, deduplicated=True, manifest=stored)
 
         tmp = f"{TMP_DIR}/{uuid.uuid4().hex}"
-        hasher = hashlib.sha256()
+        # Hashed on a thread of its own while the event loop moves the next bytes.
+        hasher = Sha256Thread()
         sniffer = HeaderSniffer()
+        model = fields.get("kind") == "model"
         size = 0
+
+        def check_model() -> None:
+            if model and sniffer.problem is not None:
+                raise NotGGUF(f"not a GGUF file: {sniffer.problem}; only GGUF models can be pushed as models")
 
         async def hashed() -> AsyncIterator[bytes]:
             nonlocal size
@@ -396,20 +406,23 @@ class BlobStore:
                 if not chunk:
                     continue  # an empty chunk would end a chunked HTTP body early
                 data = bytes(chunk)
-                hasher.update(data)
+                await hasher.update(data)
                 size += len(data)
                 if sniffer.feed(data):
                     # A large vocabulary takes a fraction of a second to skip: not on the loop.
                     await asyncio.to_thread(sniffer.parse)
+                # Refused at its first bytes, not after gigabytes.
+                check_model()
                 yield data
 
         try:
             await self.filer.put_stream(tmp, hashed())
-            digest = hasher.hexdigest()
+            digest = await hasher.hexdigest()
             if expected is not None and digest != expected:
                 raise HashMismatch(expected, digest, size)
             if not sniffer.done:
                 await asyncio.to_thread(sniffer.parse, True)
+            check_model()
             metadata |= sniffer.metadata()
             async with self._lock(digest):
                 new_blob = not await self.exists(digest)
@@ -446,6 +459,8 @@ class BlobStore:
             with contextlib.suppress(Exception):
                 await self.filer.delete(tmp)
             raise
+        finally:
+            hasher.close()
         return PutResult(digest, size, deduplicated=False, manifest=manifest, new_blob=new_blob)
 
     async def _write_manifest(self, manifest: Manifest) -> None:
@@ -492,32 +507,43 @@ class BlobStore:
         if offset > info.size:
             raise InvalidRange(f"offset {offset} is past the end of sha256:{digest} ({info.size} bytes)")
         end = info.size if length is None else min(info.size, offset + length)
-        return self._read(digest, offset, end - offset, whole=offset == 0 and end == info.size)
+        return self._read(digest, info, offset, end - offset, whole=offset == 0 and end == info.size)
 
-    async def _read(self, digest: str, offset: int, count: int, *, whole: bool) -> AsyncIterator[bytes]:
-        path = blob_path(digest)
-        hasher = hashlib.sha256() if whole else None
+    async def _read(self, digest: str, info: FileInfo, offset: int, count: int, *, whole: bool) -> AsyncIterator[bytes]:
+        hasher = Sha256Thread() if whole else None
         received = 0
         try:
-            # A whole read asks for everything (no Range), so extra bytes would show too.
-            stream = (
-                self.filer.get_stream(path, chunk_size=self.chunk_size)
-                if whole
-                else (self.filer.get_stream(path, offset, count, chunk_size=self.chunk_size))
-            )
-            async for chunk in stream:
+            async for chunk in self.reader.read(blob_path(digest), info.chunks, offset, count):
                 if hasher is not None:
-                    hasher.update(chunk)
+                    await hasher.update(chunk)
                 received += len(chunk)
                 yield chunk
+            if hasher is not None:
+                actual = await hasher.hexdigest()
+                if actual != digest or received != count:
+                    raise DataLoss(digest, f"read {received} bytes (expected {count}) hashing to sha256:{actual}")
+            elif received != count:
+                raise DataLoss(digest, f"read {received} bytes at offset {offset}, expected {count}")
         except FilerNotFound:
             raise BlobNotFound(digest) from None
-        if hasher is not None:
-            actual = hasher.hexdigest()
-            if actual != digest or received != count:
-                raise DataLoss(digest, f"read {received} bytes (expected {count}) hashing to sha256:{actual}")
-        elif received != count:
-            raise DataLoss(digest, f"read {received} bytes at offset {offset}, expected {count}")
+        finally:
+            if hasher is not None:
+                hasher.close()
+
+    async def locate(self, sha256: str) -> list[tuple[Chunk, list[str]]]:
+        """Each chunk of the blob with the volume servers that hold it, in order; empty when
+        the blob cannot be read chunk by chunk or a volume cannot be located (then it is
+        read through `get`). BlobNotFound if it is not stored."""
+        digest = validate_digest(sha256)
+        info = await self.filer.stat(blob_path(digest))
+        if info is None or info.is_dir:
+            raise BlobNotFound(digest)
+        if not info.chunks:
+            return []
+        volumes = await self.reader.locate(sorted({c.volume_id for c in info.chunks}))
+        if any(c.volume_id not in volumes for c in info.chunks):
+            return []
+        return [(c, volumes[c.volume_id]) for c in info.chunks]
 
     async def delete(self, sha256: str) -> None:
         """Delete the blob and its manifest (BlobNotFound if neither exists). Tags that

@@ -2,7 +2,7 @@
 
 StorageError
 ├── InvalidName, InvalidDigest, InvalidRange,  (also ValueError: the caller's input)
-│   InvalidResult
+│   InvalidResult, NotGGUF
 ├── HashMismatch                               (upload did not hash to the expected digest)
 ├── DataLoss                                   (stored bytes do not hash to their address)
 ├── CorruptRecord                              (a stored JSON record cannot be read)
@@ -38,6 +38,10 @@ class InvalidRange(StorageError, ValueError):
 
 class InvalidResult(StorageError, ValueError):
     """A run result is not a one-line JSON object, or a batch of them is too large."""
+
+
+class NotGGUF(StorageError, ValueError):
+    """Bytes pushed as a model are not a GGUF file; nothing was stored."""
 
 
 class HashMismatch(StorageError):

@@ -8,7 +8,10 @@ What the filer does, as used here:
 - `GET /path` serves bytes with `Accept-Ranges: bytes`; `Range: bytes=a-b` gets 206 with
   `Content-Range`, and 416 past the end (also for any range of an empty file).
 - `GET /path?metadata=true` (`Accept: application/json`) returns the entry as JSON
-  (FileSize, Mtime with nanoseconds, Mode, Mime, Md5); 404 if missing.
+  (FileSize, Mtime with nanoseconds, Mode, Mime, Md5, and `chunks`: where the bytes live,
+  each with `file_id` "volume,key+cookie", `offset` (left out when 0) and `size`); 404 if
+  missing. A chunk may instead be a manifest of further chunks (`is_chunk_manifest`, for
+  files of very many chunks), encrypted (`cipher_key`) or compressed (`is_compressed`).
 - `POST /dst?mv.from=/src` renames server-side (no data copied): 204; it creates missing
   parents of dst and replaces an existing dst; a missing src answers 400 "no entry is found".
 - `DELETE /path` answers 204 even when the path is missing; a non-empty directory needs
@@ -50,7 +53,40 @@ _OUT_OF_SPACE_MARKERS = ("no space left on device", "no free volumes left")
 # A listing loop stops here rather than spin on a filer that never says "done".
 _MAX_LIST_PAGES = 100_000
 
-__all__ = ["FileInfo", "FilerClient", "FilerError", "FilerNotFound", "FilerOutOfSpace", "FilerUnavailable"]
+__all__ = ["Chunk", "FileInfo", "FilerClient", "FilerError", "FilerNotFound", "FilerOutOfSpace", "FilerUnavailable"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where one range of a file's bytes lives: `file_id` on a volume server."""
+
+    file_id: str
+    offset: int
+    size: int
+
+    @property
+    def volume_id(self) -> str:
+        return self.file_id.split(",", 1)[0]
+
+
+def _plain_chunks(entry: Mapping[str, Any], size: int) -> tuple[Chunk, ...] | None:
+    """The entry's chunks in order if they hold its bytes as stored, end to end; None when
+    they cannot be read one by one (manifests, encryption, compression, gaps, overlaps, or
+    content kept in the entry itself)."""
+    chunks = []
+    for raw in entry.get("chunks") or []:
+        if raw.get("is_chunk_manifest") or raw.get("cipher_key") or raw.get("is_compressed"):
+            return None
+        if not isinstance(file_id := raw.get("file_id"), str) or "," not in file_id:
+            return None
+        chunks.append(Chunk(file_id, int(raw.get("offset") or 0), int(raw.get("size") or 0)))
+    chunks.sort(key=lambda c: c.offset)
+    end = 0
+    for chunk in chunks:
+        if chunk.offset != end:
+            return None
+        end += chunk.size
+    return tuple(chunks) if end == size else None
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,8 @@ class FileInfo:
     mime: str = ""
     # Base64 MD5 of the content as the filer computed it (None for directories).
     md5: str | None = None
+    # Where the bytes live, when they can be read chunk by chunk (see _plain_chunks).
+    chunks: tuple[Chunk, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -77,13 +115,15 @@ class FileInfo:
             mtime = datetime.fromisoformat(mtime_text)
         except ValueError:
             mtime = _EPOCH
+        size = int(entry.get("FileSize") or 0)
         return cls(
             path=entry.get("FullPath", ""),
-            size=int(entry.get("FileSize") or 0),
+            size=size,
             mtime=mtime,
             is_dir=bool(int(entry.get("Mode") or 0) & _MODE_DIR),
             mime=entry.get("Mime") or "",
             md5=entry.get("Md5") or None,
+            chunks=_plain_chunks(entry, size),
         )
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import uuid
@@ -26,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamafleet.serial_thread import write_hashed
 from services.storage.blobstore import validate_digest
 
 log = logging.getLogger(__name__)
@@ -128,21 +128,12 @@ class NodeCache:
 
     async def _fill(self, sha256: str, fetch: Callable[[], AsyncIterator[bytes]]) -> Path:
         tmp = self.root / "tmp" / f"{sha256}.{uuid.uuid4().hex}"
-        digest = hashlib.sha256()
-        size = 0
         try:
-            with open(tmp, "wb") as out:
-                async for chunk in fetch():
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if digest.hexdigest() != sha256:
+            # Hashed and written on threads while the next bytes arrive; verified without a second pass.
+            size, actual = await write_hashed(fetch(), tmp)
+            if actual != sha256:
                 self.counters.verification_failures += 1
-                raise CacheVerificationError(
-                    f"fetched bytes hash to {digest.hexdigest()}, not {sha256}; the entry was not cached"
-                )
+                raise CacheVerificationError(f"fetched bytes hash to {actual}, not {sha256}; the entry was not cached")
             # Evictions and the placement together, so that two processes placing different
             # entries at once do not both count the same free space.
             async with self._locked("evict"):

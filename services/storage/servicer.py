@@ -38,6 +38,8 @@ def translate_error(exc: Exception) -> errors.FleetError | None:
             return errors.InvalidArgument(exc.field, str(exc))
         case storage_errors.InvalidResult():
             return errors.InvalidArgument("results", str(exc))
+        case storage_errors.NotGGUF():
+            return errors.InvalidArgument("data", str(exc))
         case storage_errors.HashMismatch():
             return errors.InvalidArgument("expected_sha256", str(exc))
         case storage_errors.DataLoss() | storage_errors.CorruptRecord():
@@ -172,6 +174,17 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         except storage_errors.DataLoss:
             self._metrics.verification_failures.labels("get").inc()
             raise
+
+    async def LocateBlob(
+        self, request: storage_pb2.LocateBlobRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.LocateBlobResponse:
+        digest = await self._digest(request.ref)
+        manifest = await self._manifest(digest)
+        chunks = [
+            storage_pb2.BlobChunk(offset=c.offset, size_bytes=c.size, file_id=c.file_id, urls=urls)
+            for c, urls in await self._store.locate(digest)
+        ]
+        return storage_pb2.LocateBlobResponse(info=to_info(manifest), chunks=chunks)
 
     async def StatBlob(
         self, request: storage_pb2.StatBlobRequest, context: grpc.aio.ServicerContext
