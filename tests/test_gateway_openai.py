@@ -9,8 +9,16 @@ import grpc
 import pytest
 
 from llamafleet.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from llamafleet.v1 import common_pb2
 from services.gateway.core import retry_after_of
-from services.gateway.openai_api import completion_prompt, error_response, generate_request, render_chat
+from services.gateway.openai_api import (
+    _Reply,
+    completion_prompt,
+    error_response,
+    generate_request,
+    render_chat,
+    top_logprobs,
+)
 
 
 def test_openai_fields_map_onto_the_generate_request() -> None:
@@ -45,7 +53,9 @@ def test_openai_fields_map_onto_the_generate_request() -> None:
         ({"seed": -1}, "seed"),
         ({"stop": [1]}, "stop"),
         ({"n": 2}, "n"),
-        ({"logprobs": 3}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+        ({"echo": True}, "echo"),
         ({"model": 5}, "model"),
     ],
 )
@@ -53,6 +63,59 @@ def test_malformed_fields_are_named(body: dict, field: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         generate_request(body, "hi", "r")
     assert info.value.field == field
+
+
+def test_logprobs_ask_llama_server_for_at_least_one_alternative() -> None:
+    assert generate_request({}, "hi", "r").n_probs == 0
+    assert generate_request({"logprobs": 3}, "hi", "r").n_probs == 3
+    assert generate_request({"logprobs": 0}, "hi", "r").n_probs == 1
+    assert generate_request({"logprobs": True, "top_logprobs": 4}, "hi", "r", chat=True).n_probs == 4
+    assert generate_request({"logprobs": True}, "hi", "r", chat=True).n_probs == 1
+    assert top_logprobs({"logprobs": False}, chat=True) is None
+    assert top_logprobs({"logprobs": True}, chat=True) == 0
+    for body, field in (({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": 2}, "logprobs")):
+        with pytest.raises(InvalidArgument) as info:
+            generate_request(body, "hi", "r", chat=True)
+        assert info.value.field == field
+
+
+def _tokens() -> list[common_pb2.TokenLogprobs]:
+    top = [common_pb2.TopLogprob(token=" a", logprob=-0.5), common_pb2.TopLogprob(token=" b", logprob=-1.5)]
+    return [
+        common_pb2.TokenLogprobs(token=" a", logprob=-0.5, top=top),
+        common_pb2.TokenLogprobs(token="é", logprob=float("-inf"), top=top),
+    ]
+
+
+def test_chat_logprobs_take_openai_shape() -> None:
+    reply = _Reply(True, "r", "m", top=1)
+    result = common_pb2.GenerationResult(finish_reason=common_pb2.FINISH_REASON_LENGTH)
+    logprobs = reply.complete(" aé", result, _tokens())["choices"][0]["logprobs"]
+    assert logprobs["refusal"] is None
+    first, second = logprobs["content"]
+    assert first == {
+        "token": " a",
+        "logprob": -0.5,
+        "bytes": [32, 97],
+        "top_logprobs": [{"token": " a", "logprob": -0.5, "bytes": [32, 97]}],
+    }
+    assert second["bytes"] == list("é".encode()) and second["logprob"] == -9999.0  # JSON has no -inf
+    assert _Reply(True, "r", "m").complete("x", result, _tokens())["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_offsets_continue_across_streamed_chunks() -> None:
+    reply = _Reply(False, "r", "m", top=2)
+    tokens = _tokens()
+    first = reply.delta(" a", None, True, tokens[:1])["choices"][0]["logprobs"]
+    second = reply.delta("é", None, False, tokens[1:])["choices"][0]["logprobs"]
+    assert first == {
+        "tokens": [" a"],
+        "token_logprobs": [-0.5],
+        "top_logprobs": [{" a": -0.5, " b": -1.5}],
+        "text_offset": [0],
+    }
+    assert second["text_offset"] == [2] and second["token_logprobs"] == [-9999.0]
+    assert reply.delta("", "stop", False)["choices"][0]["logprobs"] is None
 
 
 def test_completion_prompt_is_one_string() -> None:
