@@ -3,17 +3,21 @@ to OpenAI's JSON shape, downstream statuses. (Against the real stack: tests/test
 
 from __future__ import annotations
 
+import base64
 import json
 
 import grpc
+import numpy as np
 import pytest
 
 from llamafleet.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
-from llamafleet.v1 import common_pb2
+from llamafleet.v1 import common_pb2, gateway_pb2
 from services.gateway.core import retry_after_of
 from services.gateway.openai_api import (
     _Reply,
     completion_prompt,
+    embed_request,
+    embeddings_json,
     error_response,
     generate_request,
     render_chat,
@@ -192,3 +196,31 @@ def test_downstream_statuses_keep_their_meaning() -> None:
     assert retry_after_of(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED)) is None
     assert error_response(rpc_error(grpc.StatusCode.UNAVAILABLE)).status == 503
     assert error_response(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED)).status == 504
+
+
+def test_embeddings_bodies_map_onto_embed_requests() -> None:
+    assert list(embed_request({"input": "hi", "model": "e:1"}, "r").inputs) == ["hi"]
+    request = embed_request({"input": ["a", "b"], "encoding_format": "base64"}, "r")
+    assert list(request.inputs) == ["a", "b"] and request.request_id == "r"
+    for body, field in (
+        ({"input": [[1, 2]]}, "input"),
+        ({"input": 3}, "input"),
+        ({"input": "a", "dimensions": 8}, "dimensions"),
+        ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            embed_request(body, "r")
+        assert info.value.field == field
+
+
+def test_embeddings_answer_in_openai_shape_as_floats_or_base64() -> None:
+    response = gateway_pb2.EmbedResponse(
+        embeddings=[gateway_pb2.Embedding(values=[0.6, 0.8]), gateway_pb2.Embedding(values=[1.0, 0.0])],
+        prompt_tokens=5,
+    )
+    floats = embeddings_json(response, "e:1", "float")
+    assert floats["object"] == "list" and floats["model"] == "e:1"
+    assert floats["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
+    assert [d["index"] for d in floats["data"]] == [0, 1] and floats["data"][1]["embedding"] == [1.0, 0.0]
+    encoded = embeddings_json(response, "e:1", "base64")["data"][0]["embedding"]
+    assert np.frombuffer(base64.b64decode(encoded), dtype="<f4").tolist() == pytest.approx([0.6, 0.8])

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from opentelemetry import trace
 
 from llamafleet.channels import open_channel
@@ -20,6 +21,7 @@ from llamafleet.generation import (
     GenerationLimits,
     estimate_cost,
     params_from_request,
+    validate_inputs,
     validate_params,
     validate_policy,
     validate_prompt,
@@ -234,6 +236,57 @@ class GatewayCore:
         now = time.perf_counter()
         result.timings.ttft_ms = ((first_token_at or now) - start) * 1000
         result.timings.total_ms = (now - start) * 1000
+
+    async def embed(
+        self, request: gateway_pb2.EmbedRequest, caller: Caller, timeout: float | None
+    ) -> gateway_pb2.EmbedResponse:
+        """One unit vector per input: per-token embeddings from a worker, pooled and
+        normalised on postproc. `timeout` (seconds) is the caller's remaining deadline."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        validate_inputs(request.inputs, self._limits)
+        model_sha256 = (await self._models.resolve(request.model)).sha256 if request.model else ""
+        request_id = request.request_id or uuid.uuid4().hex
+        trace.get_current_span().set_attributes(
+            {
+                "llamafleet.request_id": request_id,
+                "llamafleet.api_key": caller.key_id,
+                "gen_ai.request.model": request.model,
+            }
+        )
+        cost = sum(len(text) // 4 + 1 for text in request.inputs)
+        try:
+            ticket = self.admission.admit(caller.key_id, caller.limits, cost)
+        except Rejected as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            raise
+        used_tokens: int | None = None
+        try:
+            tokens = await self._scheduler.EmbedTokens(
+                scheduler_pb2.EmbedTokensRequest(
+                    request_id=request_id, inputs=request.inputs, model_sha256=model_sha256
+                ),
+                timeout=None if deadline is None else deadline - time.monotonic(),
+            )
+            embedded = tokens.embeddings
+            used_tokens = sum(embedded.tokens)
+            pooled = await self._postproc.PoolEmbeddings(
+                postproc_pb2.PoolEmbeddingsRequest(
+                    hidden_states=embedded.hidden_states, mask=embedded.mask, pooling=embedded.pooling, normalize=True
+                ),
+                timeout=POSTPROC_TIMEOUT_S
+                if deadline is None
+                else min(deadline - time.monotonic(), POSTPROC_TIMEOUT_S),
+            )
+        finally:
+            self.admission.release(ticket, used_tokens)
+        vectors = np.frombuffer(pooled.embeddings.data, dtype="<f4").reshape(tuple(pooled.embeddings.shape))
+        self.metrics.tokens.labels("input").inc(used_tokens)
+        return gateway_pb2.EmbedResponse(
+            embeddings=[gateway_pb2.Embedding(values=row) for row in vectors.tolist()],
+            prompt_tokens=used_tokens,
+            model_sha256=tokens.model_sha256,
+            worker=tokens.worker,
+        )
 
     async def list_models(self) -> gateway_pb2.ListModelsResponse:
         """The models tagged in storage."""

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP face of the gateway: `POST /v1/completions`,
-`POST /v1/chat/completions` (both stream as server-sent events when `stream` is true) and
-`GET /v1/models`. It runs in the gateway process, on the gRPC server's event loop, and goes
+`POST /v1/chat/completions` (both stream as server-sent events when `stream` is true),
+`POST /v1/embeddings` and `GET /v1/models`. It runs in the gateway process, on the gRPC server's event loop, and goes
 through the same GatewayCore path as `Gateway/Generate`: the same validation, API keys, limits,
 metrics and traces. Errors use OpenAI's JSON shape and the matching HTTP status.
 
@@ -26,6 +26,7 @@ characters from the start of the generated text (no `echo`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -37,6 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 from aiohttp import web
 from opentelemetry import trace
 
@@ -291,6 +293,35 @@ def _content(i: int, content: Any) -> str:
     raise InvalidArgument(f"messages[{i}].content", "must be a string or a list of text parts")
 
 
+def embed_request(body: Json, request_id: str) -> gateway_pb2.EmbedRequest:
+    """The EmbedRequest of an OpenAI embeddings body (`input`: a string or a list of strings)."""
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
+        raise InvalidArgument("input", "must be a string or a list of strings (token arrays are not supported)")
+    if body.get("dimensions") is not None:
+        raise InvalidArgument("dimensions", "is not supported: vectors have the model's embedding length")
+    if (_string(body, "encoding_format") or "float") not in ("float", "base64"):
+        raise InvalidArgument("encoding_format", "must be float or base64")
+    return gateway_pb2.EmbedRequest(inputs=inputs, model=_string(body, "model"), request_id=request_id)
+
+
+def embeddings_json(response: gateway_pb2.EmbedResponse, model: str, encoding_format: str) -> Json:
+    """An EmbedResponse as OpenAI's embeddings list; base64 is the little-endian float32 bytes."""
+
+    def encoded(values: Sequence[float]) -> list[float] | str:
+        if encoding_format == "base64":
+            return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+        return list(values)
+
+    data = [
+        {"object": "embedding", "index": i, "embedding": encoded(e.values)} for i, e in enumerate(response.embeddings)
+    ]
+    usage = {"prompt_tokens": response.prompt_tokens, "total_tokens": response.prompt_tokens}
+    return {"object": "list", "data": data, "model": model, "usage": usage}
+
+
 async def _json_body(request: web.Request) -> Json:
     try:
         body = await request.json()
@@ -421,6 +452,7 @@ class OpenAIFace:
         app[CORE] = self._core
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         self._core.metrics.export_routes_at_zero(resource.canonical for resource in app.router.resources())
         return app
@@ -430,6 +462,15 @@ class OpenAIFace:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        caller = self._core.authenticate(request.headers.get("Authorization"))
+        body = await _json_body(request)
+        embed = embed_request(body, request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+        response = await self._core.embed(embed, caller, timeout=None)
+        return web.json_response(
+            embeddings_json(response, embed.model or "default", _string(body, "encoding_format") or "float")
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         self._core.authenticate(request.headers.get("Authorization"))

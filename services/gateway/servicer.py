@@ -32,3 +32,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.ListModelsResponse:
         _caller(self._core, context)
         return await self._core.list_models()
+
+    async def Embed(
+        self, request: gateway_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.EmbedResponse:
+        return await self._core.embed(request, _caller(self._core, context), timeout=context.time_remaining())
