@@ -1,9 +1,14 @@
 """Embeddings through the fleet, against a real stack serving an embedding model (the demo model
 declaring mean pooling): the openai SDK and gRPC Embed, pooling and normalisation checked against
-llama-server's own per-token output, and the statuses of requests the fleet cannot serve."""
+llama-server's own per-token output, the statuses of requests the fleet cannot serve, and corpora
+filled and searched through the gateway (and the CLI) that survive a postproc restart."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,9 +18,17 @@ import openai
 import pytest
 import pytest_asyncio
 
+from llamafleet.channels import wait_serving
 from llamafleet.demo_model import write_demo_model
 from llamafleet.stack import Stack, StackConfig
-from llamafleet.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from llamafleet.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    postproc_pb2,
+    postproc_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -103,3 +116,101 @@ async def test_an_embedding_model_refuses_to_generate_with_failed_precondition(s
     assert "is an embedding model" in info.value.details()
     with pytest.raises(openai.BadRequestError, match="embedding model"):
         await sdk(stack).completions.create(model=MODEL, prompt="hi", max_tokens=4)
+
+
+# --- corpora ---
+
+DOCUMENTS = {
+    "fleet": "the fleet of llama servers answers every request",
+    "cache": "a cache keeps the model on each host",
+    "weather": "rain and snow all day",
+    "cat": "the cat sat on the mat",
+}
+
+
+async def search(gateway, query: str, top_k: int = 2, corpus: str = "notes") -> list[gateway_pb2.DocumentHit]:
+    response = await gateway.Search(gateway_pb2.SearchRequest(corpus=corpus, query=query, top_k=top_k), timeout=60)
+    return list(response.hits)
+
+
+async def postproc_corpora(stack: Stack) -> list[str]:
+    async with grpc.aio.insecure_channel(stack.cfg.address(stack.cfg.postproc_port)) as channel:
+        status = await postproc_pb2_grpc.PostprocStub(channel).DeviceStatus(postproc_pb2.DeviceStatusRequest())
+    return [c.name for c in status.corpora]
+
+
+async def test_a_corpus_filled_through_the_gateway_returns_the_nearest_documents(gateway) -> None:
+    documents = [gateway_pb2.Document(id=i, text=t) for i, t in DOCUMENTS.items()]
+    added = await gateway.AddDocuments(gateway_pb2.AddDocumentsRequest(corpus="notes", documents=documents), timeout=60)
+    assert added.size == 4 and len(added.model_sha256) == 64
+    for id_, text in DOCUMENTS.items():
+        hits = await search(gateway, text)
+        assert len(hits) == 2 and hits[0].document.id == id_ and hits[0].document.text == text
+        assert hits[0].score > 0.999 > hits[1].score
+
+    # An id added again takes its new text; the others stay.
+    replaced = gateway_pb2.Document(id="cat", text="a dog ran in the park")
+    added = await gateway.AddDocuments(
+        gateway_pb2.AddDocumentsRequest(corpus="notes", documents=[replaced]), timeout=60
+    )
+    assert added.size == 4
+    assert (await search(gateway, "a dog ran in the park", top_k=1))[0].document.id == "cat"
+
+
+async def test_a_corpus_survives_a_postproc_restart(stack: Stack, gateway) -> None:
+    before = [(h.document.id, round(h.score, 4)) for h in await search(gateway, DOCUMENTS["cache"], top_k=4)]
+    restarts = stack.restarts.get("postproc", 0)
+    os.kill(stack.processes["postproc"].pid, signal.SIGKILL)
+    async with asyncio.timeout(60):
+        while stack.restarts.get("postproc", 0) == restarts:
+            await asyncio.sleep(0.05)
+    await wait_serving(stack.cfg.address(stack.cfg.postproc_port), 60.0)
+    assert await postproc_corpora(stack) == []  # the device copy is gone
+    after = [(h.document.id, round(h.score, 4)) for h in await search(gateway, DOCUMENTS["cache"], top_k=4)]
+    assert after == before and await postproc_corpora(stack) == ["notes"]
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "needle"),
+    [
+        (gateway_pb2.SearchRequest(corpus="nothing", query="hi"), grpc.StatusCode.NOT_FOUND, "no corpus 'nothing'"),
+        (gateway_pb2.SearchRequest(corpus="Bad Name", query="hi"), grpc.StatusCode.INVALID_ARGUMENT, "corpus: "),
+        (gateway_pb2.SearchRequest(corpus="notes", query=""), grpc.StatusCode.INVALID_ARGUMENT, "query: "),
+        (gateway_pb2.SearchRequest(corpus="notes", query="hi", top_k=500), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        (
+            gateway_pb2.AddDocumentsRequest(corpus="notes", documents=[gateway_pb2.Document(id="", text="x")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "documents[0].id",
+        ),
+    ],
+)
+async def test_corpus_requests_get_the_right_status(gateway, request_, code, needle) -> None:
+    call = gateway.Search if isinstance(request_, gateway_pb2.SearchRequest) else gateway.AddDocuments
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(request_, timeout=30)
+    assert info.value.code() == code, info.value.details()
+    assert needle in info.value.details()
+
+
+async def test_the_cli_fills_and_searches_a_corpus(stack: Stack, tmp_path) -> None:
+    lines = [f'{{"id": "{i}", "text": "{t}"}}' for i, t in DOCUMENTS.items()]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    env = os.environ | {"LLAMAFLEET_GATEWAY": stack.cfg.address(stack.cfg.gateway_port), "COLUMNS": "200"}
+
+    async def cli(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "llamafleet.cli",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+    assert "clinotes holds 4" in await cli("corpus", "add", "clinotes", str(tmp_path / "docs.jsonl"))
+    out = await cli("search", "clinotes", DOCUMENTS["weather"], "--top-k", "1")
+    assert "weather" in out and "rain and snow all day" in out and "cat" not in out

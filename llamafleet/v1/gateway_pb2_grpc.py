@@ -50,6 +50,16 @@ class GatewayStub:
                 request_serializer=llamafleet_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.AddDocuments = channel.unary_unary(
+                '/llamafleet.v1.Gateway/AddDocuments',
+                request_serializer=llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsResponse.FromString,
+                _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/llamafleet.v1.Gateway/Search',
+                request_serializer=llamafleet_dot_v1_dot_gateway__pb2.SearchRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_gateway__pb2.SearchResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -77,6 +87,20 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddDocuments(self, request, context):
+        """Embeds documents and adds them to a named corpus (created on first use, kept in storage).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Search(self, request, context):
+        """The documents of a corpus nearest to a query (cosine similarity of their embeddings).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +118,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=llamafleet_dot_v1_dot_gateway__pb2.EmbedRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_gateway__pb2.EmbedResponse.SerializeToString,
+            ),
+            'AddDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddDocuments,
+                    request_deserializer=llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=llamafleet_dot_v1_dot_gateway__pb2.SearchRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_gateway__pb2.SearchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +212,60 @@ class Gateway:
             '/llamafleet.v1.Gateway/Embed',
             llamafleet_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
             llamafleet_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Gateway/AddDocuments',
+            llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsRequest.SerializeToString,
+            llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Gateway/Search',
+            llamafleet_dot_v1_dot_gateway__pb2.SearchRequest.SerializeToString,
+            llamafleet_dot_v1_dot_gateway__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,

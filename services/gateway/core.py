@@ -16,7 +16,7 @@ import numpy as np
 from opentelemetry import trace
 
 from llamafleet.channels import open_channel
-from llamafleet.errors import PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from llamafleet.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from llamafleet.generation import (
     GenerationLimits,
     estimate_cost,
@@ -40,9 +40,13 @@ from llamafleet.v1 import (
 )
 from services.gateway.admission import Admission, RateLimits, Rejected
 from services.gateway.config import GatewaySettings
+from services.gateway.corpora import Corpora, validate_corpus_name
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import ModelResolver
 
+# Search hits when the request names no number, and the most it may ask for.
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 100
 # Rate limits of everyone when no keys file is configured: one shared principal.
 ANONYMOUS = "anonymous"
 POSTPROC_TIMEOUT_S = 10.0
@@ -89,6 +93,7 @@ class GatewayCore:
         self._storage = storage
         self._scheduler = scheduler_pb2_grpc.SchedulerStub(open_channel(settings.scheduler_address))
         self._postproc = postproc_pb2_grpc.PostprocStub(open_channel(settings.postproc_address))
+        self.corpora = Corpora(storage, self._postproc)
         self.metrics = GatewayMetrics()
 
     def authenticate(self, authorization: str | None) -> Caller:
@@ -286,6 +291,49 @@ class GatewayCore:
             prompt_tokens=used_tokens,
             model_sha256=tokens.model_sha256,
             worker=tokens.worker,
+        )
+
+    async def add_documents(
+        self, request: gateway_pb2.AddDocumentsRequest, caller: Caller, timeout: float | None
+    ) -> gateway_pb2.AddDocumentsResponse:
+        """Embed the documents through the fleet and add them to the corpus (see Corpora)."""
+        validate_corpus_name(request.corpus)
+        if not request.documents:
+            raise InvalidArgument("documents", "must hold at least one document")
+        ids = [d.id for d in request.documents]
+        for i, id_ in enumerate(ids):
+            if not id_:
+                raise InvalidArgument(f"documents[{i}].id", "must not be empty")
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("documents", "ids must be distinct")
+        texts = [d.text for d in request.documents]
+        model = request.model
+        if not model and (current := await self.corpora.find(request.corpus)) is not None:
+            model = current.model_sha256
+        embedded = await self.embed(gateway_pb2.EmbedRequest(inputs=texts, model=model), caller, timeout)
+        vectors = np.array([e.values for e in embedded.embeddings], dtype=np.float32)
+        version = await self.corpora.add(request.corpus, embedded.model_sha256, ids, texts, vectors)
+        return gateway_pb2.AddDocumentsResponse(size=len(version.ids), model_sha256=version.model_sha256)
+
+    async def search(
+        self, request: gateway_pb2.SearchRequest, caller: Caller, timeout: float | None
+    ) -> gateway_pb2.SearchResponse:
+        """The documents nearest to the query, embedded by the corpus's own model."""
+        if request.top_k > MAX_TOP_K:
+            raise InvalidArgument("top_k", f"is {request.top_k}; the limit is {MAX_TOP_K}")
+        if not request.query:
+            raise InvalidArgument("query", "must not be empty")
+        version = await self.corpora.get(request.corpus)
+        embedded = await self.embed(
+            gateway_pb2.EmbedRequest(inputs=[request.query], model=version.model_sha256), caller, timeout
+        )
+        query = np.array(embedded.embeddings[0].values, dtype=np.float32)
+        hits = await self.corpora.search(request.corpus, query, request.top_k or DEFAULT_TOP_K)
+        return gateway_pb2.SearchResponse(
+            hits=[
+                gateway_pb2.DocumentHit(document=gateway_pb2.Document(id=id_, text=text), score=score)
+                for id_, text, score in hits
+            ]
         )
 
     async def list_models(self) -> gateway_pb2.ListModelsResponse:
