@@ -76,6 +76,11 @@ def retry_after_of(exc: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
+def _postproc_timeout(deadline: float | None) -> float:
+    """Seconds a postproc call may take: POSTPROC_TIMEOUT_S, or less when the caller's deadline is nearer."""
+    return POSTPROC_TIMEOUT_S if deadline is None else min(deadline - time.monotonic(), POSTPROC_TIMEOUT_S)
+
+
 class GatewayCore:
     """What the gateway does for a caller, independent of the protocol it arrived by."""
 
@@ -223,10 +228,9 @@ class GatewayCore:
     async def _token_stats(
         self, tokens: list[common_pb2.TokenLogprobs], deadline: float | None
     ) -> common_pb2.TokenStats:
-        timeout = POSTPROC_TIMEOUT_S if deadline is None else min(deadline - time.monotonic(), POSTPROC_TIMEOUT_S)
         response = await self._postproc.ComputeTokenStats(
             postproc_pb2.ComputeTokenStatsRequest(responses=[postproc_pb2.ResponseLogprobs(tokens=tokens)]),
-            timeout=timeout,
+            timeout=_postproc_timeout(deadline),
         )
         return response.stats[0]
 
@@ -278,9 +282,7 @@ class GatewayCore:
                 postproc_pb2.PoolEmbeddingsRequest(
                     hidden_states=embedded.hidden_states, mask=embedded.mask, pooling=embedded.pooling, normalize=True
                 ),
-                timeout=POSTPROC_TIMEOUT_S
-                if deadline is None
-                else min(deadline - time.monotonic(), POSTPROC_TIMEOUT_S),
+                timeout=_postproc_timeout(deadline),
             )
         finally:
             self.admission.release(ticket, used_tokens)
