@@ -13,6 +13,10 @@ The last event has `stop: true`, empty `content`/`tokens`, the real `id_slot`, `
 ("eos", "word", "limit"), `stopping_word`, `tokens_cached`, and `timings` (`cache_n`,
 `prompt_n`, `prompt_ms`, `predicted_n`, `predicted_ms`, ...). Errors come as a JSON body
 `{"error": {"code", "message", "type"}}`, or mid-stream as an event holding `error`.
+
+Started with `--embeddings --pooling none`, `/embedding` with `{"content": [texts]}` answers
+`[{"index": i, "embedding": [[dim floats] per token]}]` (BOS included, not normalised); an input
+beyond the physical batch is refused with HTTP 500, "input (N tokens) is too large to process".
 """
 
 from __future__ import annotations
