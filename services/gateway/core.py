@@ -81,6 +81,40 @@ def _postproc_timeout(deadline: float | None) -> float:
     return POSTPROC_TIMEOUT_S if deadline is None else min(deadline - time.monotonic(), POSTPROC_TIMEOUT_S)
 
 
+class _SchedulerRetries:
+    """The waits of one request between attempts to reach a scheduler that is unavailable (it
+    is restarting, or its pool is (re)starting), within `scheduler_retry_s` and the deadline."""
+
+    def __init__(
+        self, settings: GatewaySettings, metrics: GatewayMetrics, request_id: str, deadline: float | None
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._request_id = request_id
+        self._until = time.monotonic() + settings.scheduler_retry_s
+        if deadline is not None:
+            self._until = min(self._until, deadline)
+        self._backoff = SCHEDULER_BACKOFF_S
+
+    async def after(self, exc: grpc.aio.AioRpcError, kind: str, *, retryable: bool = True) -> None:
+        """Return, after a backoff, when the failed call may be tried again ("retry" or
+        "resume"); else raise what the caller should see."""
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # The scheduler's queue is full: pass its retry-after on to the caller.
+            raise ResourceExhausted(exc.details() or "", retry_after=retry_after_of(exc)) from exc
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or not retryable:
+            raise exc
+        if time.monotonic() + self._backoff > self._until:
+            raise Unavailable(
+                f"the scheduler at {self._settings.scheduler_address} could not serve for "
+                f"{self._settings.scheduler_retry_s:.0f}s: {exc.details()}"
+            ) from exc
+        self._metrics.scheduler_retries.labels(kind).inc()
+        log.warning("request %s: scheduler unavailable (%s); %s", self._request_id, exc.details(), kind)
+        await asyncio.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, SCHEDULER_BACKOFF_MAX_S)
+
+
 class GatewayCore:
     """What the gateway does for a caller, independent of the protocol it arrived by."""
 
@@ -164,10 +198,7 @@ class GatewayCore:
         # Every token id streamed so far, for a resume after the scheduler went away.
         streamed = 0
         resumable = True
-        retry_until = time.monotonic() + self._settings.scheduler_retry_s
-        if deadline is not None:
-            retry_until = min(retry_until, deadline)
-        backoff = SCHEDULER_BACKOFF_S
+        retries = _SchedulerRetries(self._settings, self.metrics, request_id, deadline)
         self.metrics.in_flight.inc()
         try:
             while True:
@@ -199,22 +230,7 @@ class GatewayCore:
                         yield gateway_pb2.GenerateResponse(result=result)
                         return
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        # The scheduler's queue is full: pass its retry-after on to the caller.
-                        raise ResourceExhausted(exc.details() or "", retry_after=retry_after_of(exc)) from exc
-                    # UNAVAILABLE: the scheduler is restarting, or its pool is (re)starting.
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or (streamed and not resumable):
-                        raise
-                    if time.monotonic() + backoff > retry_until:
-                        raise Unavailable(
-                            f"the scheduler at {self._settings.scheduler_address} could not serve for "
-                            f"{self._settings.scheduler_retry_s:.0f}s: {exc.details()}"
-                        ) from exc
-                    kind = "resume" if streamed else "retry"
-                    self.metrics.scheduler_retries.labels(kind).inc()
-                    log.warning("request %s: scheduler unavailable (%s); %s", request_id, exc.details(), kind)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, SCHEDULER_BACKOFF_MAX_S)
+                    await retries.after(exc, "resume" if streamed else "retry", retryable=not streamed or resumable)
                 finally:
                     call.cancel()
         except (asyncio.CancelledError, GeneratorExit):
@@ -270,12 +286,18 @@ class GatewayCore:
             raise
         used_tokens: int | None = None
         try:
-            tokens = await self._scheduler.EmbedTokens(
-                scheduler_pb2.EmbedTokensRequest(
-                    request_id=request_id, inputs=request.inputs, model_sha256=model_sha256
-                ),
-                timeout=None if deadline is None else deadline - time.monotonic(),
+            embed = scheduler_pb2.EmbedTokensRequest(
+                request_id=request_id, inputs=request.inputs, model_sha256=model_sha256
             )
+            retries = _SchedulerRetries(self._settings, self.metrics, request_id, deadline)
+            while True:
+                try:
+                    tokens = await self._scheduler.EmbedTokens(
+                        embed, timeout=None if deadline is None else deadline - time.monotonic()
+                    )
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    await retries.after(exc, "retry")
             embedded = tokens.embeddings
             used_tokens = sum(embedded.tokens)
             pooled = await self._postproc.PoolEmbeddings(
