@@ -20,6 +20,7 @@ from rich.table import Table
 
 from llamafleet import config as defaults
 from llamafleet.channels import open_channel
+from llamafleet.cli_corpus import register as register_corpus_commands
 from llamafleet.cli_keys import keys_app
 from llamafleet.cli_storage import register as register_storage_commands
 from llamafleet.cli_workers import call_scheduler, print_cluster, workers_app
@@ -31,6 +32,7 @@ app = typer.Typer(help="llamafleet: an LLM-serving fabric for llama.cpp fleets."
 app.add_typer(keys_app, name="keys")
 app.add_typer(workers_app, name="workers")
 register_storage_commands(app)
+register_corpus_commands(app)
 console = Console()
 err = Console(stderr=True)
 

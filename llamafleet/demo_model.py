@@ -101,10 +101,12 @@ def write_demo_model(
     n_head_kv: int | None = None,
     n_ff: int | None = None,
     context_length: int | None = None,
+    pooling: str | None = None,
 ) -> Path:
     """Write the demo GGUF to `path` atomically (temporary file, then rename) and return `path`.
 
     `size` picks a shape from SIZES; the other keywords override single hyperparameters.
+    `pooling` ("mean", "cls" or "last") declares it an embedding model pooled that way.
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
@@ -146,6 +148,8 @@ def write_demo_model(
     writer.add_head_count_kv(shape.n_head_kv)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
+    if pooling is not None:
+        writer.add_pooling_type(gguf.PoolingType[pooling.upper()])
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_tokenizer_model("t5")
@@ -202,8 +206,14 @@ def main(argv: list[str] | None = None) -> None:
         help="tiny (~0.25 MB, tests and demo) or bench (~63 MB, prefill-bound benchmarks); default: tiny",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+    parser.add_argument(
+        "--pooling",
+        choices=("mean", "cls", "last"),
+        default=None,
+        help="make it an embedding model that pools its tokens this way (served by /v1/embeddings)",
+    )
     args = parser.parse_args(argv)
-    path = write_demo_model(args.output, seed=args.seed, size=args.size)
+    path = write_demo_model(args.output, seed=args.seed, size=args.size, pooling=args.pooling)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", file=sys.stderr)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,8 @@ class GenerationLimits(BaseSettings):
     max_stop_chars: int = Field(default=128, ge=1)
     max_n_probs: int = Field(default=32, ge=0)
     max_temperature: float = Field(default=5.0, ge=0)
+    # Texts per embeddings request.
+    max_embed_inputs: int = Field(default=256, ge=1)
 
 
 POLICIES = ("round_robin", "least_loaded", "prefix_affinity")
@@ -52,6 +55,19 @@ def validate_prompt(prompt: str, limits: GenerationLimits) -> None:
         raise InvalidArgument("prompt", "must not be empty")
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidArgument("prompt", f"is {len(prompt)} characters; the limit is {limits.max_prompt_chars}")
+
+
+def validate_inputs(inputs: Sequence[str], limits: GenerationLimits) -> None:
+    """The texts of an embeddings request: 1 to max_embed_inputs, each 1 to max_prompt_chars characters."""
+    if not inputs:
+        raise InvalidArgument("inputs", "must hold at least one text")
+    if len(inputs) > limits.max_embed_inputs:
+        raise InvalidArgument("inputs", f"holds {len(inputs)} texts; the limit is {limits.max_embed_inputs}")
+    for i, text in enumerate(inputs):
+        if not text:
+            raise InvalidArgument(f"inputs[{i}]", "must not be empty")
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidArgument(f"inputs[{i}]", f"is {len(text)} characters; the limit is {limits.max_prompt_chars}")
 
 
 def validate_policy(policy: str) -> None:

@@ -25,7 +25,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
-from gguf.constants import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
+from gguf.constants import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType, PoolingType
 
 MAGIC = struct.pack("<I", GGUF_MAGIC)
 # GGUF v1 used 32-bit counts and lengths; every current writer produces v2 or v3.
@@ -100,6 +100,7 @@ class GGUFHeader:
             found["context_length"] = fields.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch))
             found["embedding_length"] = fields.get(Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
             found["block_count"] = fields.get(Keys.LLM.BLOCK_COUNT.format(arch=arch))
+            found["pooling_type"] = _pooling_name(fields.get(Keys.LLM.POOLING_TYPE.format(arch=arch)))
         return {key: _printable(value) for key, value in found.items() if value is not None and value != ""}
 
     def quantization(self) -> str | None:
@@ -118,6 +119,16 @@ class GGUFHeader:
             except ValueError:
                 return f"ggml_type_{dominant}"
         return None
+
+
+def _pooling_name(value: Scalar | None) -> str | None:
+    """ "mean", "cls", "last", "none" or "rank" for a `{arch}.pooling_type` value."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    try:
+        return PoolingType(value).name.lower()
+    except ValueError:
+        return f"pooling_type_{value}"
 
 
 def _printable(value: object) -> str:

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 
 from llamafleet.channels import open_channel
@@ -150,24 +150,55 @@ class StorageClient:
     ) -> storage_pb2.PutBlobResponse:
         """Upload a file. Its digest is sent first (computed here unless given), so content
         already stored is not transferred. `refs`: digests of blobs this one needs."""
-        size = path.stat().st_size
         header = storage_pb2.PutBlobHeader(
             expected_sha256=sha256 or await asyncio.to_thread(sha256_file, path),
             kind=kind,
             media_type=media_type,
             filename=path.name,
             labels=labels or {},
-            size_bytes=size,
+            size_bytes=path.stat().st_size,
             refs=refs or [],
         )
 
-        async def requests() -> AsyncIterator[storage_pb2.PutBlobRequest]:
-            yield storage_pb2.PutBlobRequest(header=header)
+        def chunks() -> Iterator[bytes]:
             with open(path, "rb") as f:
                 while chunk := f.read(CHUNK_BYTES):
-                    yield storage_pb2.PutBlobRequest(data=chunk)
-                    if progress:
-                        progress(len(chunk))
+                    yield chunk
+
+        return await self._put(header, chunks(), progress)
+
+    async def upload_bytes(
+        self,
+        data: bytes,
+        filename: str,
+        *,
+        kind: storage_pb2.ArtifactKind.ValueType = storage_pb2.ARTIFACT_KIND_OTHER,
+        media_type: str = "application/octet-stream",
+    ) -> storage_pb2.PutBlobResponse:
+        """Upload bytes held in memory (skipped when stored already, like `upload`)."""
+        header = storage_pb2.PutBlobHeader(
+            expected_sha256=hashlib.sha256(data).hexdigest(),
+            kind=kind,
+            media_type=media_type,
+            filename=filename,
+            size_bytes=len(data),
+        )
+        view = memoryview(data)
+        return await self._put(header, (view[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)), None)
+
+    async def read_bytes(self, ref: str) -> bytes:
+        """A blob's bytes in memory (for small artifacts); DATA_LOSS if they do not match the digest."""
+        return b"".join([chunk async for chunk in self.stream(ref)])
+
+    async def _put(
+        self, header: storage_pb2.PutBlobHeader, chunks: Iterable[bytes], progress: Progress | None
+    ) -> storage_pb2.PutBlobResponse:
+        async def requests() -> AsyncIterator[storage_pb2.PutBlobRequest]:
+            yield storage_pb2.PutBlobRequest(header=header)
+            for chunk in chunks:
+                yield storage_pb2.PutBlobRequest(data=bytes(chunk))
+                if progress:
+                    progress(len(chunk))
 
         return await self.stub.PutBlob(requests(), metadata=self.metadata)
 

@@ -71,3 +71,12 @@ def test_command_line_writes_the_same_file(tmp_path: Path) -> None:
         [sys.executable, "-m", "llamafleet.demo_model", "--help"], capture_output=True, text=True, timeout=60
     )
     assert usage.returncode == 0 and "--size" in usage.stdout and "bench" in usage.stdout
+
+
+def test_a_pooling_makes_an_embedding_model_that_storage_metadata_shows(tmp_path: Path) -> None:
+    from llamafleet.gguf_info import parse_header
+
+    path = write_demo_model(tmp_path / "e.gguf", pooling="last")
+    assert field(gguf.GGUFReader(path), "llama.pooling_type") == gguf.PoolingType.LAST
+    assert parse_header(path.read_bytes()).metadata()["pooling_type"] == "last"
+    assert "pooling_type" not in parse_header(write_demo_model(tmp_path / "g.gguf").read_bytes()).metadata()

@@ -352,3 +352,32 @@ async def test_added_workers_are_returned_once_ready() -> None:
     events_for(m, 2, worker_pb2.WorkerEvent(status=ready(2, 2)))
     (status,) = await adding
     assert status.rank == 2 and status.state == READY and m.target == 2
+
+
+@pytest.mark.asyncio
+async def test_embeddings_move_off_a_failed_worker_and_a_refusal_reaches_the_caller() -> None:
+    d, t = make(max_attempts=2)
+    embed = scheduler_pb2.EmbedTokensRequest(request_id="e1", inputs=["a", "b"])
+    task = asyncio.create_task(d.embed(embed, {}))
+    await until(lambda: t.of_kind("embed"))
+    rank, command = t.of_kind("embed")[0]
+    assert list(command.embed.inputs) == ["a", "b"]
+    d.on_work_event(rank, failed(command.embed.work_id, grpc.StatusCode.UNAVAILABLE, "down", True))
+    await until(lambda: len(t.of_kind("embed")) == 2)
+    other, command = t.of_kind("embed")[1]
+    assert other != rank
+    embedded = scheduler_pb2.TokenEmbeddings(tokens=[1, 1])
+    d.on_work_event(other, worker_pb2.WorkerEvent(work_id=command.embed.work_id, embedded=embedded))
+    response = await task
+    assert list(response.embeddings.tokens) == [1, 1] and response.worker == f"rank-{other}@h"
+    assert all(w.in_flight == 0 for w in d.workers.values())
+
+    task = asyncio.create_task(d.embed(embed, {}))
+    await until(lambda: len(t.of_kind("embed")) == 3)
+    rank, command = t.of_kind("embed")[2]
+    d.on_work_event(
+        rank, failed(command.embed.work_id, grpc.StatusCode.FAILED_PRECONDITION, "a generative model", False)
+    )
+    with pytest.raises(FleetError) as info:
+        await task
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "generative" in info.value.message

@@ -361,6 +361,51 @@ async def test_the_openai_sdk_streams_a_chat_completion(fleet: Fleet) -> None:
     assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 5
 
 
+async def test_the_openai_sdk_gets_logprobs_for_completions_and_chat(fleet: Fleet) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{fleet.http_url}/v1", api_key=fleet.keys["main"], max_retries=0)
+    completion = await client.completions.create(
+        model="", prompt="hello", max_tokens=6, logprobs=3, extra_body={"ignore_eos": True}
+    )
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None and len(logprobs.tokens) == len(logprobs.token_logprobs) == 6
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(len(top) == 3 and max(top.values()) <= 0 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+
+    stream = await client.chat.completions.create(
+        model=fleet.stack.cfg.model_name,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    content = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert len(content) == 8
+    assert "".join(t.token for t in content) == "".join(c.choices[0].delta.content or "" for c in chunks)
+    for token in content:
+        assert token.logprob <= 0 and bytes(token.bytes).decode() == token.token
+        assert len(token.top_logprobs) == 2 and token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
+
+    chat = await client.chat.completions.create(
+        model="", messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(t.top_logprobs == [] for t in content)
+    plain = await client.chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+async def test_a_generative_model_asked_for_embeddings_says_what_it_needs(fleet: Fleet) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{fleet.http_url}/v1", api_key=fleet.keys["main"], max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.embeddings.create(model=fleet.stack.cfg.model_name, input=["hi"])
+    assert "is a generative model" in bad.value.body["message"] and "pooling_type" in bad.value.body["message"]
+
+
 async def test_the_openai_sdk_sees_openai_errors(fleet: Fleet) -> None:
     client = openai.AsyncOpenAI(base_url=f"{fleet.http_url}/v1", api_key=fleet.keys["main"], max_retries=0)
     with pytest.raises(openai.BadRequestError) as bad:

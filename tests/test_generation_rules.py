@@ -7,6 +7,7 @@ from llamafleet.generation import (
     GenerationLimits,
     llama_completion_body,
     params_from_request,
+    validate_inputs,
     validate_params,
     validate_policy,
     validate_prompt,
@@ -45,6 +46,18 @@ def test_empty_and_oversized_prompts_are_refused() -> None:
         validate_prompt("", LIMITS)
     with pytest.raises(InvalidArgument, match="limit is 65536"):
         validate_prompt("x" * 70_000, LIMITS)
+
+
+def test_embedding_inputs_are_bounded_and_named() -> None:
+    validate_inputs(["a", "b"], LIMITS)
+    for inputs, needle in (
+        ([], "inputs: must hold at least one text"),
+        (["a"] * 257, "inputs: holds 257 texts; the limit is 256"),
+        (["a", ""], r"inputs\[1\]: must not be empty"),
+        (["x" * 70_000], r"inputs\[0\]: is 70000 characters"),
+    ):
+        with pytest.raises(InvalidArgument, match=needle):
+            validate_inputs(inputs, LIMITS)
 
 
 def test_unknown_policy_is_refused() -> None:

@@ -11,12 +11,14 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytest_asyncio
 
+from llamafleet.demo_model import write_demo_model
 from llamafleet.generation import llama_completion_body
 from llamafleet.processes import free_port
-from llamafleet.v1 import common_pb2
+from llamafleet.v1 import common_pb2, postproc_pb2
 from services.scheduler.llama_server import (
     CompletionChunk,
     LlamaServerClient,
@@ -25,7 +27,9 @@ from services.scheduler.llama_server import (
     LlamaServerStartError,
     LlamaServerUnavailable,
     llama_server_command,
+    token_embeddings,
 )
+from services.scheduler.worker import gguf_pooling
 
 # 4096 tokens per slot: a stream left running takes seconds (one thread), so a slot that
 # frees within a second was freed by closing the stream, not by the generation ending.
@@ -37,9 +41,13 @@ def pgrep(*args: str) -> list[str]:
     return subprocess.run(["pgrep", *args], capture_output=True, text=True, timeout=10).stdout.split()
 
 
-async def start_server(model: Path, log_path: Path, *, ctx_size: int = CTX_SIZE) -> LlamaServerProcess:
+async def start_server(
+    model: Path, log_path: Path, *, ctx_size: int = CTX_SIZE, embeddings: bool = False
+) -> LlamaServerProcess:
     port = free_port()
-    command = llama_server_command(model, "127.0.0.1", port, parallel=2, ctx_size=ctx_size, threads=1, binary=None)
+    command = llama_server_command(
+        model, "127.0.0.1", port, parallel=2, ctx_size=ctx_size, threads=1, binary=None, embeddings=embeddings
+    )
     process = LlamaServerProcess(command, log_path=log_path, port=port)
     await process.start()
     try:
@@ -91,6 +99,37 @@ def test_command_lines() -> None:
         *("-m", "/models/m.gguf", "--host", "0.0.0.0", "--port", "9", "-np", "4", "-c", "512"),
         *("--metrics", "--slots", "-t", "3"),
     ]
+    embedding = llama_server_command(model, "h", 9, parallel=2, ctx_size=512, embeddings=True)
+    assert embedding[-7:] == ["--embeddings", "--pooling", "none", "-b", "256", "-ub", "256"]
+
+
+def test_the_gguf_pooling_type_makes_an_embedding_model(demo_model: Path, tmp_path: Path) -> None:
+    assert gguf_pooling(demo_model) == ""
+    assert gguf_pooling(write_demo_model(tmp_path / "e.gguf", pooling="cls")) == "cls"
+
+
+def test_token_embeddings_are_padded_and_masked() -> None:
+    packed = token_embeddings([np.ones((2, 3)), np.full((1, 3), 2.0)], postproc_pb2.POOLING_MEAN)
+    assert list(packed.hidden_states.shape) == [2, 2, 3] and list(packed.tokens) == [2, 1]
+    hidden = np.frombuffer(packed.hidden_states.data, dtype="<f4").reshape(2, 2, 3)
+    assert hidden[1, 0].tolist() == [2.0] * 3 and hidden[1, 1].tolist() == [0.0] * 3
+    assert packed.mask == bytes([1, 1, 1, 0]) and packed.pooling == postproc_pb2.POOLING_MEAN
+
+
+@module
+async def test_an_embeddings_server_gives_per_token_embeddings(tmp_path: Path) -> None:
+    model = write_demo_model(tmp_path / "embed.gguf", pooling="mean")
+    process = await start_server(model, tmp_path / "llama-server.log", ctx_size=512, embeddings=True)
+    try:
+        async with LlamaServerClient(process.base_url) as client:
+            short, longer = await client.embed_tokens(["hi", "the cat sat"])
+            assert short.shape[1] == longer.shape[1] == 64 and len(short) < len(longer)
+            assert len(longer) == len(await client.tokenize("the cat sat"))
+            with pytest.raises(LlamaServerError) as info:
+                await client.embed_tokens(["hello " * 400])
+            assert "is too large" in info.value.message  # the worker turns it into INVALID_ARGUMENT
+    finally:
+        await process.stop()
 
 
 @module

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llamafleet.v1 import common_pb2 as llamafleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllamafleet/v1/gateway.proto\x12\rllamafleet.v1\x1a\x1allamafleet/v1/common.proto\"\xec\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1b\n\x0erepeat_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x15\n\rinclude_stats\x18\x0e \x01(\x08\x12\x0f\n\x07n_probs\x18\x0f \x01(\r\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x12\x0e\n\x06policy\x18\x11 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"z\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.llamafleet.v1.TokenChunkH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.llamafleet.v1.GenerationResultH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llamafleet.v1.ModelInfo2\xab\x01\n\x07Gateway\x12M\n\x08Generate\x12\x1e.llamafleet.v1.GenerateRequest\x1a\x1f.llamafleet.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .llamafleet.v1.ListModelsRequest\x1a!.llamafleet.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllamafleet/v1/gateway.proto\x12\rllamafleet.v1\x1a\x1allamafleet/v1/common.proto\"\xec\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1b\n\x0erepeat_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x15\n\rinclude_stats\x18\x0e \x01(\x08\x12\x0f\n\x07n_probs\x18\x0f \x01(\r\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x12\x0e\n\x06policy\x18\x11 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"z\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.llamafleet.v1.TokenChunkH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.llamafleet.v1.GenerationResultH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llamafleet.v1.ModelInfo\"A\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"z\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.llamafleet.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x0e\n\x06worker\x18\x04 \x01(\t\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"`\n\x13\x41\x64\x64\x44ocumentsRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12*\n\tdocuments\x18\x02 \x03(\x0b\x32\x17.llamafleet.v1.Document\x12\r\n\x05model\x18\x03 \x01(\t\":\n\x14\x41\x64\x64\x44ocumentsResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\"=\n\rSearchRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"G\n\x0b\x44ocumentHit\x12)\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x17.llamafleet.v1.Document\x12\r\n\x05score\x18\x02 \x01(\x02\":\n\x0eSearchResponse\x12(\n\x04hits\x18\x01 \x03(\x0b\x32\x1a.llamafleet.v1.DocumentHit2\x8f\x03\n\x07Gateway\x12M\n\x08Generate\x12\x1e.llamafleet.v1.GenerateRequest\x1a\x1f.llamafleet.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .llamafleet.v1.ListModelsRequest\x1a!.llamafleet.v1.ListModelsResponse\x12\x42\n\x05\x45mbed\x12\x1b.llamafleet.v1.EmbedRequest\x1a\x1c.llamafleet.v1.EmbedResponse\x12W\n\x0c\x41\x64\x64\x44ocuments\x12\".llamafleet.v1.AddDocumentsRequest\x1a#.llamafleet.v1.AddDocumentsResponse\x12\x45\n\x06Search\x12\x1c.llamafleet.v1.SearchRequest\x1a\x1d.llamafleet.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_end=775
   _globals['_LISTMODELSRESPONSE']._serialized_start=777
   _globals['_LISTMODELSRESPONSE']._serialized_end=839
-  _globals['_GATEWAY']._serialized_start=842
-  _globals['_GATEWAY']._serialized_end=1013
+  _globals['_EMBEDREQUEST']._serialized_start=841
+  _globals['_EMBEDREQUEST']._serialized_end=906
+  _globals['_EMBEDDING']._serialized_start=908
+  _globals['_EMBEDDING']._serialized_end=935
+  _globals['_EMBEDRESPONSE']._serialized_start=937
+  _globals['_EMBEDRESPONSE']._serialized_end=1059
+  _globals['_DOCUMENT']._serialized_start=1061
+  _globals['_DOCUMENT']._serialized_end=1097
+  _globals['_ADDDOCUMENTSREQUEST']._serialized_start=1099
+  _globals['_ADDDOCUMENTSREQUEST']._serialized_end=1195
+  _globals['_ADDDOCUMENTSRESPONSE']._serialized_start=1197
+  _globals['_ADDDOCUMENTSRESPONSE']._serialized_end=1255
+  _globals['_SEARCHREQUEST']._serialized_start=1257
+  _globals['_SEARCHREQUEST']._serialized_end=1318
+  _globals['_DOCUMENTHIT']._serialized_start=1320
+  _globals['_DOCUMENTHIT']._serialized_end=1391
+  _globals['_SEARCHRESPONSE']._serialized_start=1393
+  _globals['_SEARCHRESPONSE']._serialized_end=1451
+  _globals['_GATEWAY']._serialized_start=1454
+  _globals['_GATEWAY']._serialized_end=1853
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,21 @@ class GatewayStub:
                 request_serializer=llamafleet_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llamafleet.v1.Gateway/Embed',
+                request_serializer=llamafleet_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.AddDocuments = channel.unary_unary(
+                '/llamafleet.v1.Gateway/AddDocuments',
+                request_serializer=llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsResponse.FromString,
+                _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/llamafleet.v1.Gateway/Search',
+                request_serializer=llamafleet_dot_v1_dot_gateway__pb2.SearchRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_gateway__pb2.SearchResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -65,6 +80,27 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One unit-length vector per text, from an embedding model (pooled and normalised on postproc).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddDocuments(self, request, context):
+        """Embeds documents and adds them to a named corpus (created on first use, kept in storage).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Search(self, request, context):
+        """The documents of a corpus nearest to a query (cosine similarity of their embeddings).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +113,21 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=llamafleet_dot_v1_dot_gateway__pb2.ListModelsRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_gateway__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llamafleet_dot_v1_dot_gateway__pb2.EmbedRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_gateway__pb2.EmbedResponse.SerializeToString,
+            ),
+            'AddDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddDocuments,
+                    request_deserializer=llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=llamafleet_dot_v1_dot_gateway__pb2.SearchRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_gateway__pb2.SearchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +185,87 @@ class Gateway:
             '/llamafleet.v1.Gateway/ListModels',
             llamafleet_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
             llamafleet_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Gateway/Embed',
+            llamafleet_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
+            llamafleet_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Gateway/AddDocuments',
+            llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsRequest.SerializeToString,
+            llamafleet_dot_v1_dot_gateway__pb2.AddDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Gateway/Search',
+            llamafleet_dot_v1_dot_gateway__pb2.SearchRequest.SerializeToString,
+            llamafleet_dot_v1_dot_gateway__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,39 +24,46 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from llamafleet.v1 import common_pb2 as llamafleet_dot_v1_dot_common__pb2
+from llamafleet.v1 import postproc_pb2 as llamafleet_dot_v1_dot_postproc__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dllamafleet/v1/scheduler.proto\x12\rllamafleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1allamafleet/v1/common.proto\"\xa1\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12/\n\x06params\x18\x03 \x01(\x0b\x32\x1f.llamafleet.v1.GenerationParams\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x05 \x01(\t\x12\x15\n\rresume_tokens\x18\x06 \x03(\r\"x\n\x0eSubmitResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.llamafleet.v1.TokenChunkH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.llamafleet.v1.GenerationResultH\x00\x42\x07\n\x05\x65vent\"\x16\n\x14\x43lusterStatusRequest\"\xf4\x02\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04host\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.llamafleet.v1.WorkerState\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x13\n\x0bslots_total\x18\x06 \x01(\r\x12\x12\n\nslots_busy\x18\x07 \x01(\r\x12\x16\n\x0erequests_total\x18\x08 \x01(\x04\x12\x1e\n\x16tokens_generated_total\x18\t \x01(\x04\x12\x1d\n\x15llama_server_restarts\x18\n \x01(\r\x12\x18\n\x10llama_server_url\x18\x0b \x01(\t\x12\x18\n\x10llama_server_pid\x18\x0c \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\r \x01(\t\x12\x10\n\x08respawns\x18\x0e \x01(\r\x12\x11\n\tlast_loss\x18\x0f \x01(\t\x12\x0b\n\x03pid\x18\x10 \x01(\r\"\xd5\x01\n\x15\x43lusterStatusResponse\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.WorkerStatus\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etarget_workers\x18\x06 \x01(\r\x12\x0b\n\x03pid\x18\x07 \x01(\r\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\")\n\x11LoadModelResponse\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\"0\n\x11\x41\x64\x64WorkersRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04host\x18\x02 \x01(\t\"B\n\x12\x41\x64\x64WorkersResponse\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.WorkerStatus\"\"\n\x12\x44rainWorkerRequest\x12\x0c\n\x04rank\x18\x01 \x01(\r\"B\n\x13\x44rainWorkerResponse\x12+\n\x06worker\x18\x01 \x01(\x0b\x32\x1b.llamafleet.v1.WorkerStatus*\xac\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATE_STARTING\x10\x01\x12\x16\n\x12WORKER_STATE_READY\x10\x02\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x03\x12\x1a\n\x16WORKER_STATE_UNHEALTHY\x10\x04\x12\x15\n\x11WORKER_STATE_LOST\x10\x05\x32\xa9\x03\n\tScheduler\x12G\n\x06Submit\x12\x1c.llamafleet.v1.SubmitRequest\x1a\x1d.llamafleet.v1.SubmitResponse0\x01\x12Z\n\rClusterStatus\x12#.llamafleet.v1.ClusterStatusRequest\x1a$.llamafleet.v1.ClusterStatusResponse\x12N\n\tLoadModel\x12\x1f.llamafleet.v1.LoadModelRequest\x1a .llamafleet.v1.LoadModelResponse\x12Q\n\nAddWorkers\x12 .llamafleet.v1.AddWorkersRequest\x1a!.llamafleet.v1.AddWorkersResponse\x12T\n\x0b\x44rainWorker\x12!.llamafleet.v1.DrainWorkerRequest\x1a\".llamafleet.v1.DrainWorkerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dllamafleet/v1/scheduler.proto\x12\rllamafleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1allamafleet/v1/common.proto\x1a\x1cllamafleet/v1/postproc.proto\"\xa1\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12/\n\x06params\x18\x03 \x01(\x0b\x32\x1f.llamafleet.v1.GenerationParams\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x05 \x01(\t\x12\x15\n\rresume_tokens\x18\x06 \x03(\r\"x\n\x0eSubmitResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.llamafleet.v1.TokenChunkH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.llamafleet.v1.GenerationResultH\x00\x42\x07\n\x05\x65vent\"\x16\n\x14\x43lusterStatusRequest\"\xf4\x02\n\x0cWorkerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0c\n\x04host\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.llamafleet.v1.WorkerState\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x13\n\x0bslots_total\x18\x06 \x01(\r\x12\x12\n\nslots_busy\x18\x07 \x01(\r\x12\x16\n\x0erequests_total\x18\x08 \x01(\x04\x12\x1e\n\x16tokens_generated_total\x18\t \x01(\x04\x12\x1d\n\x15llama_server_restarts\x18\n \x01(\r\x12\x18\n\x10llama_server_url\x18\x0b \x01(\t\x12\x18\n\x10llama_server_pid\x18\x0c \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\r \x01(\t\x12\x10\n\x08respawns\x18\x0e \x01(\r\x12\x11\n\tlast_loss\x18\x0f \x01(\t\x12\x0b\n\x03pid\x18\x10 \x01(\r\"\xd5\x01\n\x15\x43lusterStatusResponse\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.WorkerStatus\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etarget_workers\x18\x06 \x01(\r\x12\x0b\n\x03pid\x18\x07 \x01(\r\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\")\n\x11LoadModelResponse\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\"0\n\x11\x41\x64\x64WorkersRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04host\x18\x02 \x01(\t\"B\n\x12\x41\x64\x64WorkersResponse\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.WorkerStatus\"\"\n\x12\x44rainWorkerRequest\x12\x0c\n\x04rank\x18\x01 \x01(\r\"B\n\x13\x44rainWorkerResponse\x12+\n\x06worker\x18\x01 \x01(\x0b\x32\x1b.llamafleet.v1.WorkerStatus\"N\n\x12\x45mbedTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\"\x86\x01\n\x0fTokenEmbeddings\x12,\n\rhidden_states\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\x0c\n\x04mask\x18\x02 \x01(\x0c\x12\x0e\n\x06tokens\x18\x03 \x03(\r\x12\'\n\x07pooling\x18\x04 \x01(\x0e\x32\x16.llamafleet.v1.Pooling\"o\n\x13\x45mbedTokensResponse\x12\x32\n\nembeddings\x18\x01 \x01(\x0b\x32\x1e.llamafleet.v1.TokenEmbeddings\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t*\xac\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATE_STARTING\x10\x01\x12\x16\n\x12WORKER_STATE_READY\x10\x02\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x03\x12\x1a\n\x16WORKER_STATE_UNHEALTHY\x10\x04\x12\x15\n\x11WORKER_STATE_LOST\x10\x05\x32\xff\x03\n\tScheduler\x12G\n\x06Submit\x12\x1c.llamafleet.v1.SubmitRequest\x1a\x1d.llamafleet.v1.SubmitResponse0\x01\x12Z\n\rClusterStatus\x12#.llamafleet.v1.ClusterStatusRequest\x1a$.llamafleet.v1.ClusterStatusResponse\x12N\n\tLoadModel\x12\x1f.llamafleet.v1.LoadModelRequest\x1a .llamafleet.v1.LoadModelResponse\x12Q\n\nAddWorkers\x12 .llamafleet.v1.AddWorkersRequest\x1a!.llamafleet.v1.AddWorkersResponse\x12T\n\x0b\x44rainWorker\x12!.llamafleet.v1.DrainWorkerRequest\x1a\".llamafleet.v1.DrainWorkerResponse\x12T\n\x0b\x45mbedTokens\x12!.llamafleet.v1.EmbedTokensRequest\x1a\".llamafleet.v1.EmbedTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llamafleet.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERSTATE']._serialized_start=1311
-  _globals['_WORKERSTATE']._serialized_end=1483
-  _globals['_SUBMITREQUEST']._serialized_start=110
-  _globals['_SUBMITREQUEST']._serialized_end=271
-  _globals['_SUBMITRESPONSE']._serialized_start=273
-  _globals['_SUBMITRESPONSE']._serialized_end=393
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=395
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=417
-  _globals['_WORKERSTATUS']._serialized_start=420
-  _globals['_WORKERSTATUS']._serialized_end=792
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=795
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1008
-  _globals['_LOADMODELREQUEST']._serialized_start=1010
-  _globals['_LOADMODELREQUEST']._serialized_end=1043
-  _globals['_LOADMODELRESPONSE']._serialized_start=1045
-  _globals['_LOADMODELRESPONSE']._serialized_end=1086
-  _globals['_ADDWORKERSREQUEST']._serialized_start=1088
-  _globals['_ADDWORKERSREQUEST']._serialized_end=1136
-  _globals['_ADDWORKERSRESPONSE']._serialized_start=1138
-  _globals['_ADDWORKERSRESPONSE']._serialized_end=1204
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1206
-  _globals['_DRAINWORKERREQUEST']._serialized_end=1240
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=1242
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=1308
-  _globals['_SCHEDULER']._serialized_start=1486
-  _globals['_SCHEDULER']._serialized_end=1911
+  _globals['_WORKERSTATE']._serialized_start=1671
+  _globals['_WORKERSTATE']._serialized_end=1843
+  _globals['_SUBMITREQUEST']._serialized_start=140
+  _globals['_SUBMITREQUEST']._serialized_end=301
+  _globals['_SUBMITRESPONSE']._serialized_start=303
+  _globals['_SUBMITRESPONSE']._serialized_end=423
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=425
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=447
+  _globals['_WORKERSTATUS']._serialized_start=450
+  _globals['_WORKERSTATUS']._serialized_end=822
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=825
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1038
+  _globals['_LOADMODELREQUEST']._serialized_start=1040
+  _globals['_LOADMODELREQUEST']._serialized_end=1073
+  _globals['_LOADMODELRESPONSE']._serialized_start=1075
+  _globals['_LOADMODELRESPONSE']._serialized_end=1116
+  _globals['_ADDWORKERSREQUEST']._serialized_start=1118
+  _globals['_ADDWORKERSREQUEST']._serialized_end=1166
+  _globals['_ADDWORKERSRESPONSE']._serialized_start=1168
+  _globals['_ADDWORKERSRESPONSE']._serialized_end=1234
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1236
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1270
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=1272
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=1338
+  _globals['_EMBEDTOKENSREQUEST']._serialized_start=1340
+  _globals['_EMBEDTOKENSREQUEST']._serialized_end=1418
+  _globals['_TOKENEMBEDDINGS']._serialized_start=1421
+  _globals['_TOKENEMBEDDINGS']._serialized_end=1555
+  _globals['_EMBEDTOKENSRESPONSE']._serialized_start=1557
+  _globals['_EMBEDTOKENSRESPONSE']._serialized_end=1668
+  _globals['_SCHEDULER']._serialized_start=1846
+  _globals['_SCHEDULER']._serialized_end=2357
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from llamafleet.v1 import common_pb2 as _common_pb2
+from llamafleet.v1 import postproc_pb2 as _postproc_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -145,3 +146,35 @@ class DrainWorkerResponse(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerStatus
     def __init__(self, worker: _Optional[_Union[WorkerStatus, _Mapping]] = ...) -> None: ...
+
+class EmbedTokensRequest(_message.Message):
+    __slots__ = ("request_id", "inputs", "model_sha256")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    model_sha256: str
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
+
+class TokenEmbeddings(_message.Message):
+    __slots__ = ("hidden_states", "mask", "tokens", "pooling")
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    hidden_states: _postproc_pb2.Tensor
+    mask: bytes
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    pooling: _postproc_pb2.Pooling
+    def __init__(self, hidden_states: _Optional[_Union[_postproc_pb2.Tensor, _Mapping]] = ..., mask: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[_postproc_pb2.Pooling, str]] = ...) -> None: ...
+
+class EmbedTokensResponse(_message.Message):
+    __slots__ = ("embeddings", "worker", "model_sha256")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    embeddings: TokenEmbeddings
+    worker: str
+    model_sha256: str
+    def __init__(self, embeddings: _Optional[_Union[TokenEmbeddings, _Mapping]] = ..., worker: _Optional[str] = ..., model_sha256: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,11 @@ class SchedulerStub:
                 request_serializer=llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerResponse.FromString,
                 _registered_method=True)
+        self.EmbedTokens = channel.unary_unary(
+                '/llamafleet.v1.Scheduler/EmbedTokens',
+                request_serializer=llamafleet_dot_v1_dot_scheduler__pb2.EmbedTokensRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.EmbedTokensResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -101,6 +106,13 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedTokens(self, request, context):
+        """Per-token embeddings of a batch of texts from a worker serving an embedding model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +140,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.DrainWorker,
                     request_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerResponse.SerializeToString,
+            ),
+            'EmbedTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedTokens,
+                    request_deserializer=llamafleet_dot_v1_dot_scheduler__pb2.EmbedTokensRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_scheduler__pb2.EmbedTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class Scheduler:
             '/llamafleet.v1.Scheduler/DrainWorker',
             llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerRequest.SerializeToString,
             llamafleet_dot_v1_dot_scheduler__pb2.DrainWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Scheduler/EmbedTokens',
+            llamafleet_dot_v1_dot_scheduler__pb2.EmbedTokensRequest.SerializeToString,
+            llamafleet_dot_v1_dot_scheduler__pb2.EmbedTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

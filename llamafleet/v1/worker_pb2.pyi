@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerCommand(_message.Message):
-    __slots__ = ("configure", "submit", "cancel", "load_model", "drain", "shutdown", "heartbeat")
+    __slots__ = ("configure", "submit", "cancel", "load_model", "drain", "shutdown", "heartbeat", "embed")
     CONFIGURE_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class WorkerCommand(_message.Message):
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
     configure: WorkerConfig
     submit: WorkItem
     cancel: WorkCancel
@@ -24,7 +25,8 @@ class WorkerCommand(_message.Message):
     drain: WorkerDrain
     shutdown: WorkerShutdown
     heartbeat: WorkerHeartbeat
-    def __init__(self, configure: _Optional[_Union[WorkerConfig, _Mapping]] = ..., submit: _Optional[_Union[WorkItem, _Mapping]] = ..., cancel: _Optional[_Union[WorkCancel, _Mapping]] = ..., load_model: _Optional[_Union[ModelSwap, _Mapping]] = ..., drain: _Optional[_Union[WorkerDrain, _Mapping]] = ..., shutdown: _Optional[_Union[WorkerShutdown, _Mapping]] = ..., heartbeat: _Optional[_Union[WorkerHeartbeat, _Mapping]] = ...) -> None: ...
+    embed: EmbedWork
+    def __init__(self, configure: _Optional[_Union[WorkerConfig, _Mapping]] = ..., submit: _Optional[_Union[WorkItem, _Mapping]] = ..., cancel: _Optional[_Union[WorkCancel, _Mapping]] = ..., load_model: _Optional[_Union[ModelSwap, _Mapping]] = ..., drain: _Optional[_Union[WorkerDrain, _Mapping]] = ..., shutdown: _Optional[_Union[WorkerShutdown, _Mapping]] = ..., heartbeat: _Optional[_Union[WorkerHeartbeat, _Mapping]] = ..., embed: _Optional[_Union[EmbedWork, _Mapping]] = ...) -> None: ...
 
 class WorkerConfig(_message.Message):
     __slots__ = ("worker_id", "model_sha256", "storage_address", "slots", "ctx_size", "threads", "workers_on_host", "llama_server", "cache_dir", "cache_max_bytes", "log_dir", "log_level", "llama_ready_timeout_s", "llama_read_timeout_s", "drain_timeout_s", "stats_period_s", "lease_s", "poll_interval_s")
@@ -89,6 +91,25 @@ class WorkItem(_message.Message):
     resume_tokens: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, work_id: _Optional[int] = ..., request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., resume_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class EmbedWork(_message.Message):
+    __slots__ = ("work_id", "request_id", "inputs", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WORK_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    work_id: int
+    request_id: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, work_id: _Optional[int] = ..., request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class WorkCancel(_message.Message):
     __slots__ = ("work_id",)
     WORK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -116,7 +137,7 @@ class WorkerHeartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerEvent(_message.Message):
-    __slots__ = ("work_id", "chunk", "done", "failed", "status", "stats", "left")
+    __slots__ = ("work_id", "chunk", "done", "failed", "status", "stats", "left", "embedded")
     WORK_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +145,7 @@ class WorkerEvent(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     LEFT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDED_FIELD_NUMBER: _ClassVar[int]
     work_id: int
     chunk: _common_pb2.TokenChunk
     done: _common_pb2.GenerationResult
@@ -131,7 +153,8 @@ class WorkerEvent(_message.Message):
     status: _scheduler_pb2.WorkerStatus
     stats: WorkerStats
     left: WorkerLeft
-    def __init__(self, work_id: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., done: _Optional[_Union[_common_pb2.GenerationResult, _Mapping]] = ..., failed: _Optional[_Union[WorkFailure, _Mapping]] = ..., status: _Optional[_Union[_scheduler_pb2.WorkerStatus, _Mapping]] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., left: _Optional[_Union[WorkerLeft, _Mapping]] = ...) -> None: ...
+    embedded: _scheduler_pb2.TokenEmbeddings
+    def __init__(self, work_id: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., done: _Optional[_Union[_common_pb2.GenerationResult, _Mapping]] = ..., failed: _Optional[_Union[WorkFailure, _Mapping]] = ..., status: _Optional[_Union[_scheduler_pb2.WorkerStatus, _Mapping]] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., left: _Optional[_Union[WorkerLeft, _Mapping]] = ..., embedded: _Optional[_Union[_scheduler_pb2.TokenEmbeddings, _Mapping]] = ...) -> None: ...
 
 class WorkFailure(_message.Message):
     __slots__ = ("code", "message", "retryable")

@@ -12,14 +12,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from opentelemetry import trace
 
 from llamafleet.channels import open_channel
-from llamafleet.errors import PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from llamafleet.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from llamafleet.generation import (
     GenerationLimits,
     estimate_cost,
     params_from_request,
+    validate_inputs,
     validate_params,
     validate_policy,
     validate_prompt,
@@ -38,9 +40,13 @@ from llamafleet.v1 import (
 )
 from services.gateway.admission import Admission, RateLimits, Rejected
 from services.gateway.config import GatewaySettings
+from services.gateway.corpora import Corpora, validate_corpus_name
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import ModelResolver, is_model
 
+# Search hits when the request names no number, and the most it may ask for.
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 100
 # Rate limits of everyone when no keys file is configured: one shared principal.
 ANONYMOUS = "anonymous"
 POSTPROC_TIMEOUT_S = 10.0
@@ -70,6 +76,45 @@ def retry_after_of(exc: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
+def _postproc_timeout(deadline: float | None) -> float:
+    """Seconds a postproc call may take: POSTPROC_TIMEOUT_S, or less when the caller's deadline is nearer."""
+    return POSTPROC_TIMEOUT_S if deadline is None else min(deadline - time.monotonic(), POSTPROC_TIMEOUT_S)
+
+
+class _SchedulerRetries:
+    """The waits of one request between attempts to reach a scheduler that is unavailable (it
+    is restarting, or its pool is (re)starting), within `scheduler_retry_s` and the deadline."""
+
+    def __init__(
+        self, settings: GatewaySettings, metrics: GatewayMetrics, request_id: str, deadline: float | None
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._request_id = request_id
+        self._until = time.monotonic() + settings.scheduler_retry_s
+        if deadline is not None:
+            self._until = min(self._until, deadline)
+        self._backoff = SCHEDULER_BACKOFF_S
+
+    async def after(self, exc: grpc.aio.AioRpcError, kind: str, *, retryable: bool = True) -> None:
+        """Return, after a backoff, when the failed call may be tried again ("retry" or
+        "resume"); else raise what the caller should see."""
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # The scheduler's queue is full: pass its retry-after on to the caller.
+            raise ResourceExhausted(exc.details() or "", retry_after=retry_after_of(exc)) from exc
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or not retryable:
+            raise exc
+        if time.monotonic() + self._backoff > self._until:
+            raise Unavailable(
+                f"the scheduler at {self._settings.scheduler_address} could not serve for "
+                f"{self._settings.scheduler_retry_s:.0f}s: {exc.details()}"
+            ) from exc
+        self._metrics.scheduler_retries.labels(kind).inc()
+        log.warning("request %s: scheduler unavailable (%s); %s", self._request_id, exc.details(), kind)
+        await asyncio.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, SCHEDULER_BACKOFF_MAX_S)
+
+
 class GatewayCore:
     """What the gateway does for a caller, independent of the protocol it arrived by."""
 
@@ -87,6 +132,7 @@ class GatewayCore:
         self._storage = storage
         self._scheduler = scheduler_pb2_grpc.SchedulerStub(open_channel(settings.scheduler_address))
         self._postproc = postproc_pb2_grpc.PostprocStub(open_channel(settings.postproc_address))
+        self.corpora = Corpora(storage, self._postproc)
         self.metrics = GatewayMetrics()
 
     def authenticate(self, authorization: str | None) -> Caller:
@@ -152,10 +198,7 @@ class GatewayCore:
         # Every token id streamed so far, for a resume after the scheduler went away.
         streamed = 0
         resumable = True
-        retry_until = time.monotonic() + self._settings.scheduler_retry_s
-        if deadline is not None:
-            retry_until = min(retry_until, deadline)
-        backoff = SCHEDULER_BACKOFF_S
+        retries = _SchedulerRetries(self._settings, self.metrics, request_id, deadline)
         self.metrics.in_flight.inc()
         try:
             while True:
@@ -187,22 +230,7 @@ class GatewayCore:
                         yield gateway_pb2.GenerateResponse(result=result)
                         return
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        # The scheduler's queue is full: pass its retry-after on to the caller.
-                        raise ResourceExhausted(exc.details() or "", retry_after=retry_after_of(exc)) from exc
-                    # UNAVAILABLE: the scheduler is restarting, or its pool is (re)starting.
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or (streamed and not resumable):
-                        raise
-                    if time.monotonic() + backoff > retry_until:
-                        raise Unavailable(
-                            f"the scheduler at {self._settings.scheduler_address} could not serve for "
-                            f"{self._settings.scheduler_retry_s:.0f}s: {exc.details()}"
-                        ) from exc
-                    kind = "resume" if streamed else "retry"
-                    self.metrics.scheduler_retries.labels(kind).inc()
-                    log.warning("request %s: scheduler unavailable (%s); %s", request_id, exc.details(), kind)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, SCHEDULER_BACKOFF_MAX_S)
+                    await retries.after(exc, "resume" if streamed else "retry", retryable=not streamed or resumable)
                 finally:
                     call.cancel()
         except (asyncio.CancelledError, GeneratorExit):
@@ -216,10 +244,9 @@ class GatewayCore:
     async def _token_stats(
         self, tokens: list[common_pb2.TokenLogprobs], deadline: float | None
     ) -> common_pb2.TokenStats:
-        timeout = POSTPROC_TIMEOUT_S if deadline is None else min(deadline - time.monotonic(), POSTPROC_TIMEOUT_S)
         response = await self._postproc.ComputeTokenStats(
             postproc_pb2.ComputeTokenStatsRequest(responses=[postproc_pb2.ResponseLogprobs(tokens=tokens)]),
-            timeout=timeout,
+            timeout=_postproc_timeout(deadline),
         )
         return response.stats[0]
 
@@ -234,6 +261,104 @@ class GatewayCore:
         now = time.perf_counter()
         result.timings.ttft_ms = ((first_token_at or now) - start) * 1000
         result.timings.total_ms = (now - start) * 1000
+
+    async def embed(
+        self, request: gateway_pb2.EmbedRequest, caller: Caller, timeout: float | None
+    ) -> gateway_pb2.EmbedResponse:
+        """One unit vector per input: per-token embeddings from a worker, pooled and
+        normalised on postproc. `timeout` (seconds) is the caller's remaining deadline."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        validate_inputs(request.inputs, self._limits)
+        model_sha256 = (await self._models.resolve(request.model)).sha256 if request.model else ""
+        request_id = request.request_id or uuid.uuid4().hex
+        trace.get_current_span().set_attributes(
+            {
+                "llamafleet.request_id": request_id,
+                "llamafleet.api_key": caller.key_id,
+                "gen_ai.request.model": request.model,
+            }
+        )
+        cost = sum(len(text) // 4 + 1 for text in request.inputs)
+        try:
+            ticket = self.admission.admit(caller.key_id, caller.limits, cost)
+        except Rejected as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            raise
+        used_tokens: int | None = None
+        try:
+            embed = scheduler_pb2.EmbedTokensRequest(
+                request_id=request_id, inputs=request.inputs, model_sha256=model_sha256
+            )
+            retries = _SchedulerRetries(self._settings, self.metrics, request_id, deadline)
+            while True:
+                try:
+                    tokens = await self._scheduler.EmbedTokens(
+                        embed, timeout=None if deadline is None else deadline - time.monotonic()
+                    )
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    await retries.after(exc, "retry")
+            embedded = tokens.embeddings
+            used_tokens = sum(embedded.tokens)
+            pooled = await self._postproc.PoolEmbeddings(
+                postproc_pb2.PoolEmbeddingsRequest(
+                    hidden_states=embedded.hidden_states, mask=embedded.mask, pooling=embedded.pooling, normalize=True
+                ),
+                timeout=_postproc_timeout(deadline),
+            )
+        finally:
+            self.admission.release(ticket, used_tokens)
+        vectors = np.frombuffer(pooled.embeddings.data, dtype="<f4").reshape(tuple(pooled.embeddings.shape))
+        self.metrics.tokens.labels("input").inc(used_tokens)
+        return gateway_pb2.EmbedResponse(
+            embeddings=[gateway_pb2.Embedding(values=row) for row in vectors.tolist()],
+            prompt_tokens=used_tokens,
+            model_sha256=tokens.model_sha256,
+            worker=tokens.worker,
+        )
+
+    async def add_documents(
+        self, request: gateway_pb2.AddDocumentsRequest, caller: Caller, timeout: float | None
+    ) -> gateway_pb2.AddDocumentsResponse:
+        """Embed the documents through the fleet and add them to the corpus (see Corpora)."""
+        validate_corpus_name(request.corpus)
+        if not request.documents:
+            raise InvalidArgument("documents", "must hold at least one document")
+        ids = [d.id for d in request.documents]
+        for i, id_ in enumerate(ids):
+            if not id_:
+                raise InvalidArgument(f"documents[{i}].id", "must not be empty")
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("documents", "ids must be distinct")
+        texts = [d.text for d in request.documents]
+        model = request.model
+        if not model and (current := await self.corpora.find(request.corpus)) is not None:
+            model = current.model_sha256
+        embedded = await self.embed(gateway_pb2.EmbedRequest(inputs=texts, model=model), caller, timeout)
+        vectors = np.array([e.values for e in embedded.embeddings], dtype=np.float32)
+        version = await self.corpora.add(request.corpus, embedded.model_sha256, ids, texts, vectors)
+        return gateway_pb2.AddDocumentsResponse(size=len(version.ids), model_sha256=version.model_sha256)
+
+    async def search(
+        self, request: gateway_pb2.SearchRequest, caller: Caller, timeout: float | None
+    ) -> gateway_pb2.SearchResponse:
+        """The documents nearest to the query, embedded by the corpus's own model."""
+        if request.top_k > MAX_TOP_K:
+            raise InvalidArgument("top_k", f"is {request.top_k}; the limit is {MAX_TOP_K}")
+        if not request.query:
+            raise InvalidArgument("query", "must not be empty")
+        version = await self.corpora.get(request.corpus)
+        embedded = await self.embed(
+            gateway_pb2.EmbedRequest(inputs=[request.query], model=version.model_sha256), caller, timeout
+        )
+        query = np.array(embedded.embeddings[0].values, dtype=np.float32)
+        hits = await self.corpora.search(request.corpus, query, request.top_k or DEFAULT_TOP_K)
+        return gateway_pb2.SearchResponse(
+            hits=[
+                gateway_pb2.DocumentHit(document=gateway_pb2.Document(id=id_, text=text), score=score)
+                for id_, text, score in hits
+            ]
+        )
 
     async def list_models(self) -> gateway_pb2.ListModelsResponse:
         """The models tagged in storage (GGUF files pushed as models; other artifacts are not)."""

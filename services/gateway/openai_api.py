@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP face of the gateway: `POST /v1/completions`,
-`POST /v1/chat/completions` (both stream as server-sent events when `stream` is true) and
-`GET /v1/models`. It runs in the gateway process, on the gRPC server's event loop, and goes
+`POST /v1/chat/completions` (both stream as server-sent events when `stream` is true),
+`POST /v1/embeddings` and `GET /v1/models`. It runs in the gateway process, on the gRPC server's event loop, and goes
 through the same GatewayCore path as `Gateway/Generate`: the same validation, API keys, limits,
 metrics and traces. Errors use OpenAI's JSON shape and the matching HTTP status.
 
@@ -16,11 +16,17 @@ through the scheduler rather than to llama-server's chat endpoint:
 
 Besides OpenAI's sampling fields, llama.cpp's `top_k`, `min_p`, `repeat_penalty` and
 `ignore_eos`, and llamafleet's `policy`, are accepted. `X-Request-Id` sets the request id.
+
+Log probabilities come from llama-server's `n_probs` (its softmax before sampling): `logprobs: N`
+on /v1/completions, `logprobs: true` with `top_logprobs: N` on /v1/chat/completions, in
+OpenAI's shapes, streamed with each chunk's tokens. Completions' `text_offset` counts
+characters from the start of the generated text (no `echo`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -28,10 +34,11 @@ import math
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 from aiohttp import web
 from opentelemetry import trace
 
@@ -76,7 +83,11 @@ _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGT
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
 _INT_FIELDS = ("top_k", "seed")
 # Accepted by OpenAI, refused here rather than silently ignored.
-_UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "suffix", "tools", "functions", "logit_bias")
+_UNSUPPORTED = ("echo", "suffix", "tools", "functions", "logit_bias")
+# OpenAI's bound on top_logprobs (the completions API's `logprobs` allows at most 5 there).
+MAX_TOP_LOGPROBS = 20
+# What OpenAI reports for a token of probability 0 (JSON has no -Infinity).
+_LOGPROB_FLOOR = -9999.0
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -187,7 +198,27 @@ def _stop(body: Json) -> list[str]:
     raise InvalidArgument("stop", "must be a string or a list of strings")
 
 
-def generate_request(body: Json, prompt: str, request_id: str) -> gateway_pb2.GenerateRequest:
+def top_logprobs(body: Json, *, chat: bool) -> int | None:
+    """How many alternatives per token the body asks logprobs for; None when it asks none.
+
+    /v1/completions: `logprobs: N`; /v1/chat/completions: `logprobs: true`, `top_logprobs: N`."""
+    if chat:
+        top = _integer(body, "top_logprobs")
+        if not _boolean(body, "logprobs"):
+            if top is not None:
+                raise InvalidArgument("top_logprobs", "needs logprobs: true")
+            return None
+        field, top = "top_logprobs", top or 0
+    else:
+        field, top = "logprobs", _integer(body, "logprobs")
+        if top is None:
+            return None
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(field, f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+    return top
+
+
+def generate_request(body: Json, prompt: str, request_id: str, *, chat: bool = False) -> gateway_pb2.GenerateRequest:
     """The GenerateRequest an OpenAI request body asks for; type errors name the field."""
     if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
         raise InvalidArgument("n", "only one choice per request is supported")
@@ -206,6 +237,10 @@ def generate_request(body: Json, prompt: str, request_id: str) -> gateway_pb2.Ge
         ignore_eos=_boolean(body, "ignore_eos"),
         policy=_string(body, "policy"),
     )
+    top = top_logprobs(body, chat=chat)
+    if top is not None:
+        # llama-server reports the chosen token's logprob only beside at least one alternative.
+        request.n_probs = max(top, 1)
     values: list[tuple[str, float | int | None]] = [(length_field, max_tokens)]
     values += [(name, _number(body, name)) for name in _FLOAT_FIELDS]
     values += [(name, _integer(body, name)) for name in _INT_FIELDS]
@@ -258,6 +293,35 @@ def _content(i: int, content: Any) -> str:
     raise InvalidArgument(f"messages[{i}].content", "must be a string or a list of text parts")
 
 
+def embed_request(body: Json, request_id: str) -> gateway_pb2.EmbedRequest:
+    """The EmbedRequest of an OpenAI embeddings body (`input`: a string or a list of strings)."""
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
+        raise InvalidArgument("input", "must be a string or a list of strings (token arrays are not supported)")
+    if body.get("dimensions") is not None:
+        raise InvalidArgument("dimensions", "is not supported: vectors have the model's embedding length")
+    if (_string(body, "encoding_format") or "float") not in ("float", "base64"):
+        raise InvalidArgument("encoding_format", "must be float or base64")
+    return gateway_pb2.EmbedRequest(inputs=inputs, model=_string(body, "model"), request_id=request_id)
+
+
+def embeddings_json(response: gateway_pb2.EmbedResponse, model: str, encoding_format: str) -> Json:
+    """An EmbedResponse as OpenAI's embeddings list; base64 is the little-endian float32 bytes."""
+
+    def encoded(values: Sequence[float]) -> list[float] | str:
+        if encoding_format == "base64":
+            return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+        return list(values)
+
+    data = [
+        {"object": "embedding", "index": i, "embedding": encoded(e.values)} for i, e in enumerate(response.embeddings)
+    ]
+    usage = {"prompt_tokens": response.prompt_tokens, "total_tokens": response.prompt_tokens}
+    return {"object": "list", "data": data, "model": model, "usage": usage}
+
+
 async def _json_body(request: web.Request) -> Json:
     try:
         body = await request.json()
@@ -281,28 +345,69 @@ def _usage(result: common_pb2.GenerationResult) -> Json:
     }
 
 
-class _Reply:
-    """The response objects of one request, in the shape of its endpoint."""
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) else _LOGPROB_FLOOR
 
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+
+def _chat_token(token: str, logprob: float) -> Json:
+    return {"token": token, "logprob": _logprob(logprob), "bytes": list(token.encode())}
+
+
+class _Reply:
+    """The response objects of one request, in the shape of its endpoint. `top` is how many
+    alternatives per token its logprobs list (None: no logprobs)."""
+
+    def __init__(self, chat: bool, request_id: str, model: str, top: int | None = None) -> None:
         self.chat = chat
         self.request_id = request_id
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         self.model = model
         self.created = int(time.time())
+        self.top = top
+        # Completions' text_offset of the next token.
+        self._offset = 0
 
     def _envelope(self, obj: str, choices: list[Json]) -> Json:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def complete(self, text: str, result: common_pb2.GenerationResult) -> Json:
+    def logprobs(self, tokens: Sequence[common_pb2.TokenLogprobs]) -> Json | None:
+        """A choice's `logprobs` for these tokens (the next ones of the response), in the shape
+        of the endpoint; None when the request asked for none."""
+        if self.top is None:
+            return None
+        if self.chat:
+            content = [
+                _chat_token(t.token, t.logprob)
+                | {"top_logprobs": [_chat_token(a.token, a.logprob) for a in t.top[: self.top]]}
+                for t in tokens
+            ]
+            return {"content": content, "refusal": None}
+        offsets = []
+        for t in tokens:
+            offsets.append(self._offset)
+            self._offset += len(t.token)
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [_logprob(t.logprob) for t in tokens],
+            "top_logprobs": [{a.token: _logprob(a.logprob) for a in t.top[: self.top]} for t in tokens],
+            "text_offset": offsets,
+        }
+
+    def complete(
+        self, text: str, result: common_pb2.GenerationResult, tokens: Sequence[common_pb2.TokenLogprobs] = ()
+    ) -> Json:
         finish = _FINISH.get(result.finish_reason)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish}
-        return self._envelope("chat.completion" if self.chat else "text_completion", [choice | {"logprobs": None}])
+        return self._envelope(
+            "chat.completion" if self.chat else "text_completion", [choice | {"logprobs": self.logprobs(tokens)}]
+        )
 
-    def delta(self, text: str, finish: str | None, first: bool) -> Json:
+    def delta(
+        self, text: str, finish: str | None, first: bool, tokens: Sequence[common_pb2.TokenLogprobs] | None = None
+    ) -> Json:
         if self.chat:
             delta: Json = {"role": "assistant"} if first else {}
             if text or (first and not finish):
@@ -310,8 +415,9 @@ class _Reply:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish}
+        logprobs = None if tokens is None else self.logprobs(tokens)
         return self._envelope(
-            "chat.completion.chunk" if self.chat else "text_completion", [choice | {"logprobs": None}]
+            "chat.completion.chunk" if self.chat else "text_completion", [choice | {"logprobs": logprobs}]
         )
 
     def usage_chunk(self, result: common_pb2.GenerationResult) -> Json:
@@ -346,6 +452,7 @@ class OpenAIFace:
         app[CORE] = self._core
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         self._core.metrics.export_routes_at_zero(resource.canonical for resource in app.router.resources())
         return app
@@ -355,6 +462,15 @@ class OpenAIFace:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        caller = self._core.authenticate(request.headers.get("Authorization"))
+        body = await _json_body(request)
+        embed = embed_request(body, request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+        response = await self._core.embed(embed, caller, timeout=None)
+        return web.json_response(
+            embeddings_json(response, embed.model or "default", _string(body, "encoding_format") or "float")
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         self._core.authenticate(request.headers.get("Authorization"))
@@ -370,8 +486,8 @@ class OpenAIFace:
         options = _typed(body, "stream_options", (dict,), "an object") or {}
         include_usage = stream and _boolean(options, "include_usage")
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        generate = generate_request(body, prompt, request_id)
-        reply = _Reply(chat, request_id, generate.model or "default")
+        generate = generate_request(body, prompt, request_id, chat=chat)
+        reply = _Reply(chat, request_id, generate.model or "default", top_logprobs(body, chat=chat))
         events = self._core.generate(generate, caller, timeout=None)
         async with contextlib.aclosing(events):
             # Everything that fails before the first event (auth, validation, limits, queue) gets an HTTP status.
@@ -379,12 +495,14 @@ class OpenAIFace:
             if stream:
                 return await self._stream(request, reply, _events(first, events), include_usage)
             text: list[str] = []
+            tokens: list[common_pb2.TokenLogprobs] = []
             async for event in _events(first, events):
                 if event.HasField("chunk"):
                     text.append(event.chunk.text)
+                    tokens.extend(event.chunk.logprobs)
                 else:
                     return web.json_response(
-                        reply.complete("".join(text), event.result) | {"usage": _usage(event.result)}
+                        reply.complete("".join(text), event.result, tokens) | {"usage": _usage(event.result)}
                     )
         raise FleetError("the generation ended without a result")
 
@@ -405,7 +523,8 @@ class OpenAIFace:
         try:
             async for event in events:
                 if event.HasField("chunk"):
-                    await _send(response, reply.delta(event.chunk.text, None, first) | extra)
+                    chunk = event.chunk
+                    await _send(response, reply.delta(chunk.text, None, first, chunk.logprobs) | extra)
                     first = False
                     continue
                 await _send(response, reply.delta("", _FINISH.get(event.result.finish_reason), first) | extra)

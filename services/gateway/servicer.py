@@ -32,3 +32,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.ListModelsResponse:
         _caller(self._core, context)
         return await self._core.list_models()
+
+    async def Embed(
+        self, request: gateway_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.EmbedResponse:
+        return await self._core.embed(request, _caller(self._core, context), timeout=context.time_remaining())
+
+    async def AddDocuments(
+        self, request: gateway_pb2.AddDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.AddDocumentsResponse:
+        return await self._core.add_documents(request, _caller(self._core, context), timeout=context.time_remaining())
+
+    async def Search(
+        self, request: gateway_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SearchResponse:
+        return await self._core.search(request, _caller(self._core, context), timeout=context.time_remaining())

@@ -291,11 +291,7 @@ class Dispatcher:
     ) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
         """Run a request on a worker and stream its events; moved to another worker when its
         worker fails (resumed after the tokens already streamed)."""
-        model = request.model_sha256
-        if model and model != self.model_sha256 and all(w.model_sha256 != model for w in self.workers.values()):
-            raise FailedPrecondition(
-                f"model {model[:12]} is not loaded; the pool serves {self.model_sha256[:12]} (switch with LoadModel)"
-            )
+        model = self._served_model(request.model_sha256)
         policy = self._policy(request.policy)
         route = RouteRequest(
             request.request_id, request.prompt, request.params.max_tokens, estimate_cost(request.prompt, request.params)
@@ -368,14 +364,63 @@ class Dispatcher:
                     excluded.add(view.rank)
                     break
             finally:
-                del self._works[work.work_id]
-                self._release(work, None)
-                if not ended:
-                    # The caller went away (cancel or deadline): free the llama-server slot.
-                    self._transport.send(
-                        view.rank, worker_pb2.WorkerCommand(cancel=worker_pb2.WorkCancel(work_id=work.work_id))
-                    )
+                self._end_attempt(work, ended)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def embed(
+        self, request: scheduler_pb2.EmbedTokensRequest, trace: dict[str, str]
+    ) -> scheduler_pb2.EmbedTokensResponse:
+        """Per-token embeddings of the request's inputs from one worker; tried again on another
+        worker when its worker fails transiently."""
+        model = self._served_model(request.model_sha256)
+        # No prompt cache to aim at: embeddings go where the least work waits.
+        policy = self._policy("least_loaded")
+        route = RouteRequest(request.request_id, "", 0, sum(len(text) // 4 + 1 for text in request.inputs))
+        excluded: set[int] = set()
+        for attempt in range(1, self.max_attempts + 1):
+            view = await self._acquire(policy, route, model, excluded)
+            self._metrics.dispatched.labels(str(view.rank), policy.name).inc()
+            work = _Work(next(self._work_ids), view, route, policy)
+            self._works[work.work_id] = work
+            embed = worker_pb2.EmbedWork(
+                work_id=work.work_id, request_id=request.request_id, inputs=request.inputs, trace_context=trace
+            )
+            self._transport.send(view.rank, worker_pb2.WorkerCommand(embed=embed))
+            ended = False
+            try:
+                event = await work.get()
+                ended = True
+                if event.HasField("embedded"):
+                    return scheduler_pb2.EmbedTokensResponse(
+                        embeddings=event.embedded, worker=view.name, model_sha256=view.model_sha256
+                    )
+                failure = event.failed
+                if not failure.retryable or attempt == self.max_attempts:
+                    raise error_for_code(failure.code, failure.message)
+                self._metrics.retries.labels("retry").inc()
+                log.warning("request %s moves to another worker: %s", request.request_id, failure.message)
+                excluded.add(view.rank)
+            finally:
+                self._end_attempt(work, ended)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _served_model(self, model: str) -> str:
+        """`model` (a sha256, or "" for any) when the pool serves or is moving to it."""
+        if model and model != self.model_sha256 and all(w.model_sha256 != model for w in self.workers.values()):
+            raise FailedPrecondition(
+                f"model {model[:12]} is not loaded; the pool serves {self.model_sha256[:12]} (switch with LoadModel)"
+            )
+        return model
+
+    def _end_attempt(self, work: _Work, ended: bool) -> None:
+        """Forget an attempt and give its slot back; `ended` False (the caller went away:
+        cancel or deadline) also frees the llama-server slot."""
+        del self._works[work.work_id]
+        self._release(work, None)
+        if not ended:
+            self._transport.send(
+                work.view.rank, worker_pb2.WorkerCommand(cancel=worker_pb2.WorkCancel(work_id=work.work_id))
+            )
 
     @staticmethod
     def _finish(

@@ -32,6 +32,8 @@ PR_SET_NAME = 15
 SHUTDOWN_GRACE_S = 3.0
 
 EXIT_SIGNAL = 128  # plus the signal number, as a shell reports a signal death
+# llama-server's --pooling values.
+POOLINGS = ("none", "mean", "cls", "last", "rank")
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -114,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-tb", "--threads-batch", type=int, default=None, help="prompt-processing threads (default: --threads)"
     )
+    parser.add_argument(
+        "-b", "--batch-size", type=int, default=None, help="logical batch size (default: llama.cpp's, 2048)"
+    )
+    parser.add_argument(
+        "-ub", "--ubatch-size", type=int, default=None, help="physical batch size (default: llama.cpp's, 512)"
+    )
+    parser.add_argument(
+        "--embeddings", action="store_true", help="serve embeddings (/embedding) instead of completions"
+    )
+    parser.add_argument(
+        "--pooling", choices=list(POOLINGS), default=None, help="how embeddings pool tokens (default: the model's)"
+    )
     parser.add_argument("-a", "--alias", default="", help="model name reported in responses")
     parser.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     parser.add_argument(
@@ -145,6 +159,13 @@ def _params(args: argparse.Namespace):  # -> xllamacpp.CommonParams
     params.cpuparams_batch.n_threads = args.threads if args.threads_batch is None else args.threads_batch
     params.endpoint_metrics = args.metrics
     params.endpoint_slots = args.slots
+    if args.batch_size is not None:
+        params.n_batch = args.batch_size
+    if args.ubatch_size is not None:
+        params.n_ubatch = args.ubatch_size
+    params.embedding = args.embeddings
+    if args.pooling is not None:
+        params.pooling_type = getattr(xllamacpp.llama_pooling_type, f"LLAMA_POOLING_TYPE_{args.pooling.upper()}")
     if args.alias:
         params.model_alias = {args.alias}  # a set of names in this llama.cpp
     return params

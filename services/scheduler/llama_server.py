@@ -13,6 +13,10 @@ The last event has `stop: true`, empty `content`/`tokens`, the real `id_slot`, `
 ("eos", "word", "limit"), `stopping_word`, `tokens_cached`, and `timings` (`cache_n`,
 `prompt_n`, `prompt_ms`, `predicted_n`, `predicted_ms`, ...). Errors come as a JSON body
 `{"error": {"code", "message", "type"}}`, or mid-stream as an event holding `error`.
+
+Started with `--embeddings --pooling none`, `/embedding` with `{"content": [texts]}` answers
+`[{"index": i, "embedding": [[dim floats] per token]}]` (BOS included, not normalised); an input
+beyond the physical batch is refused with HTTP 500, "input (N tokens) is too large to process".
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from typing import Any
 
 import aiohttp
 import httpx
+import numpy as np
 
 from llamafleet.processes import ManagedProcess, ProcessExited, tail
-from llamafleet.v1 import common_pb2
+from llamafleet.v1 import common_pb2, postproc_pb2, scheduler_pb2
 
 LAUNCHER_MODULE = "services.scheduler.llama_launcher"
 
@@ -65,16 +70,22 @@ def llama_server_command(
     ctx_size: int,
     threads: int | None = None,
     binary: str | None = None,
+    embeddings: bool = False,
 ) -> list[str]:
     """The command line of a llama-server serving `model`, with /metrics and /slots on.
 
     `binary` (normally from LLAMA_SERVER) is a llama-server executable; without it the
     xllamacpp launcher runs under this interpreter. `ctx_size` is the total context, which
-    llama-server shares among the `parallel` slots.
+    llama-server shares among the `parallel` slots. With `embeddings` it serves per-token
+    embeddings (`--pooling none`: postproc pools them) instead of completions.
     """
     program = [binary] if binary else [sys.executable, "-m", LAUNCHER_MODULE]
     argv = [*program, "-m", str(model), "--host", host, "--port", str(port)]
     argv += ["-np", str(parallel), "-c", str(ctx_size), "--metrics", "--slots"]
+    if embeddings:
+        # An input is embedded in one physical batch: let one fill a slot's context.
+        per_slot = str(max(ctx_size // parallel, 1))
+        argv += ["--embeddings", "--pooling", "none", "-b", per_slot, "-ub", per_slot]
     if threads:
         argv += ["-t", str(threads)]
     return argv
@@ -278,6 +289,26 @@ def _piece(chunk: CompletionChunk) -> StreamPiece:
     return StreamPiece(token_chunk, final)
 
 
+def token_embeddings(per_input: Sequence[np.ndarray], pooling: int) -> scheduler_pb2.TokenEmbeddings:
+    """Each input's [tokens, dim] embeddings as one zero-padded [inputs, tokens, dim] batch with
+    its mask: the shape postproc's PoolEmbeddings takes."""
+    longest = max(len(t) for t in per_input)
+    dim = per_input[0].shape[1]
+    hidden = np.zeros((len(per_input), longest, dim), dtype="<f4")
+    mask = np.zeros((len(per_input), longest), dtype=np.uint8)
+    for i, tokens in enumerate(per_input):
+        hidden[i, : len(tokens)] = tokens
+        mask[i, : len(tokens)] = 1
+    return scheduler_pb2.TokenEmbeddings(
+        hidden_states=postproc_pb2.Tensor(
+            dtype=postproc_pb2.TENSOR_DTYPE_FLOAT32, shape=list(hidden.shape), data=hidden.tobytes()
+        ),
+        mask=mask.tobytes(),
+        tokens=[len(t) for t in per_input],
+        pooling=pooling,
+    )
+
+
 def _error_from_body(status: int, raw: bytes) -> LlamaServerError:
     body = raw.decode(errors="replace")
     try:
@@ -415,9 +446,13 @@ class LlamaServerClient:
             async for chunk in events:
                 yield _piece(chunk)
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> bytes:
+    async def _request(
+        self, method: str, path: str, timeout: aiohttp.ClientTimeout | None = None, **kwargs: Any
+    ) -> bytes:
         try:
-            async with self._http().request(method, path, timeout=self._request_timeout, **kwargs) as response:
+            async with self._http().request(
+                method, path, timeout=timeout or self._request_timeout, **kwargs
+            ) as response:
                 content = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise LlamaServerUnavailable(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
@@ -430,6 +465,21 @@ class LlamaServerClient:
         `add_special`), exactly as `/completion` would tokenize it as a prompt."""
         content = await self._request("POST", "/tokenize", json={"content": text, "add_special": add_special})
         return [int(t) for t in json.loads(content)["tokens"]]
+
+    async def embed_tokens(self, inputs: Sequence[str]) -> list[np.ndarray]:
+        """POST /embedding: the [tokens, dim] embeddings of each input, in order, from a
+        llama-server started with `--embeddings --pooling none`. Like a stream, it may take
+        as long as the read timeout: the inputs are evaluated before the answer starts."""
+        content = await self._request(
+            "POST", "/embedding", json={"content": list(inputs)}, timeout=self._stream_timeout
+        )
+        answers = sorted(json.loads(content), key=lambda a: a["index"])
+        embeddings = [np.asarray(a["embedding"], dtype=np.float32) for a in answers]
+        if len(embeddings) != len(inputs) or any(e.ndim != 2 or not e.size for e in embeddings):
+            raise LlamaServerError(
+                0, "/embedding did not answer one [tokens, dim] array per input (is --pooling none?)"
+            )
+        return embeddings
 
     async def health(self) -> bool:
         """Whether /health answers 200 (up, model loaded); never raises."""

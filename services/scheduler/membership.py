@@ -71,7 +71,7 @@ class Membership:
     def on_event(self, rank: int, payload: bytes) -> None:
         event = worker_pb2.WorkerEvent.FromString(payload)
         kind = event.WhichOneof("event")
-        if kind in ("chunk", "done", "failed"):
+        if kind in ("chunk", "done", "failed", "embedded"):
             self._dispatcher.on_work_event(rank, event)
         elif kind == "status":
             self._dispatcher.on_status(rank, event.status)

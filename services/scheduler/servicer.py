@@ -10,7 +10,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from llamafleet.errors import InvalidArgument
-from llamafleet.generation import GenerationLimits, validate_params, validate_policy, validate_prompt
+from llamafleet.generation import (
+    GenerationLimits,
+    validate_inputs,
+    validate_params,
+    validate_policy,
+    validate_prompt,
+)
 from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import inject_context
 from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -87,3 +93,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.DrainWorkerResponse:
         return scheduler_pb2.DrainWorkerResponse(worker=await self._membership.drain(request.rank))
+
+    async def EmbedTokens(
+        self, request: scheduler_pb2.EmbedTokensRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.EmbedTokensResponse:
+        validate_inputs(request.inputs, self._limits)
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        return await self._dispatcher.embed(request, inject_context())

@@ -10,21 +10,24 @@ INVALID_ARGUMENT for requests llama-server refuses (a prompt beyond the context)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 from opentelemetry import trace
 
 from llamafleet.generation import llama_completion_body
+from llamafleet.gguf_info import HeaderSniffer
 from llamafleet.processes import free_port
 from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import extract_context
-from llamafleet.v1 import common_pb2, scheduler_pb2, worker_pb2
+from llamafleet.v1 import common_pb2, postproc_pb2, scheduler_pb2, worker_pb2
 from services.scheduler.llama_server import (
     LlamaServerClient,
     LlamaServerError,
@@ -32,6 +35,7 @@ from services.scheduler.llama_server import (
     LlamaServerUnavailable,
     default_threads,
     llama_server_command,
+    token_embeddings,
 )
 from services.scheduler.metrics import MergeableHistogram
 from services.storage.node_cache import NodeCache
@@ -49,8 +53,59 @@ DRAINING = scheduler_pb2.WORKER_STATE_DRAINING
 UNHEALTHY = scheduler_pb2.WORKER_STATE_UNHEALTHY
 
 
+# The poolings of embedding models (a GGUF's `{arch}.pooling_type`, as gguf_info names them):
+# their llama-server serves embeddings, pooled on postproc. Any other model generates.
+EMBEDDING_POOLINGS = {
+    "mean": postproc_pb2.POOLING_MEAN,
+    "cls": postproc_pb2.POOLING_CLS,
+    "last": postproc_pb2.POOLING_LAST,
+}
+
+
+# llama-server's refusal of an input beyond its physical batch, e.g. "input (702 tokens) is too large to process".
+_TOO_LARGE = re.compile(r"input \((\d+) tokens\) is too large")
+
+
 def _failure(code: grpc.StatusCode, message: str, *, retryable: bool) -> worker_pb2.WorkFailure:
     return worker_pb2.WorkFailure(code=code.value[0], message=message, retryable=retryable)
+
+
+def _llama_span(client: LlamaServerClient, path: str) -> contextlib.AbstractContextManager[trace.Span]:
+    """The client span of one POST to llama-server."""
+    return tracer.start_as_current_span(
+        f"llama-server POST {path}",
+        kind=trace.SpanKind.CLIENT,
+        attributes={"server.address": client.base_url, "http.request.method": "POST"},
+    )
+
+
+class ModelKindError(Exception):
+    """A generation asked of an embedding model, or embeddings of a generative one."""
+
+    def __init__(self, model_sha256: str, pooling: str) -> None:
+        if pooling:
+            message = (
+                f"model {model_sha256[:12]} is an embedding model (its GGUF pools tokens by {pooling}): "
+                "it serves Embed and /v1/embeddings, not generation"
+            )
+        else:
+            message = (
+                f"model {model_sha256[:12]} is a generative model (its GGUF declares no pooling_type): "
+                "embeddings need an embedding model, one whose GGUF sets {arch}.pooling_type to mean, cls or last"
+            )
+        super().__init__(message)
+
+
+def gguf_pooling(path: Path) -> str:
+    """The pooling an embedding model at `path` declares ("mean", "cls", "last"); "" for any other model."""
+    sniffer = HeaderSniffer()
+    with path.open("rb") as f:
+        while not sniffer.done and (chunk := f.read(1 << 20)):
+            if sniffer.feed(chunk):
+                sniffer.parse()
+    sniffer.parse(final=True)
+    pooling = sniffer.metadata().get("pooling_type", "")
+    return pooling if pooling in EMBEDDING_POOLINGS else ""
 
 
 class Worker:
@@ -65,6 +120,8 @@ class Worker:
         self.threads = config.threads or default_threads(config.workers_on_host)
         self.state = STARTING
         self.detail = ""
+        # The loaded model's pooling when it is an embedding model (see EMBEDDING_POOLINGS), else "".
+        self.pooling = ""
         self.stats = worker_pb2.WorkerStats()
         self.ttft = MergeableHistogram()
         self._process: LlamaServerProcess | None = None
@@ -132,6 +189,7 @@ class Worker:
             ctx_size=self.config.ctx_size,
             threads=self.threads,
             binary=self.config.llama_server or None,
+            embeddings=bool(self.pooling),
         )
         log_dir = Path(self.config.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +219,7 @@ class Worker:
                 if loaded != self.model_sha256:
                     self._set_state(STARTING, f"fetching model {self.model_sha256[:12]}")
                     model = await self._fetch_model()
+                    self.pooling = await asyncio.to_thread(gguf_pooling, model)
                     loaded = self.model_sha256
                 assert model is not None
                 self._set_state(STARTING, "starting llama-server")
@@ -216,9 +275,9 @@ class Worker:
 
     def on_command(self, command: worker_pb2.WorkerCommand) -> None:
         kind = command.WhichOneof("command")
-        if kind == "submit":
-            item = command.submit
-            task = asyncio.create_task(self._generate(item))
+        if kind in ("submit", "embed"):
+            item = getattr(command, kind)
+            task = asyncio.create_task(self._generate(item) if kind == "submit" else self._embed(item))
             self._work[item.work_id] = task
             task.add_done_callback(lambda _t, work_id=item.work_id: self._work.pop(work_id, None))
         elif kind == "cancel":
@@ -259,82 +318,123 @@ class Worker:
         self.stats.requests_total += 1
         self._send(worker_pb2.WorkerEvent(work_id=work_id, failed=failure), False)
 
-    async def _generate(self, item: worker_pb2.WorkItem) -> None:
-        started = time.perf_counter()
-        with tracer.start_as_current_span(
-            "worker.generate",
-            context=extract_context(item.trace_context),
-            attributes={
-                "llamafleet.request_id": item.request_id,
-                "llamafleet.worker.rank": self.rank,
-                "llamafleet.model.sha256": self.model_sha256,
-                "gen_ai.request.max_tokens": item.params.max_tokens,
-                "llamafleet.resumed_tokens": len(item.resume_tokens),
-            },
-        ) as span:
-            try:
-                client = self._client
-                if client is None or self.state != READY:
-                    raise LlamaServerUnavailable(f"llama-server on worker {self.rank} is not ready ({self.detail})")
-                body = llama_completion_body(item.prompt, item.params)
-                carried = len(item.resume_tokens)
-                if carried:
-                    # The same prompt ids the first worker evaluated (BOS included), then the
-                    # tokens it generated: llama-server continues exactly after them.
-                    body["prompt"] = [*await client.tokenize(item.prompt), *item.resume_tokens]
-                    body["n_predict"] = item.params.max_tokens - carried
-                    if body["n_predict"] <= 0:
-                        self._finish(item.work_id, self._exhausted(len(body["prompt"]) - carried, carried), span)
-                        return
-                with tracer.start_as_current_span(
-                    "llama-server POST /completion",
-                    kind=trace.SpanKind.CLIENT,
-                    attributes={"server.address": client.base_url, "http.request.method": "POST"},
-                ):
-                    first = True
-                    async for piece in client.stream_body(body):
-                        if piece.chunk is not None:
-                            if first:
-                                self.ttft.observe(time.perf_counter() - started)
-                                first = False
-                            self._send(worker_pb2.WorkerEvent(work_id=item.work_id, chunk=piece.chunk), False)
-                        if piece.final is not None:
-                            usage = piece.final.usage
-                            usage.prompt_tokens -= min(carried, usage.prompt_tokens)
-                            usage.completion_tokens += carried
-                            self._finish(item.work_id, piece.final, span)
-                            return
-                raise LlamaServerError(0, "llama-server ended the stream without a final message")
-            except LlamaServerError as exc:
-                span.record_exception(exc)
-                self._fail(item.work_id, self._refusal(exc))
-            except LlamaServerUnavailable as exc:
-                span.record_exception(exc)
+    @contextlib.contextmanager
+    def _failures(self, work_id: int, request_id: str, span: trace.Span, what: str) -> Iterator[None]:
+        """Report what goes wrong with a work item as a WorkFailure with the status the caller
+        should see; `what` names the request field its size refusals are about."""
+        try:
+            yield
+        except ModelKindError as exc:
+            self._fail(work_id, _failure(grpc.StatusCode.FAILED_PRECONDITION, str(exc), retryable=False))
+        except LlamaServerError as exc:
+            span.record_exception(exc)
+            self._fail(work_id, self._refusal(exc, what))
+        except LlamaServerUnavailable as exc:
+            span.record_exception(exc)
+            self._fail(
+                work_id,
+                _failure(grpc.StatusCode.UNAVAILABLE, f"llama-server on worker {self.rank}: {exc}", retryable=True),
+            )
+        except asyncio.CancelledError:
+            if self._stop.is_set():
+                # The worker is leaving: rank 0 moves the work on.
                 self._fail(
-                    item.work_id,
-                    _failure(grpc.StatusCode.UNAVAILABLE, f"llama-server on worker {self.rank}: {exc}", retryable=True),
-                )
-            except asyncio.CancelledError:
-                if self._stop.is_set():
-                    # The worker is leaving: rank 0 moves the work on.
-                    self._fail(
-                        item.work_id,
-                        _failure(
-                            grpc.StatusCode.UNAVAILABLE, f"worker {self.rank} stopped: {self._farewell}", retryable=True
-                        ),
-                    )
-                raise
-            except Exception as exc:
-                log.exception("worker %d: request %s failed", self.rank, item.request_id)
-                span.record_exception(exc)
-                self._fail(
-                    item.work_id,
+                    work_id,
                     _failure(
-                        grpc.StatusCode.INTERNAL,
-                        f"worker {self.rank} failed the request: {type(exc).__name__}: {exc}",
-                        retryable=False,
+                        grpc.StatusCode.UNAVAILABLE, f"worker {self.rank} stopped: {self._farewell}", retryable=True
                     ),
                 )
+            raise
+        except Exception as exc:
+            log.exception("worker %d: request %s failed", self.rank, request_id)
+            span.record_exception(exc)
+            self._fail(
+                work_id,
+                _failure(
+                    grpc.StatusCode.INTERNAL,
+                    f"worker {self.rank} failed the request: {type(exc).__name__}: {exc}",
+                    retryable=False,
+                ),
+            )
+
+    @contextlib.contextmanager
+    def _work_span(
+        self,
+        kind: str,
+        work: worker_pb2.WorkItem | worker_pb2.EmbedWork,
+        what: str,
+        attributes: dict[str, int],
+    ) -> Iterator[trace.Span]:
+        """The span of one work item, in its caller's trace, with its failures reported (see _failures)."""
+        with (
+            tracer.start_as_current_span(
+                f"worker.{kind}",
+                context=extract_context(work.trace_context),
+                attributes={
+                    "llamafleet.request_id": work.request_id,
+                    "llamafleet.worker.rank": self.rank,
+                    "llamafleet.model.sha256": self.model_sha256,
+                    **attributes,
+                },
+            ) as span,
+            self._failures(work.work_id, work.request_id, span, what),
+        ):
+            yield span
+
+    def _ready_client(self, embeddings: bool) -> LlamaServerClient:
+        """The client of a ready llama-server that serves this kind of request."""
+        client = self._client
+        if client is None or self.state != READY:
+            raise LlamaServerUnavailable(f"llama-server on worker {self.rank} is not ready ({self.detail})")
+        if embeddings != bool(self.pooling):
+            raise ModelKindError(self.model_sha256, self.pooling)
+        return client
+
+    async def _generate(self, item: worker_pb2.WorkItem) -> None:
+        started = time.perf_counter()
+        with self._work_span(
+            "generate",
+            item,
+            "prompt",
+            {"gen_ai.request.max_tokens": item.params.max_tokens, "llamafleet.resumed_tokens": len(item.resume_tokens)},
+        ) as span:
+            client = self._ready_client(embeddings=False)
+            body = llama_completion_body(item.prompt, item.params)
+            carried = len(item.resume_tokens)
+            if carried:
+                # The same prompt ids the first worker evaluated (BOS included), then the
+                # tokens it generated: llama-server continues exactly after them.
+                body["prompt"] = [*await client.tokenize(item.prompt), *item.resume_tokens]
+                body["n_predict"] = item.params.max_tokens - carried
+                if body["n_predict"] <= 0:
+                    self._finish(item.work_id, self._exhausted(len(body["prompt"]) - carried, carried), span)
+                    return
+            with _llama_span(client, "/completion"):
+                first = True
+                async for piece in client.stream_body(body):
+                    if piece.chunk is not None:
+                        if first:
+                            self.ttft.observe(time.perf_counter() - started)
+                            first = False
+                        self._send(worker_pb2.WorkerEvent(work_id=item.work_id, chunk=piece.chunk), False)
+                    if piece.final is not None:
+                        usage = piece.final.usage
+                        usage.prompt_tokens -= min(carried, usage.prompt_tokens)
+                        usage.completion_tokens += carried
+                        self._finish(item.work_id, piece.final, span)
+                        return
+            raise LlamaServerError(0, "llama-server ended the stream without a final message")
+
+    async def _embed(self, work: worker_pb2.EmbedWork) -> None:
+        with self._work_span("embed", work, "inputs", {"llamafleet.inputs": len(work.inputs)}) as span:
+            client = self._ready_client(embeddings=True)
+            with _llama_span(client, "/embedding"):
+                per_input = await client.embed_tokens(work.inputs)
+            embedded = token_embeddings(per_input, EMBEDDING_POOLINGS[self.pooling])
+            self.stats.requests_total += 1
+            self.stats.prompt_tokens_total += sum(embedded.tokens)
+            span.set_attribute("gen_ai.usage.input_tokens", sum(embedded.tokens))
+            self._send(worker_pb2.WorkerEvent(work_id=work.work_id, embedded=embedded), False)
 
     def _exhausted(self, prompt_tokens: int, carried: int) -> common_pb2.GenerationResult:
         """The result of a resumed generation that had already produced all its tokens."""
@@ -354,14 +454,24 @@ class Worker:
         span.set_attribute("gen_ai.usage.input_tokens", result.usage.prompt_tokens)
         self._send(worker_pb2.WorkerEvent(work_id=work_id, done=result), False)
 
-    def _refusal(self, exc: LlamaServerError) -> worker_pb2.WorkFailure:
-        """What a caller should see of an error llama-server answered with."""
+    def _refusal(self, exc: LlamaServerError, what: str) -> worker_pb2.WorkFailure:
+        """What a caller should see of an error llama-server answered with; `what` names the
+        request field a size refusal is about."""
         where = f"llama-server on worker {self.rank}"
         if exc.error.get("type") == "exceed_context_size_error":
             return _failure(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt: {exc.error.get('n_prompt_tokens', '?')} tokens is more than the "
+                f"{what}: {exc.error.get('n_prompt_tokens', '?')} tokens is more than the "
                 f"{exc.error.get('n_ctx', '?')}-token context of a llama-server slot "
+                f"(LLAMAFLEET_SCHEDULER_CTX_SIZE {self.config.ctx_size} shared by {self.config.slots} slots)",
+                retryable=False,
+            )
+        if match := _TOO_LARGE.search(exc.message):
+            # llama-server embeds an input in one physical batch, which the worker sizes to a slot's context.
+            return _failure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what}: an input of {match.group(1)} tokens is more than the "
+                f"{self.config.ctx_size // max(self.config.slots, 1)} a llama-server slot holds "
                 f"(LLAMAFLEET_SCHEDULER_CTX_SIZE {self.config.ctx_size} shared by {self.config.slots} slots)",
                 retryable=False,
             )
