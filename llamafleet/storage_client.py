@@ -14,12 +14,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 
 from llamafleet.channels import open_channel
+from llamafleet.chunk_reader import Chunk, ChunkReader, ChunkReadError
 from llamafleet.errors import DataLoss
 from llamafleet.serial_thread import write_hashed
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
-from services.storage.chunk_reader import ChunkReader
-from services.storage.errors import StorageError
-from services.storage.filer import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +100,7 @@ class StorageClient:
                     received += len(data)
                     yield data
                 return
-            except (StorageError, OSError) as e:
+            except (ChunkReadError, OSError) as e:
                 log.warning(
                     "direct read of sha256:%s failed at byte %d (%s); the rest comes through storage",
                     sha256,

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from llamafleet.chunk_reader import ChunkReader
 from llamafleet.processes import ProcessExited, free_port, port_is_free
 from llamafleet.seaweed import SeaweedServer
 from services.storage.blobstore import (
@@ -27,7 +28,6 @@ from services.storage.blobstore import (
     validate_name,
     validate_tag,
 )
-from services.storage.chunk_reader import ChunkReader
 from services.storage.errors import (
     BlobNotFound,
     DataLoss,

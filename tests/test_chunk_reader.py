@@ -10,8 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.storage.chunk_reader import ChunkReader, plan_pieces
-from services.storage.filer import Chunk
+from llamafleet.chunk_reader import Chunk, ChunkReader, plan_pieces
 
 KB = 1 << 10
 DATA = os.urandom(300 * KB + 7)

@@ -7,10 +7,10 @@ import contextlib
 
 import grpc
 
+from llamafleet.chunk_reader import ChunkReader
 from llamafleet.server import serve
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 from services.storage.blobstore import BlobStore
-from services.storage.chunk_reader import ChunkReader
 from services.storage.config import StorageSettings
 from services.storage.filer import FilerClient
 from services.storage.runs import RunStore

@@ -31,13 +31,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from llamafleet.chunk_reader import ChunkNotFound, ChunkReader, ChunkReadError
 from llamafleet.gguf_info import HeaderSniffer
 from llamafleet.serial_thread import Sha256Thread
-from services.storage.chunk_reader import ChunkReader
 from services.storage.errors import (
     BlobNotFound,
     DataLoss,
+    FilerError,
     FilerNotFound,
+    FilerUnavailable,
     HashMismatch,
     InvalidDigest,
     InvalidName,
@@ -524,8 +526,10 @@ class BlobStore:
                     raise DataLoss(digest, f"read {received} bytes (expected {count}) hashing to sha256:{actual}")
             elif received != count:
                 raise DataLoss(digest, f"read {received} bytes at offset {offset}, expected {count}")
-        except FilerNotFound:
+        except (FilerNotFound, ChunkNotFound):
             raise BlobNotFound(digest) from None
+        except ChunkReadError as e:
+            raise (FilerUnavailable(str(e)) if e.status is None else FilerError(str(e), status=e.status)) from e
         finally:
             if hasher is not None:
                 hasher.close()

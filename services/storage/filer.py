@@ -39,6 +39,7 @@ from urllib.parse import quote
 
 import httpx
 
+from llamafleet.chunk_reader import Chunk
 from services.storage.errors import FilerError, FilerNotFound, FilerOutOfSpace, FilerUnavailable
 
 log = logging.getLogger(__name__)
@@ -54,19 +55,6 @@ _OUT_OF_SPACE_MARKERS = ("no space left on device", "no free volumes left")
 _MAX_LIST_PAGES = 100_000
 
 __all__ = ["Chunk", "FileInfo", "FilerClient", "FilerError", "FilerNotFound", "FilerOutOfSpace", "FilerUnavailable"]
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Where one range of a file's bytes lives: `file_id` on a volume server."""
-
-    file_id: str
-    offset: int
-    size: int
-
-    @property
-    def volume_id(self) -> str:
-        return self.file_id.split(",", 1)[0]
 
 
 def _plain_chunks(entry: Mapping[str, Any], size: int) -> tuple[Chunk, ...] | None:

@@ -29,8 +29,32 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
-from services.storage.errors import FilerError, FilerNotFound, FilerUnavailable
-from services.storage.filer import Chunk
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where one range of a file's bytes lives: `file_id` on a volume server."""
+
+    file_id: str
+    offset: int
+    size: int
+
+    @property
+    def volume_id(self) -> str:
+        return self.file_id.split(",", 1)[0]
+
+
+class ChunkReadError(Exception):
+    """Bytes that neither a volume server nor the filer served; `status` is the filer's last
+    HTTP status, None when it could not be reached at all."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ChunkNotFound(ChunkReadError):
+    """The file is gone from the filer (HTTP 404)."""
+
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +150,8 @@ class ChunkReader:
 
     async def read(self, path: str, chunks: Sequence[Chunk] | None, offset: int, count: int) -> AsyncIterator[bytes]:
         """`count` bytes of the filer file `path` (whose chunks are `chunks`, if known) from
-        `offset`, in pieces, in order. FilerNotFound if it is gone meanwhile,
-        FilerUnavailable if a piece can be read neither from a volume server nor, after
+        `offset`, in pieces, in order. ChunkNotFound if it is gone meanwhile,
+        ChunkReadError if a piece can be read neither from a volume server nor, after
         retries, from the filer."""
         loop = asyncio.get_running_loop()
         pieces = plan_pieces(chunks, offset, count, self.piece_bytes)
@@ -209,13 +233,13 @@ class ChunkReader:
 
     def _from_filer(self, target: str, piece: Piece) -> bytes:
         if self._filer is None:
-            raise FilerUnavailable(f"bytes {piece.offset}+{piece.length} cannot be read: no volume server served them")
+            raise ChunkReadError(f"bytes {piece.offset}+{piece.length} cannot be read: no volume server served them")
         for attempt in range(self._retries + 1):
             try:
                 status, data = self._get(self._filer, target, piece.offset, piece.length)
             except (OSError, http.client.HTTPException) as e:
                 if attempt == self._retries:
-                    raise FilerUnavailable(
+                    raise ChunkReadError(
                         f"filer {self._filer} cannot serve {target} at byte {piece.offset}: {type(e).__name__}: {e}"
                     ) from e
                 time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random() / 2))
@@ -224,9 +248,9 @@ class ChunkReader:
                 return data
             message = f"filer GET {target} bytes {piece.offset}+{piece.length}: HTTP {status}: {data[:300]!r}"
             if status == 404:
-                raise FilerNotFound(message, status=status)
+                raise ChunkNotFound(message, status=status)
             if status < 500 or attempt == self._retries:
-                raise FilerError(message, status=status)
+                raise ChunkReadError(message, status=status)
         raise AssertionError("unreachable: every attempt returns or raises")
 
     def _get(self, netloc: str, target: str, start: int, length: int) -> tuple[int, bytes]:
