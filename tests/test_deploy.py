@@ -461,10 +461,11 @@ def test_compose_runs_what_service_commands_runs(compose: dict[str, Any], name: 
             port = local.rsplit(":", 1)[1]
             assert value == f"{peer}:{port}", f"{key}: expected the compose service {peer} on port {port}"
             assert ports[peer] == port
-        elif key.endswith("_FILER_URL"):
+        elif key.endswith(("_FILER_URL", "_MASTER_URL")):
+            seaweed = "seaweedfs-" + key.rsplit("_", 2)[1].lower()
             port = local.rsplit(":", 1)[1]
-            assert value == f"http://seaweedfs-filer:{port}"
-            assert f"-port={port}" in compose["services"]["seaweedfs-filer"]["command"]
+            assert value == f"http://{seaweed}:{port}"
+            assert f"-port={port}" in compose["services"][seaweed]["command"]
         elif key.endswith("_DIR"):
             assert any(value.startswith(target.rstrip("/") + "/") for target in _volume_targets(service)), (
                 f"{key}={value} is not on a volume of {name}"

@@ -50,6 +50,20 @@ async def scheduler(stack: Stack) -> AsyncIterator[scheduler_pb2_grpc.SchedulerS
         yield stub
 
 
+class Progress:
+    """Set once `needed` distinct streams have each streamed a tenth of their tokens."""
+
+    def __init__(self, needed: int) -> None:
+        self.needed = needed
+        self.streams: set[str] = set()
+        self.event = asyncio.Event()
+
+    def advanced(self, stream: str) -> None:
+        self.streams.add(stream)
+        if len(self.streams) >= self.needed:
+            self.event.set()
+
+
 @dataclass
 class Outcome:
     status: str  # "ok", or the status code name it ended with
@@ -63,9 +77,9 @@ async def submit(
     max_tokens: int,
     prompt: str = "hello",
     timeout: float = 120,
-    progress: asyncio.Event | None = None,
+    progress: Progress | None = None,
 ) -> Outcome:
-    """Run one request to its end; `progress` is set once it streamed a tenth of its tokens."""
+    """Run one request to its end, telling `progress` once it streamed a tenth of its tokens."""
     request = scheduler_pb2.SubmitRequest(
         prompt=prompt, params=common_pb2.GenerationParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
     )
@@ -75,7 +89,7 @@ async def submit(
             if event.HasField("chunk"):
                 outcome.tokens += event.chunk.tokens
                 if progress is not None and outcome.tokens >= max_tokens // 10:
-                    progress.set()
+                    progress.advanced(prompt)
             else:
                 outcome.result = event.result
     except grpc.aio.AioRpcError as exc:
@@ -132,11 +146,12 @@ async def kill_under_load(
     """Start `streams` streams, kill `victims(worker)` of the first worker once tokens flow,
     and return every outcome, the victim's status before, and when the kill happened."""
     before = await wait_cluster(scheduler, lambda s: len(s.workers) == 2)
-    progress = asyncio.Event()
+    # Every slot of both workers streaming: the victim's requests have tokens to carry over.
+    progress = Progress(2 * SLOTS)
     load = [
         asyncio.create_task(submit(scheduler, max_tokens, f"stream {i}", progress=progress)) for i in range(streams)
     ]
-    await asyncio.wait_for(progress.wait(), 60)
+    await asyncio.wait_for(progress.event.wait(), 60)
     victim = (await cluster(scheduler)).workers[0]
     assert victim.in_flight > 0
     killed_at = time.monotonic()
