@@ -379,7 +379,7 @@ def emulated_sampler() -> CupySampler:
     # the only kind the emulator runs.
     kernels = ["llf_penalties", "llf_scan", "llf_finish"]
     kernels += [f"llf_sample{kind}_c{c}" for kind in ("", "_list") for c in CLUSTER_SIZES]
-    return CupySampler(emulated_cupy(kernels), 1, EmuStream(), EmuStream())
+    return CupySampler(emulated_cupy(kernels), 1, EmuStream(), graphs=False)
 
 
 @pytest.mark.emulator

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -49,12 +49,12 @@ class FlakyBackend(NumpyBackend):
             self._stalled.add(operation)
             time.sleep(self.STALL_SECONDS)
 
-    def sample(self, batch: SampleBatch) -> SampleResult:
+    def sample_batches(self, batches: Sequence[SampleBatch]) -> SampleResult:
         self._stall_once("sample")
         if self.fail_samples:
             self.fail_samples -= 1
             raise DeviceOutOfMemoryError("device out of memory: test")
-        return super().sample(batch)
+        return super().sample_batches(batches)
 
     def token_stats(self, packed: PackedBatch, **kwargs: Any) -> TokenStatsResult:
         self._stall_once("token_stats")

@@ -22,7 +22,14 @@ import numpy as np
 import numpy.typing as npt
 
 from services.postproc.embeddings import CorpusInfo, CorpusStore, SearchHits, SelectRows, pool
-from services.postproc.sampling import RowParams, SampleBatch, SampleResult, make_sample_batch, sample_numpy
+from services.postproc.sampling import (
+    RowParams,
+    SampleBatch,
+    SampleResult,
+    concat_sample_batches,
+    make_sample_batch,
+    sample_numpy,
+)
 from services.postproc.search_cuda import CupyRowSelect
 from services.postproc.staging import PinnedBuffer, align
 from services.postproc.token_stats import (
@@ -87,6 +94,10 @@ class Backend(Protocol):
 
     def sample(self, batch: SampleBatch) -> SampleResult:
         """One token per row of ``batch``."""
+        ...
+
+    def sample_batches(self, batches: Sequence[SampleBatch]) -> SampleResult:
+        """The rows of ``batches`` (one vocabulary and dtype; concurrent calls) as one batch, in order."""
         ...
 
     def pool(
@@ -168,6 +179,10 @@ class NumpyBackend(_Embeddings):
     def sample(self, batch: SampleBatch) -> SampleResult:
         """One token per row, computed with NumPy."""
         return sample_numpy(batch)
+
+    def sample_batches(self, batches: Sequence[SampleBatch]) -> SampleResult:
+        """The rows of ``batches`` as one batch, computed with NumPy."""
+        return sample_numpy(concat_sample_batches(batches))
 
     def token_stats(
         self, packed: PackedBatch, *, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
@@ -331,6 +346,15 @@ def _checked_search(cupy: Any) -> tuple[Callable[[Any, Any], Any] | None, Select
     return fast, select
 
 
+def _same_samples(got: SampleResult, want: SampleResult) -> bool:
+    return (
+        np.array_equal(got.token, want.token)
+        and np.array_equal(got.top_tokens, want.top_tokens)
+        and np.allclose(got.logprob, want.logprob, rtol=1e-5, atol=1e-5)
+        and np.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
+    )
+
+
 def _cuda_version(v: int) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
@@ -348,7 +372,7 @@ def _nvidia_driver_version(cupy: Any) -> str:
     return f"CUDA {_cuda_version(cupy.cuda.runtime.driverGetVersion())}"
 
 
-def _self_check_sample_batch() -> SampleBatch:
+def _self_check_sample_rows() -> tuple[npt.NDArray[np.float32], list[RowParams]]:
     # One row per feature (greedy, top-k, top-p, min-p, penalties, top-n).
     # 20000 logits: three scan slices for the fast path.  The last row's ties overflow its
     # lists, which hands that row to the fused kernel.
@@ -364,7 +388,7 @@ def _self_check_sample_batch() -> SampleBatch:
         RowParams(temperature=1.5, seed=5, top_logprobs=20),
         RowParams(top_k=5, seed=6, top_logprobs=2),
     ]
-    return make_sample_batch(logits, rows)
+    return logits, rows
 
 
 class CupyBackend(_Embeddings):
@@ -411,13 +435,12 @@ class CupyBackend(_Embeddings):
                 self._d_in: Any = None  # device staging, grown and reused across batches
                 self._d_out: Any = None
                 self._stream = cupy.cuda.Stream(non_blocking=True)
-                self._copy_stream = cupy.cuda.Stream(non_blocking=True)
                 self._pinned_in = PinnedBuffer(cupy)
                 self._pinned_out = PinnedBuffer(cupy)
                 # Imported here: the module is only useful (and only tested) with CuPy.
                 from services.postproc.sampling_cuda import CupySampler
 
-                self.sampler = CupySampler(cupy, self._sm_count, self._stream, self._copy_stream)
+                self.sampler = CupySampler(cupy, self._sm_count, self._stream)
             self._xp = cupy
             total = self.device_memory()[1]
             fast, select = _checked_search(cupy)
@@ -457,20 +480,15 @@ class CupyBackend(_Embeddings):
     def _self_check_sample(self) -> None:
         """Every fused-kernel variant must agree with NumPy (else no CuPy backend); the fast
         path must too, else it is turned off and the fused kernel samples every row."""
-        batch = _self_check_sample_batch()
+        logits, rows = _self_check_sample_rows()
+        batch = make_sample_batch(logits, rows)
         want = sample_numpy(batch)
 
         def disagreement(cluster: int | None, fast: bool) -> str | None:
             prepared = self.sampler.prepare(batch)
             self.sampler.launch(prepared, cluster=cluster, fast=fast)
             got = self.sampler.download(prepared, batch.max_top_logprobs)
-            same = (
-                np.array_equal(got.token, want.token)
-                and np.array_equal(got.top_tokens, want.top_tokens)
-                and np.allclose(got.logprob, want.logprob, rtol=1e-5, atol=1e-5)
-                and np.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
-            )
-            return None if same else f"tokens {got.token.tolist()} vs {want.token.tolist()}"
+            return None if _same_samples(got, want) else f"tokens {got.token.tolist()} vs {want.token.tolist()}"
 
         with self._device:
             try:
@@ -487,6 +505,16 @@ class CupyBackend(_Embeddings):
                     raise BackendUnavailableError(
                         f"CuPy sampling self-check disagreed with NumPy (cluster {cluster}): {problem}"
                     )
+            # The serving path: two calls staged as one batch without penalties, captured into a
+            # graph on the first run and replayed on the second.
+            calls = [make_sample_batch(logits[:4], rows[:4]), make_sample_batch(logits[5:], rows[5:])]
+            staged_want = sample_numpy(concat_sample_batches(calls))
+            for attempt in range(3):  # capture, replay, and once more eagerly if graphs went off
+                if not _same_samples(self.sampler.sample_batches(calls), staged_want):
+                    if not self.sampler.graphs:
+                        raise BackendUnavailableError("CuPy sampling of staged calls disagreed with NumPy")
+                    log.warning("sampling: CUDA graphs disabled: replay %d disagreed with NumPy", attempt)
+                    self.sampler.graphs = False
 
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[None]:
@@ -508,8 +536,13 @@ class CupyBackend(_Embeddings):
 
     def sample(self, batch: SampleBatch) -> SampleResult:
         """One token per row, sampled on the GPU (see the sampling module docstring)."""
+        return self.sample_batches([batch])
+
+    def sample_batches(self, batches: Sequence[SampleBatch]) -> SampleResult:
+        """The rows of ``batches`` sampled on the GPU as one batch; each call's logits are
+        copied once, from its request into pinned staging."""
         with self._lock, self._on_device():
-            return self.sampler.sample(batch)
+            return self.sampler.sample_batches(batches)
 
     def device_memory(self) -> tuple[int, int]:
         """(used, total) bytes on the device, as the CUDA runtime reports them."""

@@ -24,13 +24,15 @@ Only this module's :class:`CupySampler` touches CuPy; it is imported without it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from services.postproc.pdl import DependentLauncher
-from services.postproc.sampling import EXP2_COEFFS, EXP2_MIN, SampleBatch, SampleResult
+from services.postproc.sampling import EXP2_COEFFS, EXP2_MIN, SampleBatch, SampleResult, concat_sample_batches
 from services.postproc.staging import PinnedBuffer, layout
 
 _log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ CLUSTER_SIZES = (1, 2, 4, 8)  # 8 is the largest portable cluster
 MAX_TOP = 32  # top-logprobs buffer per row in the kernel
 _TARGET_SLICE = 16384  # 64 KiB: three CTAs fit on an SM, so loads of one overlap work of another
 _MIN_SLICE = 4096
-_UPLOAD_CHUNK_BYTES = 4 << 20
+_UPLOAD_CHUNK_BYTES = 4 << 20  # one DMA of pinned logits
+_COPY_PIECE_BYTES = 1 << 20  # one copy thread's share of a chunk
+MAX_GRAPHS = 64  # captured batch shapes kept (rows x vocab x dtype x top-n width)
 # The fast path (see _FAST_SOURCE): scan CTAs of SCAN_THREADS threads read SCAN_SLICE logits each.
 FAST_MAX_K = 128  # largest top-k it takes
 SCAN_THREADS = 256
@@ -1491,13 +1495,19 @@ class DeviceSampleBatch:
 
 
 class CupySampler:
-    """Compiles the sampling kernels once and runs batches on the given streams."""
+    """Compiles the sampling kernels once and runs batches on the given stream.
 
-    def __init__(self, cupy: Any, sm_count: int, stream: Any, copy_stream: Any) -> None:
+    :meth:`sample_batches` is the serving path: every call's logits are copied once, from the
+    request's bytes into pinned memory (by ``copy_threads`` threads), in chunks whose DMA
+    overlaps the copy of the next; its device buffers are carved from one reused arena, and
+    batches without penalties replay a CUDA graph of their launches per shape (one graph
+    launch instead of three eager ones, ~40 us of host time each).
+    """
+
+    def __init__(self, cupy: Any, sm_count: int, stream: Any, *, graphs: bool = True, copy_threads: int = 4) -> None:
         self._cp = cupy
         self._sm_count = sm_count
         self.stream = stream
-        self._copy_stream = copy_stream
         module = cupy.RawModule(code=SOURCE, options=("-std=c++17",))
         self._kernels = {c: module.get_function(f"llf_sample_c{c}") for c in CLUSTER_SIZES}
         self._list_kernels = {c: module.get_function(f"llf_sample_list_c{c}") for c in CLUSTER_SIZES}
@@ -1512,6 +1522,10 @@ class CupySampler:
         self._finish = module.get_function("llf_finish")
         self._dependent = DependentLauncher.load()  # None: the finishing and list kernels are launched plainly
         self.fast_path = True  # the backend turns it off when its start-up check disagrees
+        self.graphs = graphs  # turned off for good when a capture fails
+        self._graphs: dict[tuple[Any, ...], Any] = {}
+        self._arena: Any = None  # device buffers of sample_batches, reused; the graphs point into it
+        self._copier = ThreadPoolExecutor(copy_threads, "llf-stage") if copy_threads > 1 else None
 
     def kernel(self, cluster: int) -> Any:
         """The compiled sampling kernel for ``cluster`` CTAs per row (for its attributes)."""
@@ -1534,38 +1548,60 @@ class CupySampler:
             "given_back": np.zeros(batch.n_rows + 1, np.int32),  # rows the fast path leaves to the fused kernel
         }
 
-    def prepare(self, batch: SampleBatch, *, upload_logits: bool = True) -> DeviceSampleBatch:
-        """Allocate device buffers and upload the parameters (one copy) and, unless told
-        otherwise, the logits; on the sampler's stream."""
+    def _device_buffers(self, sizes: dict[str, int], reuse: bool) -> dict[str, Any]:
+        """Device byte buffers of ``sizes``: fresh, or carved from the arena (grown when needed;
+        growing drops the graphs, which point into the old one)."""
         cp = self._cp
-        host = self._host_params(batch)
-        offsets, size = layout({k: v.nbytes for k, v in host.items()})
+        offsets, total = layout(sizes)
+        if not reuse:
+            base = cp.empty(total, dtype=cp.uint8)
+        else:
+            if self._arena is None or self._arena.nbytes < total:
+                self._graphs.clear()
+                self._arena = None
+                self._arena = cp.empty(total, dtype=cp.uint8)
+            base = self._arena
+        return {k: base[offsets[k] : offsets[k] + n] for k, n in sizes.items()}
+
+    def _upload_params(self, host: dict[str, np.ndarray], offsets: dict[str, int], d_params: Any) -> None:
+        """One copy of every parameter array to ``d_params``, through reused pinned memory."""
         if self._params_uploaded is not None:
             self._params_uploaded.synchronize()
-        pinned = self._pinned_params.take(size)
+        pinned = self._pinned_params.take(d_params.nbytes)
         for k, v in host.items():
             pinned[offsets[k] : offsets[k] + v.nbytes].view(v.dtype)[:] = v
-        d_params = cp.empty(size, dtype=cp.uint8)
         d_params.set(pinned, stream=self.stream)
         self._params_uploaded = self.stream.record()
-        params = {k: d_params[offsets[k] : offsets[k] + v.nbytes].view(v.dtype) for k, v in host.items()}
-        width = max(1, batch.max_top_logprobs)
+
+    def prepare(
+        self, batch: SampleBatch, *, upload_logits: bool = True, reuse_buffers: bool = False
+    ) -> DeviceSampleBatch:
+        """Device buffers for ``batch`` (fresh ones, or the reused arena: then valid until the
+        next call that reuses it), its parameters uploaded (one copy) and, unless told
+        otherwise, its logits; on the sampler's stream."""
+        cp = self._cp
+        host = self._host_params(batch)
+        param_offsets, param_size = layout({k: v.nbytes for k, v in host.items()})
         n = batch.n_rows
+        width = max(1, batch.max_top_logprobs)
         out_sizes = {"token": n * 4, "logprob": n * 4, "top_ids": n * width * 4, "top_lp": n * width * 4}
         out_offsets, out_size = layout(out_sizes)
-        d_out = cp.empty(out_size, dtype=cp.uint8)
-        dtypes = {"token": cp.int32, "logprob": cp.float32, "top_ids": cp.int32, "top_lp": cp.float32}
-        out = {k: d_out[out_offsets[k] : out_offsets[k] + out_sizes[k]].view(dtypes[k]) for k in out_sizes}
-        logits = cp.empty(batch.logits.shape, dtype=batch.logits.dtype)
-        bounds = np.searchsorted(batch.penalty_rows, np.arange(n + 1), side="left")
         slices = _scan_slices(batch.vocab)
         fast = fast_rows(batch) if self.fast_path and slices <= MAX_SCAN_SLICES else np.zeros(n, np.bool_)
-        scan = None
+        sizes = {"logits": batch.logits.nbytes, "params": param_size, "out": out_size}
         if fast.any():
-            scan = (
-                cp.empty(n * slices * SCAN_STAT_WORDS, dtype=cp.uint32),
-                cp.empty(n * slices * SCAN_CAP * 2, dtype=cp.int32),
-            )
+            sizes |= {"stats": n * slices * SCAN_STAT_WORDS * 4, "cands": n * slices * SCAN_CAP * 2 * 4}
+        buffers = self._device_buffers(sizes, reuse_buffers)
+        self._upload_params(host, param_offsets, buffers["params"])
+        params = {
+            k: buffers["params"][param_offsets[k] : param_offsets[k] + v.nbytes].view(v.dtype) for k, v in host.items()
+        }
+        dtypes = {"token": cp.int32, "logprob": cp.float32, "top_ids": cp.int32, "top_lp": cp.float32}
+        d_out = buffers["out"]
+        out = {k: d_out[out_offsets[k] : out_offsets[k] + out_sizes[k]].view(dtypes[k]) for k in out_sizes}
+        logits = buffers["logits"].view(batch.logits.dtype).reshape(batch.logits.shape)
+        bounds = np.searchsorted(batch.penalty_rows, np.arange(n + 1), side="left")
+        scan = (buffers["stats"].view(cp.uint32), buffers["cands"].view(cp.int32)) if fast.any() else None
         prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds, fast, scan)
         if upload_logits:
             logits.set(batch.logits, stream=self.stream)
@@ -1702,19 +1738,69 @@ class CupySampler:
         )
 
     def sample(self, batch: SampleBatch) -> SampleResult:
-        """Sample a host batch: logits go up in chunks on the copy stream while earlier
-        chunks are already being sampled on the compute stream."""
-        prepared = self.prepare(batch, upload_logits=False)
-        row_bytes = batch.vocab * batch.logits.itemsize
-        chunk = max(1, _UPLOAD_CHUNK_BYTES // row_bytes)
-        pinned = self._pinned_in.take(batch.n_rows * row_bytes)
-        flat = batch.logits.reshape(-1).view(np.uint8)
-        d_flat = prepared.logits.reshape(-1).view(self._cp.uint8)
-        for r0 in range(0, batch.n_rows, chunk):
-            r1 = min(r0 + chunk, batch.n_rows)
-            lo, hi = r0 * row_bytes, r1 * row_bytes
-            pinned[lo:hi] = flat[lo:hi]  # the DMA of the previous chunk runs meanwhile
-            d_flat[lo:hi].set(pinned[lo:hi], stream=self._copy_stream)
-            self.stream.wait_event(self._copy_stream.record())
-            self.launch(prepared, r0, r1)
-        return self.download(prepared, batch.max_top_logprobs)
+        """One token per row of a host batch (see :meth:`sample_batches`)."""
+        return self.sample_batches([batch])
+
+    def sample_batches(self, batches: Sequence[SampleBatch]) -> SampleResult:
+        """The rows of ``batches`` (one vocabulary and dtype) sampled as one batch, in order."""
+        first = batches[0]
+        n = sum(b.n_rows for b in batches)
+        pinned = self._pinned_in.take(n * first.vocab * first.logits.itemsize)
+        staged = pinned.view(first.logits.dtype).reshape(n, first.vocab)
+        merged = concat_sample_batches(batches, logits=staged)
+        prepared = self.prepare(merged, upload_logits=False, reuse_buffers=True)
+        self._stage_logits(batches, staged, prepared.logits)
+        self._launch_batch(prepared, graphed=self.graphs and merged.penalty_rows.size == 0)
+        return self.download(prepared, merged.max_top_logprobs)
+
+    def _stage_logits(self, batches: Sequence[SampleBatch], staged: np.ndarray, d_logits: Any) -> None:
+        """Copy every batch's rows into ``staged`` (pinned) and up to ``d_logits``: chunk by
+        chunk, each chunk's DMA running while the next one is copied."""
+        row_bytes = staged.shape[1] * staged.itemsize
+        step = max(1, _COPY_PIECE_BYTES // row_bytes)
+        pieces = []  # (first row in staged, rows): a copy thread's share
+        r = 0
+        for b in batches:
+            pieces += [(r + s, b.logits[s : s + step]) for s in range(0, b.n_rows, step)]
+            r += b.n_rows
+
+        def copy(piece: tuple[int, np.ndarray]) -> None:
+            r0, rows = piece
+            np.copyto(staged[r0 : r0 + len(rows)], rows)
+
+        per_chunk = max(1, _UPLOAD_CHUNK_BYTES // (step * row_bytes))
+        for c in range(0, len(pieces), per_chunk):
+            chunk = pieces[c : c + per_chunk]
+            if self._copier is not None and len(chunk) > 1:
+                list(self._copier.map(copy, chunk))
+            else:
+                for piece in chunk:
+                    copy(piece)
+            r0, r1 = chunk[0][0], chunk[-1][0] + len(chunk[-1][1])
+            d_logits[r0:r1].set(staged[r0:r1], stream=self.stream)
+
+    def _launch_batch(self, prepared: DeviceSampleBatch, *, graphed: bool) -> None:
+        """:meth:`launch` the whole batch, through a CUDA graph of its shape when ``graphed``
+        (its buffers must be the arena's: the graph holds their addresses)."""
+        if not graphed:
+            self.launch(prepared)
+            return
+        key = (prepared.n_rows, prepared.vocab, prepared.logits.dtype.str, prepared.width, bool(prepared.fast.any()))
+        graph = self._graphs.get(key)
+        if graph is None:
+            try:
+                self.stream.begin_capture()
+                try:
+                    self.launch(prepared)
+                finally:
+                    graph = self.stream.end_capture()
+            except Exception as exc:  # costs the graphs, not the batch: it runs eagerly
+                _log.warning("sampling: CUDA graphs disabled: %s", exc)
+                self.graphs = False
+                self._graphs.clear()
+                self.launch(prepared)
+                return
+            if len(self._graphs) >= MAX_GRAPHS:
+                del self._graphs[next(iter(self._graphs))]
+            self._graphs[key] = graph
+        graph.launch(stream=self.stream)
