@@ -1525,7 +1525,16 @@ class CupySampler:
         self.graphs = graphs  # turned off for good when a capture fails
         self._graphs: dict[tuple[Any, ...], Any] = {}
         self._arena: Any = None  # device buffers of sample_batches, reused; the graphs point into it
-        self._copier = ThreadPoolExecutor(copy_threads, "llf-stage") if copy_threads > 1 else None
+        self._copy_threads = copy_threads
+        self._copier: ThreadPoolExecutor | None = None
+        self.set_copy_threads(copy_threads)
+
+    def set_copy_threads(self, threads: int | None) -> None:
+        """Copy staged logits with ``threads`` threads (None: the number the sampler was made with)."""
+        if self._copier is not None:
+            self._copier.shutdown()
+        n = self._copy_threads if threads is None else threads
+        self._copier = ThreadPoolExecutor(n, "llf-stage") if n > 1 else None
 
     def kernel(self, cluster: int) -> Any:
         """The compiled sampling kernel for ``cluster`` CTAs per row (for its attributes)."""
