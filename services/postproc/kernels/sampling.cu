@@ -1315,6 +1315,7 @@ extern "C" __global__ void __launch_bounds__(FNT) llf_finish(
 // the fast path gave back), and the body's arguments.
 #define LLF_ROW_PARAMS const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, const long long row, const float* __restrict__ inv_t, const int* __restrict__ top_k, const float* __restrict__ top_p, const float* __restrict__ min_p, const unsigned long long* __restrict__ seed, const int* __restrict__ n_top, int* __restrict__ out_token, float* __restrict__ out_logprob, int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, const int top_stride
 #define LLF_SAMPLE_ARGS const void* __restrict__ logits, const int is_half, const long long vocab, const int slice, const long long row0, const float* __restrict__ inv_t, const int* __restrict__ top_k, const float* __restrict__ top_p, const float* __restrict__ min_p, const unsigned long long* __restrict__ seed, const int* __restrict__ n_top, int* __restrict__ out_token, float* __restrict__ out_logprob, int* __restrict__ out_top_ids, float* __restrict__ out_top_lp, const int top_stride, const int n_rows, const int* __restrict__ given_back
+#define LLF_KERNEL_NAMES logits, is_half, vocab, slice, row0, inv_t, top_k, top_p, min_p, seed, n_top, out_token, out_logprob, out_top_ids, out_top_lp, top_stride, n_rows, given_back
 #define LLF_SAMPLE_NAMES logits, is_half, vocab, slice, row, inv_t, top_k, top_p, min_p, seed, n_top, out_token, out_logprob, out_top_ids, out_top_lp, top_stride
 // llf_sample_c{C}: a cluster of C CTAs per row, row0 .. row0 + n_rows - 1.  llf_sample_list_c{C}: the
 // given_back[0] rows the fast path gave back, listed from given_back[1], by a few clusters
@@ -1325,58 +1326,27 @@ __device__ __noinline__ void llf_sample_row(LLF_ROW_PARAMS) {
     llf_sample_body(LLF_SAMPLE_NAMES);
 }
 
-extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(1, 1, 1) llf_sample_c1(LLF_SAMPLE_ARGS) {
-    const long long row = row0 + blockIdx.x / 1;
+template <int C>
+__device__ __forceinline__ void llf_sample_rows(LLF_SAMPLE_ARGS) {
+    const long long row = row0 + blockIdx.x / C;
     llf_sample_body(LLF_SAMPLE_NAMES);
 }
 
-extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(1, 1, 1) llf_sample_list_c1(LLF_SAMPLE_ARGS) {
+template <int C>
+__device__ __forceinline__ void llf_sample_listed(LLF_SAMPLE_ARGS) {
     asm volatile("griddepcontrol.wait;" ::: "memory");  // launched as a dependent of the finish
     const int n = min(given_back[0], n_rows);
-    for (int q = blockIdx.x / 1; q < n; q += gridDim.x / 1) {
+    for (int q = blockIdx.x / C; q < n; q += gridDim.x / C) {
         const long long row = given_back[1 + q];
         llf_sample_row(LLF_SAMPLE_NAMES);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(2, 1, 1) llf_sample_c2(LLF_SAMPLE_ARGS) {
-    const long long row = row0 + blockIdx.x / 2;
-    llf_sample_body(LLF_SAMPLE_NAMES);
-}
-
-extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(2, 1, 1) llf_sample_list_c2(LLF_SAMPLE_ARGS) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");  // launched as a dependent of the finish
-    const int n = min(given_back[0], n_rows);
-    for (int q = blockIdx.x / 2; q < n; q += gridDim.x / 2) {
-        const long long row = given_back[1 + q];
-        llf_sample_row(LLF_SAMPLE_NAMES);
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(4, 1, 1) llf_sample_c4(LLF_SAMPLE_ARGS) {
-    const long long row = row0 + blockIdx.x / 4;
-    llf_sample_body(LLF_SAMPLE_NAMES);
-}
-
-extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(4, 1, 1) llf_sample_list_c4(LLF_SAMPLE_ARGS) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");  // launched as a dependent of the finish
-    const int n = min(given_back[0], n_rows);
-    for (int q = blockIdx.x / 4; q < n; q += gridDim.x / 4) {
-        const long long row = given_back[1 + q];
-        llf_sample_row(LLF_SAMPLE_NAMES);
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(8, 1, 1) llf_sample_c8(LLF_SAMPLE_ARGS) {
-    const long long row = row0 + blockIdx.x / 8;
-    llf_sample_body(LLF_SAMPLE_NAMES);
-}
-
-extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(8, 1, 1) llf_sample_list_c8(LLF_SAMPLE_ARGS) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");  // launched as a dependent of the finish
-    const int n = min(given_back[0], n_rows);
-    for (int q = blockIdx.x / 8; q < n; q += gridDim.x / 8) {
-        const long long row = given_back[1 + q];
-        llf_sample_row(LLF_SAMPLE_NAMES);
-    }
-}
+extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(1, 1, 1) llf_sample_c1(LLF_SAMPLE_ARGS) { llf_sample_rows<1>(LLF_KERNEL_NAMES); }
+extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(1, 1, 1) llf_sample_list_c1(LLF_SAMPLE_ARGS) { llf_sample_listed<1>(LLF_KERNEL_NAMES); }
+extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(2, 1, 1) llf_sample_c2(LLF_SAMPLE_ARGS) { llf_sample_rows<2>(LLF_KERNEL_NAMES); }
+extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(2, 1, 1) llf_sample_list_c2(LLF_SAMPLE_ARGS) { llf_sample_listed<2>(LLF_KERNEL_NAMES); }
+extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(4, 1, 1) llf_sample_c4(LLF_SAMPLE_ARGS) { llf_sample_rows<4>(LLF_KERNEL_NAMES); }
+extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(4, 1, 1) llf_sample_list_c4(LLF_SAMPLE_ARGS) { llf_sample_listed<4>(LLF_KERNEL_NAMES); }
+extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(8, 1, 1) llf_sample_c8(LLF_SAMPLE_ARGS) { llf_sample_rows<8>(LLF_KERNEL_NAMES); }
+extern "C" __global__ void __launch_bounds__(NT, 2) __cluster_dims__(8, 1, 1) llf_sample_list_c8(LLF_SAMPLE_ARGS) { llf_sample_listed<8>(LLF_KERNEL_NAMES); }
