@@ -54,6 +54,7 @@ class HostRow:
     copy_bound_ms: float
     cupy_ms: float
     cupy_one_copy_thread_ms: float
+    cupy_eight_copy_threads_ms: float
     torch_ms: float
     torch_over_cupy: float
 
@@ -261,8 +262,10 @@ def bench_host_to_host(cp: Any, backend: CupyBackend, torch: Any, out: Path) -> 
         )
         repeats = 50 if batch < 64 else 20
         ours = wall_median_ms(lambda h=host: backend.sample(h), repeats)
-        backend.sampler.set_copy_threads(1)
-        one_thread = wall_median_ms(lambda h=host: backend.sample(h), repeats)
+        by_threads = {}
+        for threads in (1, 8):
+            backend.sampler.set_copy_threads(threads)
+            by_threads[threads] = wall_median_ms(lambda h=host: backend.sample(h), repeats)
         backend.sampler.set_copy_threads(None)
         theirs = float("nan")
         if torch is not None:
@@ -275,7 +278,8 @@ def bench_host_to_host(cp: Any, backend: CupyBackend, torch: Any, out: Path) -> 
                 h2d_pinned_gbps=round(h2d / 1e9, 1),
                 copy_bound_ms=round(logits.nbytes / h2d * 1e3, 3),
                 cupy_ms=round(ours, 3),
-                cupy_one_copy_thread_ms=round(one_thread, 3),
+                cupy_one_copy_thread_ms=round(by_threads[1], 3),
+                cupy_eight_copy_threads_ms=round(by_threads[8], 3),
                 torch_ms=round(theirs, 3),
                 torch_over_cupy=round(theirs / ours, 2),
             )
@@ -402,20 +406,22 @@ def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float)
     store.remove("bench", [])
 
 
-def bench_service(out: Path, modes: tuple[str, ...], callers: tuple[int, ...], seconds: float) -> None:
+def bench_service(out: Path, modes: tuple[str, ...], callers: tuple[int, ...], seconds: float, rows: int) -> None:
     """The service end to end on CuPy: the micro-batching ``modes`` at each number of ``callers``."""
     import asyncio
 
     from benchmarks.postproc_service_bench import ServiceOptions, run_service_bench, service_table
 
-    opts = ServiceOptions(backend="cupy", vocab=131072, concurrency=callers, seconds=seconds, modes=modes)
+    opts = ServiceOptions(
+        backend="cupy", vocab=131072, concurrency=callers, seconds=seconds, modes=modes, rows_per_call=rows
+    )
     points = asyncio.run(run_service_bench(opts))
     headers, cells = service_table(points)
-    print(f"\nservice, Sample of 1 row x {opts.vocab} float32 logits per call (CuPy)")
+    print(f"\nservice, Sample of {rows} row(s) x {opts.vocab} float32 logits per call (CuPy)")
     print(" | ".join(headers))
     for line in cells:
         print(" | ".join(line))
-    write_rows(out / "postproc_service.csv", points)
+    write_rows(out / f"postproc_service_{rows}row.csv", points)
 
 
 def write_rows(path: Path, rows: list[Any], footer: str = "") -> None:
@@ -462,6 +468,7 @@ def main() -> None:
     parser.add_argument("--service-modes", default="off,wait 0,wait 2 ms", help="comma-separated batching modes")
     parser.add_argument("--service-callers", default="1,4,16,64,256", help="comma-separated concurrent callers")
     parser.add_argument("--service-seconds", type=float, default=3.0, help="measured seconds per point")
+    parser.add_argument("--service-rows", type=int, default=1, help="rows of logits per call")
     args = parser.parse_args()
 
     import cupy as cp
@@ -501,7 +508,8 @@ def main() -> None:
             bench_host_to_host(cp, backend, torch, args.out)
         if "service" not in skip:
             callers = tuple(int(c) for c in args.service_callers.split(","))
-            bench_service(args.out, tuple(args.service_modes.split(",")), callers, args.service_seconds)
+            modes = tuple(args.service_modes.split(","))
+            bench_service(args.out, modes, callers, args.service_seconds, args.service_rows)
     if rows:
         path = args.out / "postproc.csv"
         write_rows(path, rows, f"# d2d_copy_bytes_per_s={d2d:.4g}; device={backend.device_description}\n")

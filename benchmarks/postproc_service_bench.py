@@ -55,6 +55,7 @@ class ServiceOptions:
     seconds: float = 3.0  # measured per point, after a warm-up of a tenth of that
     modes: tuple[str, ...] = tuple(name for name, _, _ in MODES)
     client_processes: int = CLIENT_PROCESSES
+    rows_per_call: int = 1
 
     @classmethod
     def quick(cls, backend: str = "numpy") -> ServiceOptions:
@@ -102,16 +103,16 @@ async def postproc_service(
         await process.stop(10)
 
 
-def sample_requests(vocab: int, count: int = 16) -> list[postproc_pb2.SampleRequest]:
+def sample_requests(vocab: int, count: int = 16, rows: int = 1) -> list[postproc_pb2.SampleRequest]:
     rng = np.random.default_rng(0)
     requests = []
     for i in range(count):
-        logits = (rng.normal(size=(1, vocab)) * 2.5).astype(np.float32)
+        logits = (rng.normal(size=(rows, vocab)) * 2.5).astype(np.float32)
         tensor = postproc_pb2.Tensor(
             dtype=postproc_pb2.TENSOR_DTYPE_FLOAT32, shape=list(logits.shape), data=logits.tobytes()
         )
         params = postproc_pb2.SamplingParams(top_k=50, top_p=0.9, seed=i)
-        requests.append(postproc_pb2.SampleRequest(logits=tensor, rows=[params]))
+        requests.append(postproc_pb2.SampleRequest(logits=tensor, rows=[params] * rows))
     return requests
 
 
@@ -156,11 +157,14 @@ async def closed_loop(
     return latencies
 
 
-def _client_process(address: str, vocab: int, callers: int, seconds: float, first: int, stride: int) -> list[float]:
-    """One client process: ``callers`` closed-loop callers on a channel of its own; their latencies."""
+def _client_process(
+    address: str, shape: tuple[int, int], callers: int, seconds: float, first: int, stride: int
+) -> list[float]:
+    """One client process: ``callers`` closed-loop callers of ``shape`` (rows, vocab) logits on a
+    channel of its own; their latencies."""
 
     async def run() -> list[float]:
-        requests = sample_requests(vocab)
+        requests = sample_requests(shape[1], rows=shape[0])
         async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
             stub = postproc_pb2_grpc.PostprocStub(channel)
             return await closed_loop(stub, requests, callers, seconds, first=first, stride=stride)
@@ -169,7 +173,7 @@ def _client_process(address: str, vocab: int, callers: int, seconds: float, firs
 
 
 async def spread_load(
-    pool: ProcessPoolExecutor, processes: int, address: str, vocab: int, concurrency: int, seconds: float
+    pool: ProcessPoolExecutor, processes: int, address: str, shape: tuple[int, int], concurrency: int, seconds: float
 ) -> list[float]:
     """``concurrency`` callers spread over up to ``processes`` client processes; every latency."""
     n = min(processes, concurrency)
@@ -177,7 +181,7 @@ async def spread_load(
     parts = await asyncio.gather(
         *(
             loop.run_in_executor(
-                pool, _client_process, address, vocab, concurrency // n + (k < concurrency % n), seconds, k, n
+                pool, _client_process, address, shape, concurrency // n + (k < concurrency % n), seconds, k, n
             )
             for k in range(n)
         )
@@ -197,7 +201,7 @@ async def measure_mode(opts: ServiceOptions, mode: tuple[str, int, float], log_d
         status = await stub.DeviceStatus(postproc_pb2.DeviceStatusRequest(), timeout=10)
         with ProcessPoolExecutor(opts.client_processes, mp_context=spawn) as pool:
             for concurrency in opts.concurrency:
-                load = (pool, opts.client_processes, address, opts.vocab, concurrency)
+                load = (pool, opts.client_processes, address, (opts.rows_per_call, opts.vocab), concurrency)
                 await spread_load(*load, opts.seconds / 10)
                 sum0, count0 = await asyncio.to_thread(batch_totals, metrics_url)
                 start = time.perf_counter()
@@ -212,7 +216,7 @@ async def measure_mode(opts: ServiceOptions, mode: tuple[str, int, float], log_d
                         concurrency=concurrency,
                         vocab=opts.vocab,
                         calls=len(latencies),
-                        rows_per_s=round(len(latencies) / elapsed, 1),
+                        rows_per_s=round(len(latencies) * opts.rows_per_call / elapsed, 1),
                         p50_ms=round(q[49] * 1e3, 3),
                         p99_ms=round(q[98] * 1e3, 3),
                         calls_per_batch=round((sum1 - sum0) / max(1.0, count1 - count0), 2),

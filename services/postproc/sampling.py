@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -274,8 +274,8 @@ def concat_sample_batches(
     caller copies each batch's rows into it (the CuPy backend stages them straight into pinned
     memory, one copy instead of a concatenation and a copy).
     """
-    if len(batches) == 1 and logits is None:
-        return batches[0]
+    if len(batches) == 1:
+        return batches[0] if logits is None else replace(batches[0], logits=logits)
     starts = np.cumsum([0] + [b.n_rows for b in batches[:-1]])
     return SampleBatch(
         logits=np.concatenate([b.logits for b in batches]) if logits is None else logits,

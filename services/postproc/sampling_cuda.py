@@ -127,6 +127,7 @@ class DeviceSampleBatch:
 
     logits: Any  # cupy [rows, vocab] float32/float16
     params: dict[str, Any]  # cupy views by name
+    params_buffer: Any  # the bytes they are views of
     out: dict[str, Any]
     out_buffer: Any
     n_rows: int
@@ -171,7 +172,7 @@ class CupySampler:
         self._dependent = DependentLauncher.load()  # None: the finishing and list kernels are launched plainly
         self.fast_path = True  # the backend turns it off when its start-up check disagrees
         self.graphs = graphs  # turned off for good when a capture fails
-        self._graphs: dict[tuple[Any, ...], Any] = {}
+        self._graphs: dict[tuple[Any, ...], tuple[DeviceSampleBatch, Any]] = {}
         self._arena: Any = None  # device buffers of sample_batches, reused; the graphs point into it
         self._copy_threads = copy_threads
         self._copier: ThreadPoolExecutor | None = None
@@ -259,7 +260,9 @@ class CupySampler:
         logits = buffers["logits"].view(batch.logits.dtype).reshape(batch.logits.shape)
         bounds = np.searchsorted(batch.penalty_rows, np.arange(n + 1), side="left")
         scan = (buffers["stats"].view(cp.uint32), buffers["cands"].view(cp.int32)) if fast.any() else None
-        prepared = DeviceSampleBatch(logits, params, out, d_out, n, batch.vocab, width, bounds, fast, scan)
+        prepared = DeviceSampleBatch(
+            logits, params, buffers["params"], out, d_out, n, batch.vocab, width, bounds, fast, scan
+        )
         if upload_logits:
             logits.set(batch.logits, stream=self.stream)
         return prepared
@@ -405,10 +408,27 @@ class CupySampler:
         pinned = self._pinned_in.take(n * first.vocab * first.logits.itemsize)
         staged = pinned.view(first.logits.dtype).reshape(n, first.vocab)
         merged = concat_sample_batches(batches, logits=staged)
-        prepared = self.prepare(merged, upload_logits=False, reuse_buffers=True)
-        self._stage_logits(batches, staged, prepared.logits)
-        self._launch_batch(prepared, graphed=self.graphs and merged.penalty_rows.size == 0)
+        key = self._graph_key(merged) if self.graphs and merged.penalty_rows.size == 0 else None
+        captured = self._graphs.get(key) if key is not None else None
+        if captured is not None:  # the shape's buffers and launches as captured: new parameters and logits only
+            prepared, graph = captured
+            host = self._host_params(merged)
+            self._upload_params(host, layout({k: v.nbytes for k, v in host.items()})[0], prepared.params_buffer)
+            self._stage_logits(batches, staged, prepared.logits)
+            graph.launch(stream=self.stream)
+        else:
+            prepared = self.prepare(merged, upload_logits=False, reuse_buffers=True)
+            self._stage_logits(batches, staged, prepared.logits)
+            if key is None:
+                self.launch(prepared)
+            else:
+                self._capture(key, prepared)
         return self.download(prepared, merged.max_top_logprobs)
+
+    def _graph_key(self, batch: SampleBatch) -> tuple[Any, ...]:
+        """What fixes a penalty-free batch's buffers and launches (as :meth:`prepare` decides them)."""
+        fast = self.fast_path and _scan_slices(batch.vocab) <= MAX_SCAN_SLICES and bool(fast_rows(batch).any())
+        return (batch.n_rows, batch.vocab, batch.logits.dtype.str, max(1, batch.max_top_logprobs), fast)
 
     def _stage_logits(self, batches: Sequence[SampleBatch], staged: np.ndarray, d_logits: Any) -> None:
         """Copy every batch's rows into ``staged`` (pinned) and up to ``d_logits``: chunk by
@@ -436,28 +456,22 @@ class CupySampler:
             r0, r1 = chunk[0][0], chunk[-1][0] + len(chunk[-1][1])
             d_logits[r0:r1].set(staged[r0:r1], stream=self.stream)
 
-    def _launch_batch(self, prepared: DeviceSampleBatch, *, graphed: bool) -> None:
-        """:meth:`launch` the whole batch, through a CUDA graph of its shape when ``graphed``
-        (its buffers must be the arena's: the graph holds their addresses)."""
-        if not graphed:
+    def _capture(self, key: tuple[Any, ...], prepared: DeviceSampleBatch) -> None:
+        """Launch ``prepared`` (whose buffers are the arena's) through a CUDA graph captured now
+        and kept for its shape; eagerly, and graphs off for good, where capture fails."""
+        try:
+            self.stream.begin_capture()
+            try:
+                self.launch(prepared)
+            finally:
+                graph = self.stream.end_capture()
+        except Exception as exc:  # costs the graphs, not the batch
+            _log.warning("sampling: CUDA graphs disabled: %s", exc)
+            self.graphs = False
+            self._graphs.clear()
             self.launch(prepared)
             return
-        key = (prepared.n_rows, prepared.vocab, prepared.logits.dtype.str, prepared.width, bool(prepared.fast.any()))
-        graph = self._graphs.get(key)
-        if graph is None:
-            try:
-                self.stream.begin_capture()
-                try:
-                    self.launch(prepared)
-                finally:
-                    graph = self.stream.end_capture()
-            except Exception as exc:  # costs the graphs, not the batch: it runs eagerly
-                _log.warning("sampling: CUDA graphs disabled: %s", exc)
-                self.graphs = False
-                self._graphs.clear()
-                self.launch(prepared)
-                return
-            if len(self._graphs) >= MAX_GRAPHS:
-                del self._graphs[next(iter(self._graphs))]
-            self._graphs[key] = graph
+        if len(self._graphs) >= MAX_GRAPHS:
+            del self._graphs[next(iter(self._graphs))]
+        self._graphs[key] = (prepared, graph)
         graph.launch(stream=self.stream)
