@@ -424,10 +424,17 @@ class CupyBackend(_Embeddings):
             calls = [make_sample_batch(logits[:4], rows[:4]), make_sample_batch(logits[5:], rows[5:])]
             staged_want = sample_numpy(concat_sample_batches(calls))
             for attempt in range(3):  # capture, replay, and once more eagerly if graphs went off
-                if not _same_samples(self.sampler.sample_batches(calls), staged_want):
+                try:
+                    same = _same_samples(self.sampler.sample_batches(calls), staged_want)
+                    problem = None if same else f"run {attempt} disagreed with NumPy"
+                except Exception as exc:
                     if not self.sampler.graphs:
-                        raise BackendUnavailableError("CuPy sampling of staged calls disagreed with NumPy")
-                    log.warning("sampling: CUDA graphs disabled: replay %d disagreed with NumPy", attempt)
+                        raise
+                    problem = f"run {attempt} failed: {exc}"
+                if problem is not None:
+                    if not self.sampler.graphs:
+                        raise BackendUnavailableError(f"CuPy sampling of staged calls: {problem}")
+                    log.warning("sampling: CUDA graphs disabled: %s", problem)
                     self.sampler.graphs = False
 
     @contextlib.contextmanager
