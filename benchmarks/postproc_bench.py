@@ -10,6 +10,11 @@ bandwidth of the same run counts bytes read plus written, as the issue's referen
 Sampling is timed on device-resident logits (the kernels alone), torch's sort-based
 top-k/top-p/multinomial likewise; TokenStats end to end against an empty kernel plus
 the same copies; NumPy on the CPU.  Writes ``postproc.csv`` and prints a table.
+
+The ``host`` part times sampling host to host (NumPy logits in, tokens out: ``backend.sample``)
+against torch doing the same (``.cuda()``, a ``torch.topk``-based sampler, ``.cpu()``), with
+the copy bound of each size (its bytes over the measured pinned host-to-device bandwidth);
+writes ``postproc_host.csv``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,24 @@ from services.postproc.token_stats import PackedBatch, token_stats_numpy
 BATCHES = (1, 8, 64, 256)
 VOCABS = (32000, 131072, 262144)
 ROTATE_BYTES = 256 << 20  # cycle through this much input so repeated runs do not hit L2
+HOST_BATCHES = (1, 64, 256)
+HOST_VOCAB = 131072
+
+
+@dataclass
+class HostRow:
+    """Host-to-host sampling of one batch size: medians in milliseconds."""
+
+    batch: int
+    vocab: int
+    input_mb: float
+    h2d_pinned_gbps: float
+    copy_bound_ms: float
+    cupy_ms: float
+    cupy_one_copy_thread_ms: float
+    cupy_eight_copy_threads_ms: float
+    torch_ms: float
+    torch_over_cupy: float
 
 
 @dataclass
@@ -187,6 +210,85 @@ def bench_torch(torch: Any, logits: np.ndarray, n_inputs: int) -> float:
     return statistics.median(samples)
 
 
+def h2d_bandwidth(cp: Any, nbytes: int = 256 << 20) -> float:
+    """Pinned host-to-device copy bandwidth (bytes/s), best of 5 copies of ``nbytes``."""
+    pinned = PinnedBuffer(cp).take(nbytes)
+    pinned[:] = 1
+    device = cp.empty(nbytes, cp.uint8)
+    stream = cp.cuda.Stream(non_blocking=True)
+    times = []
+    for _ in range(6):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        device.set(pinned, stream=stream)
+        stop.record(stream)
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) * 1e-3)
+    return nbytes / min(times[1:])
+
+
+def torch_topk_sample(torch: Any, logits: np.ndarray, top_k: int, top_p: float, generator: Any) -> np.ndarray:
+    """Host logits to host tokens the usual torch way: upload, top-k, top-p over it, draw, download."""
+    x = torch.from_numpy(logits).cuda()
+    values, indices = torch.topk(x, top_k, dim=-1)
+    probs = torch.softmax(values, dim=-1)
+    cum = torch.cumsum(probs, dim=-1)
+    probs[(cum - probs) >= top_p] = 0
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return indices.gather(-1, choice).cpu().numpy()
+
+
+def wall_median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def bench_host_to_host(cp: Any, backend: CupyBackend, torch: Any, out: Path) -> list[HostRow]:
+    """backend.sample from NumPy logits to tokens against torch's .cuda() / topk / .cpu(), top-k 50 + top-p 0.9."""
+    h2d = h2d_bandwidth(cp)
+    generator = torch.Generator(device="cuda").manual_seed(0) if torch is not None else None
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in HOST_BATCHES:
+        logits = (rng.normal(size=(batch, HOST_VOCAB)) * 2.5).astype(np.float32)
+        host = make_sample_batch(
+            logits, [RowParams(top_k=50, top_p=0.9, seed=s) for s in range(batch)], SampleLimits(max_rows=batch)
+        )
+        repeats = 50 if batch < 64 else 20
+        ours = wall_median_ms(lambda h=host: backend.sample(h), repeats)
+        by_threads = {}
+        for threads in (1, 8):
+            backend.sampler.set_copy_threads(threads)
+            by_threads[threads] = wall_median_ms(lambda h=host: backend.sample(h), repeats)
+        backend.sampler.set_copy_threads(None)
+        theirs = float("nan")
+        if torch is not None:
+            theirs = wall_median_ms(lambda x=logits: torch_topk_sample(torch, x, 50, 0.9, generator), repeats)
+        rows.append(
+            HostRow(
+                batch=batch,
+                vocab=HOST_VOCAB,
+                input_mb=round(logits.nbytes / 1e6, 2),
+                h2d_pinned_gbps=round(h2d / 1e9, 1),
+                copy_bound_ms=round(logits.nbytes / h2d * 1e3, 3),
+                cupy_ms=round(ours, 3),
+                cupy_one_copy_thread_ms=round(by_threads[1], 3),
+                cupy_eight_copy_threads_ms=round(by_threads[8], 3),
+                torch_ms=round(theirs, 3),
+                torch_over_cupy=round(theirs / ours, 2),
+            )
+        )
+        print(rows[-1], flush=True)
+    write_rows(out / "postproc_host.csv", rows, f"# device={backend.device_description}\n")
+    return rows
+
+
 def bench_numpy_sampling(rows_out: list[Row], d2d: float, *, quick: bool = False) -> None:
     rng = np.random.default_rng(1)
     for vocab in (4096,) if quick else VOCABS:
@@ -304,20 +406,22 @@ def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float)
     store.remove("bench", [])
 
 
-def bench_service(out: Path) -> None:
-    """The service end to end on CuPy: micro-batching off / wait 0 / wait 2 ms at 1-256 callers."""
+def bench_service(out: Path, modes: tuple[str, ...], callers: tuple[int, ...], seconds: float, rows: int) -> None:
+    """The service end to end on CuPy: the micro-batching ``modes`` at each number of ``callers``."""
     import asyncio
 
     from benchmarks.postproc_service_bench import ServiceOptions, run_service_bench, service_table
 
-    opts = ServiceOptions(backend="cupy", vocab=131072)
+    opts = ServiceOptions(
+        backend="cupy", vocab=131072, concurrency=callers, seconds=seconds, modes=modes, rows_per_call=rows
+    )
     points = asyncio.run(run_service_bench(opts))
     headers, cells = service_table(points)
-    print(f"\nservice, Sample of 1 row x {opts.vocab} float32 logits per call (CuPy)")
+    print(f"\nservice, Sample of {rows} row(s) x {opts.vocab} float32 logits per call (CuPy)")
     print(" | ".join(headers))
     for line in cells:
         print(" | ".join(line))
-    write_rows(out / "postproc_service.csv", points)
+    write_rows(out / f"postproc_service_{rows}row.csv", points)
 
 
 def write_rows(path: Path, rows: list[Any], footer: str = "") -> None:
@@ -359,8 +463,12 @@ def main() -> None:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to leave out: sampling (float32), fp16, token_stats, search, numpy, service",
+        help="comma-separated parts to leave out: sampling (float32), fp16, token_stats, search, numpy, host, service",
     )
+    parser.add_argument("--service-modes", default="off,wait 0,wait 2 ms", help="comma-separated batching modes")
+    parser.add_argument("--service-callers", default="1,4,16,64,256", help="comma-separated concurrent callers")
+    parser.add_argument("--service-seconds", type=float, default=3.0, help="measured seconds per point")
+    parser.add_argument("--service-rows", type=int, default=1, help="rows of logits per call")
     args = parser.parse_args()
 
     import cupy as cp
@@ -396,14 +504,19 @@ def main() -> None:
             bench_search(cp, backend, rows, d2d)
         if "numpy" not in skip:
             bench_numpy_sampling(rows, d2d)
+        if "host" not in skip:
+            bench_host_to_host(cp, backend, torch, args.out)
         if "service" not in skip:
-            bench_service(args.out)
-    path = args.out / "postproc.csv"
-    write_rows(path, rows, f"# d2d_copy_bytes_per_s={d2d:.4g}; device={backend.device_description}\n")
-    print(f"\n{header}")
-    for r in rows:
-        print(_fmt(r))
-    print(f"wrote {path}")
+            callers = tuple(int(c) for c in args.service_callers.split(","))
+            modes = tuple(args.service_modes.split(","))
+            bench_service(args.out, modes, callers, args.service_seconds, args.service_rows)
+    if rows:
+        path = args.out / "postproc.csv"
+        write_rows(path, rows, f"# d2d_copy_bytes_per_s={d2d:.4g}; device={backend.device_description}\n")
+        print(f"\n{header}")
+        for r in rows:
+            print(_fmt(r))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

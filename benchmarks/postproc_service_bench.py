@@ -2,8 +2,9 @@
 off, batching what queued while the backend was busy (wait 0), and the default 2 ms wait,
 at 1-256 concurrent callers.
 
-Each caller sends one row of logits per call, closed loop, from one client process (asyncio,
-one channel).  The service runs as its own process (`python -m services.postproc`) on the
+Each caller sends one row of logits per call, closed loop.  The callers run in client
+processes of their own (up to ``CLIENT_PROCESSES``, each with its own channel and asyncio
+loop), so the load generator's serialisation and its gRPC stack are not the server's ceiling.  The service runs as its own process (`python -m services.postproc`) on the
 backend asked for; its batch-size histogram is read from /metrics before and after every
 point, so the table shows how many calls each batch merged.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import statistics
 import sys
@@ -19,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from llamafleet.v1 import postproc_pb2, postproc_pb2_grpc
 
 # (name, max_batch_requests, max_batch_wait_seconds)
 MODES = (("off", 1, 0.0), ("wait 0", 256, 0.0), ("wait 2 ms", 256, 0.002))
+CLIENT_PROCESSES = 4
 
 
 SERVICE_NOTE = (
@@ -49,10 +53,13 @@ class ServiceOptions:
     vocab: int = 32000
     concurrency: tuple[int, ...] = (1, 4, 16, 64, 256)
     seconds: float = 3.0  # measured per point, after a warm-up of a tenth of that
+    modes: tuple[str, ...] = tuple(name for name, _, _ in MODES)
+    client_processes: int = CLIENT_PROCESSES
+    rows_per_call: int = 1
 
     @classmethod
     def quick(cls, backend: str = "numpy") -> ServiceOptions:
-        return cls(backend=backend, vocab=4096, concurrency=(1, 8), seconds=0.5)
+        return cls(backend=backend, vocab=4096, concurrency=(1, 8), seconds=0.5, client_processes=2)
 
 
 @dataclass
@@ -96,16 +103,16 @@ async def postproc_service(
         await process.stop(10)
 
 
-def sample_requests(vocab: int, count: int = 16) -> list[postproc_pb2.SampleRequest]:
+def sample_requests(vocab: int, count: int = 16, rows: int = 1) -> list[postproc_pb2.SampleRequest]:
     rng = np.random.default_rng(0)
     requests = []
     for i in range(count):
-        logits = (rng.normal(size=(1, vocab)) * 2.5).astype(np.float32)
+        logits = (rng.normal(size=(rows, vocab)) * 2.5).astype(np.float32)
         tensor = postproc_pb2.Tensor(
             dtype=postproc_pb2.TENSOR_DTYPE_FLOAT32, shape=list(logits.shape), data=logits.tobytes()
         )
         params = postproc_pb2.SamplingParams(top_k=50, top_p=0.9, seed=i)
-        requests.append(postproc_pb2.SampleRequest(logits=tensor, rows=[params]))
+        requests.append(postproc_pb2.SampleRequest(logits=tensor, rows=[params] * rows))
     return requests
 
 
@@ -129,55 +136,92 @@ async def closed_loop(
     requests: Sequence[postproc_pb2.SampleRequest],
     concurrency: int,
     seconds: float,
+    *,
+    first: int = 0,
+    stride: int = 1,
 ) -> list[float]:
     """Latencies (s) of the calls `concurrency` callers complete in `seconds`, each sending its
-    next call when the last one returns."""
+    next call when the last one returns (caller k sends requests first + k * stride, ...)."""
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
 
     async def caller(k: int) -> None:
-        i = k
+        i = first + k * stride
         while time.perf_counter() < stop:
             start = time.perf_counter()
             await stub.Sample(requests[i % len(requests)], timeout=30)
             latencies.append(time.perf_counter() - start)
-            i += concurrency
+            i += concurrency * stride
 
     await asyncio.gather(*(caller(k) for k in range(concurrency)))
     return latencies
 
 
+def _client_process(
+    address: str, shape: tuple[int, int], callers: int, seconds: float, first: int, stride: int
+) -> list[float]:
+    """One client process: ``callers`` closed-loop callers of ``shape`` (rows, vocab) logits on a
+    channel of its own; their latencies."""
+
+    async def run() -> list[float]:
+        requests = sample_requests(shape[1], rows=shape[0])
+        async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+            stub = postproc_pb2_grpc.PostprocStub(channel)
+            return await closed_loop(stub, requests, callers, seconds, first=first, stride=stride)
+
+    return asyncio.run(run())
+
+
+async def spread_load(
+    pool: ProcessPoolExecutor, processes: int, address: str, shape: tuple[int, int], concurrency: int, seconds: float
+) -> list[float]:
+    """``concurrency`` callers spread over up to ``processes`` client processes; every latency."""
+    n = min(processes, concurrency)
+    loop = asyncio.get_running_loop()
+    parts = await asyncio.gather(
+        *(
+            loop.run_in_executor(
+                pool, _client_process, address, shape, concurrency // n + (k < concurrency % n), seconds, k, n
+            )
+            for k in range(n)
+        )
+    )
+    return [latency for part in parts for latency in part]
+
+
 async def measure_mode(opts: ServiceOptions, mode: tuple[str, int, float], log_dir: Path) -> list[ServicePoint]:
     name, max_requests, max_wait = mode
-    requests = sample_requests(opts.vocab)
     points = []
+    spawn = multiprocessing.get_context("spawn")  # no CUDA or gRPC state inherited from this process
     async with (
         postproc_service(opts.backend, max_requests, max_wait, log_dir) as (address, metrics_url),
         grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel,
     ):
         stub = postproc_pb2_grpc.PostprocStub(channel)
         status = await stub.DeviceStatus(postproc_pb2.DeviceStatusRequest(), timeout=10)
-        for concurrency in opts.concurrency:
-            await closed_loop(stub, requests, concurrency, opts.seconds / 10)
-            sum0, count0 = await asyncio.to_thread(batch_totals, metrics_url)
-            start = time.perf_counter()
-            latencies = await closed_loop(stub, requests, concurrency, opts.seconds)
-            elapsed = time.perf_counter() - start
-            sum1, count1 = await asyncio.to_thread(batch_totals, metrics_url)
-            q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-            points.append(
-                ServicePoint(
-                    backend=status.backend,
-                    mode=name,
-                    concurrency=concurrency,
-                    vocab=opts.vocab,
-                    calls=len(latencies),
-                    rows_per_s=round(len(latencies) / elapsed, 1),
-                    p50_ms=round(q[49] * 1e3, 3),
-                    p99_ms=round(q[98] * 1e3, 3),
-                    calls_per_batch=round((sum1 - sum0) / max(1.0, count1 - count0), 2),
+        with ProcessPoolExecutor(opts.client_processes, mp_context=spawn) as pool:
+            for concurrency in opts.concurrency:
+                load = (pool, opts.client_processes, address, (opts.rows_per_call, opts.vocab), concurrency)
+                await spread_load(*load, opts.seconds / 10)
+                sum0, count0 = await asyncio.to_thread(batch_totals, metrics_url)
+                start = time.perf_counter()
+                latencies = await spread_load(*load, opts.seconds)
+                elapsed = time.perf_counter() - start
+                sum1, count1 = await asyncio.to_thread(batch_totals, metrics_url)
+                q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+                points.append(
+                    ServicePoint(
+                        backend=status.backend,
+                        mode=name,
+                        concurrency=concurrency,
+                        vocab=opts.vocab,
+                        calls=len(latencies),
+                        rows_per_s=round(len(latencies) * opts.rows_per_call / elapsed, 1),
+                        p50_ms=round(q[49] * 1e3, 3),
+                        p99_ms=round(q[98] * 1e3, 3),
+                        calls_per_batch=round((sum1 - sum0) / max(1.0, count1 - count0), 2),
+                    )
                 )
-            )
     return points
 
 
@@ -187,7 +231,8 @@ async def run_service_bench(opts: ServiceOptions, log_dir: Path | None = None) -
         logs = log_dir or Path(tmp)
         points: list[ServicePoint] = []
         for mode in MODES:
-            points += await measure_mode(opts, mode, logs)
+            if mode[0] in opts.modes:
+                points += await measure_mode(opts, mode, logs)
         return points
 
 
@@ -195,17 +240,20 @@ def service_table(points: Sequence[ServicePoint]) -> tuple[list[str], list[list[
     """Headers and rows: each mode's rows/s, p50/p99 and calls per batch, side by side per concurrency,
     with the batching modes' throughput as a ratio of batching off."""
     by = {(p.mode, p.concurrency): p for p in points}
+    modes = [name for name, _, _ in MODES if any(p.mode == name for p in points)]
+    batching = [name for name in modes if name != "off"] if "off" in modes else []
     headers = ["callers"]
-    for name, _, _ in MODES:
+    for name in modes:
         headers += [f"{name}: rows/s", "p50 ms", "p99 ms", "calls/batch"]
-    headers += [f"{name} / off" for name, _, _ in MODES[1:]]
+    headers += [f"{name} / off" for name in batching]
     rows = []
     for concurrency in sorted({p.concurrency for p in points}):
         cells = [str(concurrency)]
-        for name, _, _ in MODES:
+        for name in modes:
             p = by[(name, concurrency)]
             cells += [f"{p.rows_per_s:,.0f}", f"{p.p50_ms:.2f}", f"{p.p99_ms:.2f}", f"{p.calls_per_batch:.1f}"]
-        off = by[("off", concurrency)].rows_per_s
-        cells += [f"{by[(name, concurrency)].rows_per_s / off:.2f}×" for name, _, _ in MODES[1:]]
+        cells += [
+            f"{by[(name, concurrency)].rows_per_s / by[('off', concurrency)].rows_per_s:.2f}×" for name in batching
+        ]
         rows.append(cells)
     return headers, rows

@@ -132,9 +132,6 @@ class EmuStream:
     def synchronize(self) -> None:
         return None
 
-    def wait_event(self, event: Any) -> None:
-        return None
-
 
 _PROBE = """
 #include <atomic>

@@ -379,7 +379,7 @@ def emulated_sampler() -> CupySampler:
     # the only kind the emulator runs.
     kernels = ["llf_penalties", "llf_scan", "llf_finish"]
     kernels += [f"llf_sample{kind}_c{c}" for kind in ("", "_list") for c in CLUSTER_SIZES]
-    return CupySampler(emulated_cupy(kernels), 1, EmuStream(), EmuStream())
+    return CupySampler(emulated_cupy(kernels), 1, EmuStream(), graphs=False)
 
 
 @pytest.mark.emulator
@@ -422,3 +422,22 @@ def test_cupy_flags_nan_and_inf_rows(cupy_backend: object) -> None:
     logits[2, 17] = np.nan
     result = cupy_backend.sample(make_sample_batch(logits, [RowParams(seed=1)] * 3))  # type: ignore[attr-defined]
     assert result.invalid.tolist() == [True, False, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [32001, 131072])
+def test_staged_calls_and_graph_replays_agree_with_numpy(cupy_backend: object, vocab: int) -> None:
+    rng = np.random.default_rng(vocab)
+    for penalty in (1.0, 1.2):  # without penalties the batch is captured into a graph, then replayed
+        calls = []
+        for n in (1, 3, 2):
+            x = (rng.normal(size=(n, vocab)) * 3).astype(np.float32)
+            rows = [
+                RowParams(top_k=40, top_p=0.9, seed=int(s), top_logprobs=2, repetition_penalty=penalty, history=[1, 2])
+                for s in rng.integers(1 << 30, size=n)
+            ]
+            calls.append(make_sample_batch(x, rows))
+        want = sample_numpy(concat_sample_batches(calls))
+        for _ in range(2):
+            assert_backends_agree(cupy_backend.sample_batches(calls), want)  # type: ignore[attr-defined]
+    assert cupy_backend.sampler.graphs  # type: ignore[attr-defined]

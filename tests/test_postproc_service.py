@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -49,12 +49,12 @@ class FlakyBackend(NumpyBackend):
             self._stalled.add(operation)
             time.sleep(self.STALL_SECONDS)
 
-    def sample(self, batch: SampleBatch) -> SampleResult:
+    def sample_batches(self, batches: Sequence[SampleBatch]) -> SampleResult:
         self._stall_once("sample")
         if self.fail_samples:
             self.fail_samples -= 1
             raise DeviceOutOfMemoryError("device out of memory: test")
-        return super().sample(batch)
+        return super().sample_batches(batches)
 
     def token_stats(self, packed: PackedBatch, **kwargs: Any) -> TokenStatsResult:
         self._stall_once("token_stats")
@@ -244,3 +244,94 @@ async def test_embeddings_pool_add_search_remove(postproc: Postproc) -> None:
         )
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("vectors:")
+
+
+def bfloat16_tensor(array: npt.NDArray[np.float32]) -> postproc_pb2.Tensor:
+    bits = (array.astype("<f4").view(np.uint32) >> 16).astype("<u2")  # truncated: exact on the way back
+    return postproc_pb2.Tensor(dtype=postproc_pb2.TENSOR_DTYPE_BFLOAT16, shape=list(array.shape), data=bits.tobytes())
+
+
+@pytest.mark.asyncio
+async def test_bfloat16_logits_sample_as_the_float32_values_they_hold(postproc: Postproc) -> None:
+    x = logits(2)
+    x = ((x.view(np.uint32) >> 16) << 16).view(np.float32)  # representable in bfloat16
+    rows = [postproc_pb2.SamplingParams(top_k=40, seed=3, top_logprobs=2)] * 2
+    response = await postproc.stub.Sample(postproc_pb2.SampleRequest(logits=bfloat16_tensor(x), rows=rows))
+    want = sample_numpy(make_sample_batch(x, [RowParams(top_k=40, seed=3, top_logprobs=2)] * 2))
+    assert [t.token for t in response.tokens] == want.token.tolist()
+    np.testing.assert_allclose([t.logprob for t in response.tokens], want.logprob, rtol=1e-6)
+
+
+def _vectors(rows: int = 2, dim: int = 8) -> npt.NDArray[np.float32]:
+    return np.random.default_rng(5).normal(size=(rows, dim)).astype(np.float32)
+
+
+def _with_nan(array: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    out = array.copy()
+    out.reshape(-1)[-1] = np.nan
+    return out
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("call", "build", "field"),
+    [
+        (
+            "Sample",
+            lambda: postproc_pb2.SampleRequest(logits=postproc_pb2.Tensor(dtype=7, shape=[1, 1])),
+            "logits.dtype",
+        ),
+        (
+            "Sample",
+            lambda: postproc_pb2.SampleRequest(
+                logits=postproc_pb2.Tensor(dtype=postproc_pb2.TENSOR_DTYPE_BFLOAT16, shape=[1, 4], data=b"\0" * 16),
+                rows=[postproc_pb2.SamplingParams()],
+            ),
+            "logits.data",
+        ),
+        ("Sample", lambda: sample_request(_with_nan(logits(2))), "logits"),
+        (
+            "PoolEmbeddings",
+            lambda: postproc_pb2.PoolEmbeddingsRequest(
+                hidden_states=postproc_pb2.Tensor(dtype=postproc_pb2.TENSOR_DTYPE_FLOAT16, shape=[1, 2, 4], data=b"\0"),
+                pooling=postproc_pb2.POOLING_MEAN,
+            ),
+            "hidden_states.data",
+        ),
+        (
+            "PoolEmbeddings",
+            lambda: postproc_pb2.PoolEmbeddingsRequest(
+                hidden_states=tensor(_with_nan(_vectors(2).reshape(1, 2, 8))), pooling=postproc_pb2.POOLING_MEAN
+            ),
+            "hidden_states",
+        ),
+        (
+            "AddToCorpus",
+            lambda: postproc_pb2.AddToCorpusRequest(corpus="c", vectors=tensor(_with_nan(_vectors())), ids=["a", "b"]),
+            "vectors",
+        ),
+        (
+            "AddToCorpus",
+            lambda: postproc_pb2.AddToCorpusRequest(
+                corpus="c", vectors=postproc_pb2.Tensor(shape=[1, 8], data=b"\0" * 32), ids=["a"]
+            ),
+            "vectors.dtype",
+        ),
+        (
+            "SearchCorpus",
+            lambda: postproc_pb2.SearchCorpusRequest(
+                corpus="c",
+                queries=postproc_pb2.Tensor(dtype=postproc_pb2.TENSOR_DTYPE_BFLOAT16, shape=[8], data=b"\0" * 16),
+                top_k=1,
+            ),
+            "queries.shape",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+async def test_bad_tensors_are_invalid_arguments_naming_the_field(
+    postproc: Postproc, call: str, build: Any, field: str
+) -> None:
+    code, details = await status_of(getattr(postproc.stub, call)(build()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith(f"{field}:"), details

@@ -13,6 +13,7 @@ class TensorDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENSOR_DTYPE_UNSPECIFIED: _ClassVar[TensorDtype]
     TENSOR_DTYPE_FLOAT32: _ClassVar[TensorDtype]
     TENSOR_DTYPE_FLOAT16: _ClassVar[TensorDtype]
+    TENSOR_DTYPE_BFLOAT16: _ClassVar[TensorDtype]
 
 class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -23,6 +24,7 @@ class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 TENSOR_DTYPE_UNSPECIFIED: TensorDtype
 TENSOR_DTYPE_FLOAT32: TensorDtype
 TENSOR_DTYPE_FLOAT16: TensorDtype
+TENSOR_DTYPE_BFLOAT16: TensorDtype
 POOLING_UNSPECIFIED: Pooling
 POOLING_MEAN: Pooling
 POOLING_LAST: Pooling

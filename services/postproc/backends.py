@@ -21,8 +21,16 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from services.postproc.cuda_source import cuda_source
 from services.postproc.embeddings import CorpusInfo, CorpusStore, SearchHits, SelectRows, pool
-from services.postproc.sampling import RowParams, SampleBatch, SampleResult, make_sample_batch, sample_numpy
+from services.postproc.sampling import (
+    RowParams,
+    SampleBatch,
+    SampleResult,
+    concat_sample_batches,
+    make_sample_batch,
+    sample_numpy,
+)
 from services.postproc.search_cuda import CupyRowSelect
 from services.postproc.staging import PinnedBuffer, align
 from services.postproc.token_stats import (
@@ -87,6 +95,10 @@ class Backend(Protocol):
 
     def sample(self, batch: SampleBatch) -> SampleResult:
         """One token per row of ``batch``."""
+        ...
+
+    def sample_batches(self, batches: Sequence[SampleBatch]) -> SampleResult:
+        """The rows of ``batches`` (one vocabulary and dtype; concurrent calls) as one batch, in order."""
         ...
 
     def pool(
@@ -169,6 +181,10 @@ class NumpyBackend(_Embeddings):
         """One token per row, computed with NumPy."""
         return sample_numpy(batch)
 
+    def sample_batches(self, batches: Sequence[SampleBatch]) -> SampleResult:
+        """The rows of ``batches`` as one batch, computed with NumPy."""
+        return sample_numpy(concat_sample_batches(batches))
+
     def token_stats(
         self, packed: PackedBatch, *, confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
     ) -> TokenStatsResult:
@@ -180,95 +196,8 @@ class NumpyBackend(_Embeddings):
         return (0, 0)
 
 
-# One kernel per batch: a CTA per response and a thread per token (entropy, surprise, the
-# confident flag), then the response's sums reduced in the CTA, so the means need neither
-# a second launch nor atomics (deterministic).  expf/logf (not the fast intrinsics) keep
-# the results within a few ulp of NumPy's.
-_KERNEL_SOURCE = r"""
-#define FULL_MASK 0xffffffffu
-
-extern "C" __global__ void llf_token_stats(
-    const float* __restrict__ top, const float* __restrict__ chosen, const long long* __restrict__ offsets,
-    const long long n_tokens, const int width, const long long n_responses, const float log_threshold,
-    float* __restrict__ entropy, float* __restrict__ surprise, unsigned char* __restrict__ confident,
-    double* __restrict__ out)
-{
-    // One CTA per response (grid-stride), one thread per token: per-token entropy, surprise
-    // and confident flag, then the response's sums reduced in the CTA.
-    // out[4 r + k]: mean_logprob, perplexity, mean_entropy, confident_fraction.
-    __shared__ double s_lp[32], s_h[32];
-    __shared__ long long s_nh[32], s_nc[32];
-    const float neg_inf = __int_as_float(0xff800000);
-    const double nan = __longlong_as_double(0x7ff8000000000000LL);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    for (long long r = blockIdx.x; r < n_responses; r += gridDim.x) {
-        const long long lo = offsets[r], hi = offsets[r + 1];
-        double lp = 0.0, h = 0.0;
-        long long nh = 0, nc = 0;
-        for (long long t = lo + threadIdx.x; t < hi; t += blockDim.x) {
-            const float* row = top + t * width;
-            float m = neg_inf;
-            for (int j = 0; j < width; j++) m = fmaxf(m, row[j]);
-            float z = 0.0f, wd = 0.0f;
-            if (m > neg_inf) {
-                for (int j = 0; j < width; j++) {
-                    const float x = row[j];
-                    if (x > neg_inf) {
-                        // H = log Z - sum(w d) / Z with d = l - max, w = exp(d): no overflow, no cancellation.
-                        const float d = x - m;
-                        const float w = expf(d);
-                        z += w;
-                        wd += w * d;
-                    }
-                }
-            }
-            const float e = m > neg_inf ? logf(z) - wd / z : __int_as_float(0x7fc00000);
-            const float c = chosen[t];
-            const bool conf = c >= log_threshold;
-            entropy[t] = e;
-            surprise[t] = 0.0f - c;  // +0 rather than -0 for a logprob of 0, as in NumPy
-            confident[t] = conf ? 1 : 0;
-            lp += (double)c;
-            if (e == e) { h += (double)e; nh += 1; }  // NaN: token without top entries
-            nc += conf;
-        }
-        for (int s = 16; s > 0; s >>= 1) {
-            lp += __shfl_down_sync(FULL_MASK, lp, s);
-            h += __shfl_down_sync(FULL_MASK, h, s);
-            nh += __shfl_down_sync(FULL_MASK, nh, s);
-            nc += __shfl_down_sync(FULL_MASK, nc, s);
-        }
-        if (lane == 0) { s_lp[warp] = lp; s_h[warp] = h; s_nh[warp] = nh; s_nc[warp] = nc; }
-        __syncthreads();
-        if (warp == 0) {
-            lp = lane < n_warps ? s_lp[lane] : 0.0;
-            h = lane < n_warps ? s_h[lane] : 0.0;
-            nh = lane < n_warps ? s_nh[lane] : 0;
-            nc = lane < n_warps ? s_nc[lane] : 0;
-            for (int s = 16; s > 0; s >>= 1) {
-                lp += __shfl_down_sync(FULL_MASK, lp, s);
-                h += __shfl_down_sync(FULL_MASK, h, s);
-                nh += __shfl_down_sync(FULL_MASK, nh, s);
-                nc += __shfl_down_sync(FULL_MASK, nc, s);
-            }
-            if (lane == 0) {
-                const long long n = hi - lo;
-                double* o = out + 4 * r;
-                if (n > 0) {
-                    const double mean = lp / (double)n;
-                    o[0] = mean;
-                    o[1] = exp(-mean);
-                    o[2] = nh > 0 ? h / (double)nh : nan;
-                    o[3] = (double)nc / (double)n;
-                } else {
-                    o[0] = nan; o[1] = nan; o[2] = nan; o[3] = nan;
-                }
-            }
-        }
-        __syncthreads();  // the shared slots are reused by the next response
-    }
-}
-"""
+# One kernel per batch (kernels/token_stats.cu): a CTA per response and a thread per token.
+_KERNEL_SOURCE = cuda_source("token_stats.cu")
 
 _STATS_BLOCK = 256  # threads per response: one token each per pass
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
@@ -331,6 +260,15 @@ def _checked_search(cupy: Any) -> tuple[Callable[[Any, Any], Any] | None, Select
     return fast, select
 
 
+def _same_samples(got: SampleResult, want: SampleResult) -> bool:
+    return (
+        np.array_equal(got.token, want.token)
+        and np.array_equal(got.top_tokens, want.top_tokens)
+        and np.allclose(got.logprob, want.logprob, rtol=1e-5, atol=1e-5)
+        and np.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
+    )
+
+
 def _cuda_version(v: int) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
@@ -348,7 +286,7 @@ def _nvidia_driver_version(cupy: Any) -> str:
     return f"CUDA {_cuda_version(cupy.cuda.runtime.driverGetVersion())}"
 
 
-def _self_check_sample_batch() -> SampleBatch:
+def _self_check_sample_rows() -> tuple[npt.NDArray[np.float32], list[RowParams]]:
     # One row per feature (greedy, top-k, top-p, min-p, penalties, top-n).
     # 20000 logits: three scan slices for the fast path.  The last row's ties overflow its
     # lists, which hands that row to the fused kernel.
@@ -364,7 +302,7 @@ def _self_check_sample_batch() -> SampleBatch:
         RowParams(temperature=1.5, seed=5, top_logprobs=20),
         RowParams(top_k=5, seed=6, top_logprobs=2),
     ]
-    return make_sample_batch(logits, rows)
+    return logits, rows
 
 
 class CupyBackend(_Embeddings):
@@ -411,13 +349,12 @@ class CupyBackend(_Embeddings):
                 self._d_in: Any = None  # device staging, grown and reused across batches
                 self._d_out: Any = None
                 self._stream = cupy.cuda.Stream(non_blocking=True)
-                self._copy_stream = cupy.cuda.Stream(non_blocking=True)
                 self._pinned_in = PinnedBuffer(cupy)
                 self._pinned_out = PinnedBuffer(cupy)
                 # Imported here: the module is only useful (and only tested) with CuPy.
                 from services.postproc.sampling_cuda import CupySampler
 
-                self.sampler = CupySampler(cupy, self._sm_count, self._stream, self._copy_stream)
+                self.sampler = CupySampler(cupy, self._sm_count, self._stream)
             self._xp = cupy
             total = self.device_memory()[1]
             fast, select = _checked_search(cupy)
@@ -457,20 +394,15 @@ class CupyBackend(_Embeddings):
     def _self_check_sample(self) -> None:
         """Every fused-kernel variant must agree with NumPy (else no CuPy backend); the fast
         path must too, else it is turned off and the fused kernel samples every row."""
-        batch = _self_check_sample_batch()
+        logits, rows = _self_check_sample_rows()
+        batch = make_sample_batch(logits, rows)
         want = sample_numpy(batch)
 
         def disagreement(cluster: int | None, fast: bool) -> str | None:
             prepared = self.sampler.prepare(batch)
             self.sampler.launch(prepared, cluster=cluster, fast=fast)
             got = self.sampler.download(prepared, batch.max_top_logprobs)
-            same = (
-                np.array_equal(got.token, want.token)
-                and np.array_equal(got.top_tokens, want.top_tokens)
-                and np.allclose(got.logprob, want.logprob, rtol=1e-5, atol=1e-5)
-                and np.allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
-            )
-            return None if same else f"tokens {got.token.tolist()} vs {want.token.tolist()}"
+            return None if _same_samples(got, want) else f"tokens {got.token.tolist()} vs {want.token.tolist()}"
 
         with self._device:
             try:
@@ -487,6 +419,23 @@ class CupyBackend(_Embeddings):
                     raise BackendUnavailableError(
                         f"CuPy sampling self-check disagreed with NumPy (cluster {cluster}): {problem}"
                     )
+            # The serving path: two calls staged as one batch without penalties, captured into a
+            # graph on the first run and replayed on the second.
+            calls = [make_sample_batch(logits[:4], rows[:4]), make_sample_batch(logits[5:], rows[5:])]
+            staged_want = sample_numpy(concat_sample_batches(calls))
+            for attempt in range(3):  # capture, replay, and once more eagerly if graphs went off
+                try:
+                    same = _same_samples(self.sampler.sample_batches(calls), staged_want)
+                    problem = None if same else f"run {attempt} disagreed with NumPy"
+                except Exception as exc:
+                    if not self.sampler.graphs:
+                        raise
+                    problem = f"run {attempt} failed: {exc}"
+                if problem is not None:
+                    if not self.sampler.graphs:
+                        raise BackendUnavailableError(f"CuPy sampling of staged calls: {problem}")
+                    log.warning("sampling: CUDA graphs disabled: %s", problem)
+                    self.sampler.graphs = False
 
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[None]:
@@ -508,8 +457,13 @@ class CupyBackend(_Embeddings):
 
     def sample(self, batch: SampleBatch) -> SampleResult:
         """One token per row, sampled on the GPU (see the sampling module docstring)."""
+        return self.sample_batches([batch])
+
+    def sample_batches(self, batches: Sequence[SampleBatch]) -> SampleResult:
+        """The rows of ``batches`` sampled on the GPU as one batch; each call's logits are
+        copied once, from its request into pinned staging."""
         with self._lock, self._on_device():
-            return self.sampler.sample(batch)
+            return self.sampler.sample_batches(batches)
 
     def device_memory(self) -> tuple[int, int]:
         """(used, total) bytes on the device, as the CUDA runtime reports them."""

@@ -1,9 +1,10 @@
 """Dynamic micro-batching: concurrent calls of one operation are merged into one backend call.
 
-The first call of a batch waits at most ``max_wait`` seconds for company; a batch closes
-earlier once it holds ``max_requests`` calls or ``max_size`` units (rows, tokens).  One
-worker per operation runs batches one after the other in a thread, so calls that arrive
-while a batch computes form the next one.  The wait is skipped until calls overlap (one is
+The first call of a batch waits at most ``max_wait`` seconds, counted from its arrival, for
+company; a batch closes earlier once it holds ``max_requests`` calls or ``max_size`` units
+(rows, tokens).  One worker per operation runs batches one after the other in a thread, so
+calls that arrive while a batch computes form the next one, and start as soon as the backend
+is free: they have already waited that long.  The wait is skipped until calls overlap (one is
 submitted while another is still unanswered), and again once a batch finds itself alone: a
 lone caller would only pay it (it halved one caller's rows/s on NumPy).
 """
@@ -46,7 +47,8 @@ class MicroBatcher(Generic[T, R]):
         self._max_size = max_size
         self._size = size
         self._observe = observe
-        self._pending: deque[tuple[T, int, asyncio.Future[R]]] = deque()
+        # (item, units, future, loop time of arrival), oldest first
+        self._pending: deque[tuple[T, int, asyncio.Future[R], float]] = deque()
         self._pending_size = 0
         self._wake = asyncio.Event()
         self._outstanding = 0  # calls submitted and not yet answered
@@ -55,9 +57,10 @@ class MicroBatcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` and wait for its result (or exception)."""
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         size = self._size(item)
-        self._pending.append((item, size, future))
+        self._pending.append((item, size, future, loop.time()))
         self._pending_size += size
         self._wake.set()
         self._outstanding += 1
@@ -89,7 +92,7 @@ class MicroBatcher(Generic[T, R]):
         if not self._overlapping:
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._max_wait
+        deadline = self._pending[0][3] + self._max_wait
         while not self._full():
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -104,7 +107,7 @@ class MicroBatcher(Generic[T, R]):
         batch: list[tuple[T, asyncio.Future[R]]] = []
         units = 0
         while self._pending and len(batch) < self._max_requests:
-            item, size, future = self._pending[0]
+            item, size, future, _ = self._pending[0]
             if batch and units + size > self._max_size:
                 break
             self._pending.popleft()

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -265,13 +265,20 @@ def make_sample_batch(
     )
 
 
-def concat_sample_batches(batches: Sequence[SampleBatch]) -> SampleBatch:
-    """One batch holding the rows of ``batches`` in order (all of one vocabulary size and dtype)."""
+def concat_sample_batches(
+    batches: Sequence[SampleBatch], logits: npt.NDArray[np.float32] | npt.NDArray[np.float16] | None = None
+) -> SampleBatch:
+    """One batch holding the rows of ``batches`` in order (all of one vocabulary size and dtype).
+
+    ``logits``, when given, becomes the merged batch's ``[rows, vocab]`` logits as it is: the
+    caller copies each batch's rows into it (the CuPy backend stages them straight into pinned
+    memory, one copy instead of a concatenation and a copy).
+    """
     if len(batches) == 1:
-        return batches[0]
+        return batches[0] if logits is None else replace(batches[0], logits=logits)
     starts = np.cumsum([0] + [b.n_rows for b in batches[:-1]])
     return SampleBatch(
-        logits=np.concatenate([b.logits for b in batches]),
+        logits=np.concatenate([b.logits for b in batches]) if logits is None else logits,
         inv_temperature=np.concatenate([b.inv_temperature for b in batches]),
         top_k=np.concatenate([b.top_k for b in batches]),
         top_p=np.concatenate([b.top_p for b in batches]),

@@ -30,7 +30,6 @@ from services.postproc.sampling import (
     SampleBatch,
     SampleLimits,
     SampleResult,
-    concat_sample_batches,
     make_sample_batch,
     split_result,
 )
@@ -45,9 +44,11 @@ from services.postproc.token_stats import (
 T = TypeVar("T")
 R = TypeVar("R")
 
-_DTYPES: dict[int, type[np.floating[Any]]] = {
-    postproc_pb2.TENSOR_DTYPE_FLOAT32: np.float32,
-    postproc_pb2.TENSOR_DTYPE_FLOAT16: np.float16,
+# Wire dtypes as NumPy reads their bytes; bfloat16 arrives as its bits and is widened.
+_DTYPES: dict[int, str] = {
+    postproc_pb2.TENSOR_DTYPE_FLOAT32: "<f4",
+    postproc_pb2.TENSOR_DTYPE_FLOAT16: "<f2",
+    postproc_pb2.TENSOR_DTYPE_BFLOAT16: "<u2",
 }
 _POOLINGS = {postproc_pb2.POOLING_MEAN: "mean", postproc_pb2.POOLING_LAST: "last", postproc_pb2.POOLING_CLS: "cls"}
 
@@ -70,17 +71,29 @@ def _client_errors() -> Iterator[None]:
 
 
 def _array(field: str, tensor: postproc_pb2.Tensor, ndim: int) -> npt.NDArray[Any]:
-    """The tensor as a (read-only, zero-copy) NumPy array of ``ndim`` dimensions."""
+    """The tensor as a NumPy array of ``ndim`` dimensions: a read-only view of the request's
+    bytes for float32 and float16, float32 for bfloat16."""
     dtype = _DTYPES.get(tensor.dtype)
     if dtype is None:
-        raise InvalidArgument(f"{field}.dtype", "must be TENSOR_DTYPE_FLOAT32 or TENSOR_DTYPE_FLOAT16")
+        raise InvalidArgument(
+            f"{field}.dtype", "must be TENSOR_DTYPE_FLOAT32, TENSOR_DTYPE_FLOAT16 or TENSOR_DTYPE_BFLOAT16"
+        )
     shape = tuple(tensor.shape)
     if len(shape) != ndim:
         raise InvalidArgument(f"{field}.shape", f"must have {ndim} dimensions, got {list(shape)}")
+    data = tensor.data  # read once: every read of a bytes field copies it
     expected = math.prod(shape) * np.dtype(dtype).itemsize
-    if len(tensor.data) != expected:
-        raise InvalidArgument(f"{field}.data", f"holds {len(tensor.data)} bytes; shape {list(shape)} needs {expected}")
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    if len(data) != expected:
+        raise InvalidArgument(f"{field}.data", f"holds {len(data)} bytes; shape {list(shape)} needs {expected}")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if tensor.dtype == postproc_pb2.TENSOR_DTYPE_BFLOAT16:
+        return widen_bfloat16(array)
+    return array
+
+
+def widen_bfloat16(bits: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
+    """bfloat16 values (their 16 bits) as the float32 values they are: the bits shifted up."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _row_params(row: postproc_pb2.SamplingParams) -> tuple[RowParams, int]:
@@ -234,8 +247,7 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
 
     def _run_sample(self, batches: Sequence[SampleBatch]) -> list[SampleResult | BaseException]:
         def run(group: list[SampleBatch]) -> list[SampleResult]:
-            merged = concat_sample_batches(group)
-            result = self._timed("sample", self._backend.sample, merged)
+            result = self._timed("sample", self._backend.sample_batches, group)
             return split_result(result, [b.n_rows for b in group], [b.max_top_logprobs for b in group])
 
         return _run_groups(batches, lambda b: (b.vocab, b.logits.dtype.str), run)
@@ -251,19 +263,24 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
         bad = np.flatnonzero(result.invalid)
         if bad.size:
             raise InvalidArgument("logits", f"row {int(bad[0])} holds NaN or infinite values")
-        tokens = []
-        for r, (_, seed) in enumerate(params):
-            n = int(batch.top_logprobs[r])
-            top = [
-                postproc_pb2.TokenLogprob(token=int(t), logprob=float(lp))
-                for t, lp in zip(result.top_tokens[r, :n], result.top_logprobs[r, :n], strict=True)
-            ]
-            tokens.append(
+        # Plain Python values in one pass each (tolist), not a NumPy scalar per field.
+        tokens, logprobs = result.token.tolist(), result.logprob.tolist()
+        top_tokens, top_logprobs = result.top_tokens.tolist(), result.top_logprobs.tolist()
+        widths = batch.top_logprobs.tolist()
+        return postproc_pb2.SampleResponse(
+            tokens=[
                 postproc_pb2.SampledToken(
-                    token=int(result.token[r]), logprob=float(result.logprob[r]), top=top, seed=seed
+                    token=tokens[r],
+                    logprob=logprobs[r],
+                    top=[
+                        postproc_pb2.TokenLogprob(token=t, logprob=lp)
+                        for t, lp in zip(top_tokens[r][: widths[r]], top_logprobs[r][: widths[r]], strict=True)
+                    ],
+                    seed=seed,
                 )
-            )
-        return postproc_pb2.SampleResponse(tokens=tokens)
+                for r, (_, seed) in enumerate(params)
+            ]
+        )
 
     # ---- embeddings ------------------------------------------------------------------------
 
