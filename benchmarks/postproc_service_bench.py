@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llamafleet.channels import wait_serving
 from llamafleet.processes import ManagedProcess, free_port
 from llamafleet.server import GRPC_OPTIONS
+from llamafleet.tensors import float32_tensor
 from llamafleet.v1 import postproc_pb2, postproc_pb2_grpc
 
 # (name, max_batch_requests, max_batch_wait_seconds)
@@ -108,11 +109,8 @@ def sample_requests(vocab: int, count: int = 16, rows: int = 1) -> list[postproc
     requests = []
     for i in range(count):
         logits = (rng.normal(size=(rows, vocab)) * 2.5).astype(np.float32)
-        tensor = postproc_pb2.Tensor(
-            dtype=postproc_pb2.TENSOR_DTYPE_FLOAT32, shape=list(logits.shape), data=logits.tobytes()
-        )
         params = postproc_pb2.SamplingParams(top_k=50, top_p=0.9, seed=i)
-        requests.append(postproc_pb2.SampleRequest(logits=tensor, rows=[params] * rows))
+        requests.append(postproc_pb2.SampleRequest(logits=float32_tensor(logits), rows=[params] * rows))
     return requests
 
 

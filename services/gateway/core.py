@@ -29,6 +29,7 @@ from llamafleet.generation import (
 from llamafleet.keys import KeyStore
 from llamafleet.storage_client import StorageClient
 from llamafleet.telemetry import trace_exemplar
+from llamafleet.tensors import float32_array
 from llamafleet.v1 import (
     common_pb2,
     gateway_pb2,
@@ -308,7 +309,7 @@ class GatewayCore:
             )
         finally:
             self.admission.release(ticket, used_tokens)
-        vectors = np.frombuffer(pooled.embeddings.data, dtype="<f4").reshape(tuple(pooled.embeddings.shape))
+        vectors = float32_array(pooled.embeddings)
         self.metrics.tokens.labels("input").inc(used_tokens)
         return gateway_pb2.EmbedResponse(
             embeddings=[gateway_pb2.Embedding(values=row) for row in vectors.tolist()],

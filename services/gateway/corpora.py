@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import grpc
 import numpy as np
@@ -22,6 +23,7 @@ import numpy.typing as npt
 
 from llamafleet.errors import FailedPrecondition, InvalidArgument, NotFound
 from llamafleet.storage_client import StorageClient
+from llamafleet.tensors import float32_tensor
 from llamafleet.v1 import postproc_pb2, postproc_pb2_grpc, storage_pb2
 
 MEDIA_TYPE = "application/vnd.llamafleet.corpus+npz"
@@ -69,6 +71,11 @@ class CorpusVersion:
         added = np.asarray(new_rows, dtype=np.float32).reshape(-1, rows.shape[1])
         return CorpusVersion(self.model_sha256, all_ids, all_texts, np.concatenate([rows, added]))
 
+    @cached_property
+    def text_by_id(self) -> dict[str, str]:
+        # Built once per version, not per search.
+        return dict(zip(self.ids, self.texts, strict=True))
+
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         documents = json.dumps({"model_sha256": self.model_sha256, "ids": self.ids, "texts": self.texts}).encode()
@@ -81,12 +88,6 @@ class CorpusVersion:
             documents = json.loads(npz["documents"].tobytes())
             vectors = np.asarray(npz["vectors"], dtype=np.float32)
         return cls(documents["model_sha256"], documents["ids"], documents["texts"], vectors)
-
-
-def _tensor(vectors: npt.NDArray[np.float32]) -> postproc_pb2.Tensor:
-    return postproc_pb2.Tensor(
-        dtype=postproc_pb2.TENSOR_DTYPE_FLOAT32, shape=list(vectors.shape), data=vectors.astype("<f4").tobytes()
-    )
 
 
 class Corpora:
@@ -142,7 +143,7 @@ class Corpora:
             await self._storage.tag(f"{TAG_PREFIX}{name}", "latest", stored.info.sha256)
             self._versions[name] = version
             added = await self._postproc.AddToCorpus(
-                postproc_pb2.AddToCorpusRequest(corpus=name, vectors=_tensor(vectors), ids=ids),
+                postproc_pb2.AddToCorpusRequest(corpus=name, vectors=float32_tensor(vectors), ids=ids),
                 timeout=POSTPROC_TIMEOUT_S,
             )
             if added.size != len(version.ids):
@@ -152,7 +153,7 @@ class Corpora:
     async def search(self, name: str, query: npt.NDArray[np.float32], top_k: int) -> list[tuple[str, str, float]]:
         """(id, text, cosine score) of the `top_k` documents nearest to `query`, best first."""
         version = await self.get(name)
-        request = postproc_pb2.SearchCorpusRequest(corpus=name, queries=_tensor(query[None, :]), top_k=top_k)
+        request = postproc_pb2.SearchCorpusRequest(corpus=name, queries=float32_tensor(query[None, :]), top_k=top_k)
         try:
             response = await self._postproc.SearchCorpus(request, timeout=POSTPROC_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
@@ -160,7 +161,7 @@ class Corpora:
                 raise
             await self._load(name, version)
             response = await self._postproc.SearchCorpus(request, timeout=POSTPROC_TIMEOUT_S)
-        text = dict(zip(version.ids, version.texts, strict=True))
+        text = version.text_by_id
         return [(hit.id, text.get(hit.id, ""), hit.score) for hit in response.results[0].hits]
 
     async def _load(self, name: str, version: CorpusVersion) -> None:
@@ -173,6 +174,6 @@ class Corpora:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
         await self._postproc.AddToCorpus(
-            postproc_pb2.AddToCorpusRequest(corpus=name, vectors=_tensor(version.vectors), ids=version.ids),
+            postproc_pb2.AddToCorpusRequest(corpus=name, vectors=float32_tensor(version.vectors), ids=version.ids),
             timeout=POSTPROC_TIMEOUT_S,
         )

@@ -18,6 +18,7 @@ import numpy.typing as npt
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from llamafleet.errors import InvalidArgument, NotFound, ResourceExhausted
+from llamafleet.tensors import float32_tensor
 from llamafleet.v1 import common_pb2, postproc_pb2, postproc_pb2_grpc
 from services.postproc.backends import Backend, DeviceOutOfMemoryError
 from services.postproc.batching import MicroBatcher
@@ -302,7 +303,7 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
             pooled = await asyncio.to_thread(
                 self._timed, "pool", self._backend.pool, hidden, mask, pooling, request.normalize
             )
-        return postproc_pb2.PoolEmbeddingsResponse(embeddings=_tensor(pooled))
+        return postproc_pb2.PoolEmbeddingsResponse(embeddings=float32_tensor(pooled))
 
     async def AddToCorpus(
         self, request: postproc_pb2.AddToCorpusRequest, context: grpc.aio.ServicerContext
@@ -360,12 +361,6 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
             corpus_bytes_limit=store.bytes_limit,
             corpus_bytes_used=store.bytes_used,
         )
-
-
-def _tensor(array: npt.NDArray[np.float32]) -> postproc_pb2.Tensor:
-    return postproc_pb2.Tensor(
-        dtype=postproc_pb2.TENSOR_DTYPE_FLOAT32, shape=list(array.shape), data=array.astype("<f4").tobytes()
-    )
 
 
 def _slice_stats(result: TokenStatsResult, start: int, end: int) -> TokenStatsResult:

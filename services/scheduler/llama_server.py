@@ -37,7 +37,8 @@ import httpx
 import numpy as np
 
 from llamafleet.processes import ManagedProcess, ProcessExited, tail
-from llamafleet.v1 import common_pb2, postproc_pb2, scheduler_pb2
+from llamafleet.tensors import float32_tensor
+from llamafleet.v1 import common_pb2, scheduler_pb2
 
 LAUNCHER_MODULE = "services.scheduler.llama_launcher"
 
@@ -300,9 +301,7 @@ def token_embeddings(per_input: Sequence[np.ndarray], pooling: int) -> scheduler
         hidden[i, : len(tokens)] = tokens
         mask[i, : len(tokens)] = 1
     return scheduler_pb2.TokenEmbeddings(
-        hidden_states=postproc_pb2.Tensor(
-            dtype=postproc_pb2.TENSOR_DTYPE_FLOAT32, shape=list(hidden.shape), data=hidden.tobytes()
-        ),
+        hidden_states=float32_tensor(hidden),
         mask=mask.tobytes(),
         tokens=[len(t) for t in per_input],
         pooling=pooling,
