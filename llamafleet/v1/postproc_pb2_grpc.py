@@ -71,6 +71,16 @@ class PostprocStub:
                 request_serializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/llamafleet.v1.Postproc/RegisterSharedMemory',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/llamafleet.v1.Postproc/UnregisterSharedMemory',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class PostprocServicer:
@@ -127,6 +137,23 @@ class PostprocServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Maps a caller's POSIX shared-memory object, page-locked where the backend can DMA from it,
+        so request tensors in it reach the device without a copy through gRPC (callers on this
+        host only). A region belongs to the process that registered it: a caller that gets
+        NOT_FOUND for its region (after a restart, or on another process of the service) registers it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Unmaps a region once the calls reading it have finished; unknown names are not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PostprocServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +191,16 @@ def add_PostprocServicer_to_server(servicer, server):
                     servicer.DeviceStatus,
                     request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +394,60 @@ class Postproc:
             '/llamafleet.v1.Postproc/DeviceStatus',
             llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusRequest.SerializeToString,
             llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Postproc/RegisterSharedMemory',
+            llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Postproc/UnregisterSharedMemory',
+            llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
