@@ -1,20 +1,15 @@
-"""Request tensors in shared memory: the region registry's rules and leases, and the service
-reading Sample logits and pooled hidden states from a caller's region (NumPy backend)."""
+"""The shared-memory region registry's rules and leases (the service reading from a region is
+tested in test_postproc_service.py)."""
 
 from __future__ import annotations
 
 import gc
 
-import grpc
-import numpy as np
 import pytest
 
 from llamafleet.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from llamafleet.shared_tensors import SharedTensorRegion
-from llamafleet.v1 import postproc_pb2
-from services.postproc.sampling import RowParams, make_sample_batch, sample_numpy
 from services.postproc.shared_memory import SharedRegions
-from tests.test_postproc_service import Postproc, logits, postproc, status_of  # noqa: F401 (fixture)
 
 
 class Pins:
@@ -70,38 +65,3 @@ def test_region_rules() -> None:
         assert regions.bytes_used == 4096 and len(regions) == 1
         regions.close()
         assert not pins.pinned and len(regions) == 0
-
-
-@pytest.mark.asyncio
-async def test_sample_and_pool_read_a_callers_shared_memory(postproc: Postproc) -> None:  # noqa: F811
-    x = logits(3)
-    with SharedTensorRegion(1 << 20) as shm:
-        assert not await shm.register(postproc.stub)  # NumPy reads it where it is: nothing to pin
-        rows = [postproc_pb2.SamplingParams(top_k=40, top_p=0.9, seed=7, top_logprobs=2)] * 3
-        response = await postproc.stub.Sample(postproc_pb2.SampleRequest(logits=shm.put(4096, x), rows=rows))
-        want = sample_numpy(make_sample_batch(x, [RowParams(top_k=40, top_p=0.9, seed=7, top_logprobs=2)] * 3))
-        assert [t.token for t in response.tokens] == want.token.tolist()
-        np.testing.assert_allclose([t.logprob for t in response.tokens], want.logprob, rtol=1e-6)
-
-        hidden = np.random.default_rng(1).normal(size=(2, 3, 8)).astype(np.float16)
-        pooled = await postproc.stub.PoolEmbeddings(
-            postproc_pb2.PoolEmbeddingsRequest(
-                hidden_states=shm.put(0, hidden), pooling=postproc_pb2.POOLING_MEAN, normalize=False
-            )
-        )
-        got = np.frombuffer(pooled.embeddings.data, "<f4").reshape(2, 8)
-        np.testing.assert_allclose(got, hidden.astype(np.float32).mean(axis=1), rtol=1e-3)
-
-        status = await postproc.stub.DeviceStatus(postproc_pb2.DeviceStatusRequest())
-        assert (status.shared_memory_regions, status.shared_memory_bytes_used) == (1, 1 << 20)
-
-        past_end = shm.tensor(1 << 19, (3, 512))
-        past_end.shared_memory.offset = (1 << 20) - 8
-        code, details = await status_of(postproc.stub.Sample(postproc_pb2.SampleRequest(logits=past_end, rows=rows)))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("logits.shared_memory.offset:")
-
-        await shm.unregister(postproc.stub)
-        code, details = await status_of(
-            postproc.stub.Sample(postproc_pb2.SampleRequest(logits=shm.tensor(4096, x.shape), rows=rows))
-        )
-        assert code == grpc.StatusCode.NOT_FOUND and "RegisterSharedMemory" in details
