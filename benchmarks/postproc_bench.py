@@ -500,8 +500,9 @@ def main() -> None:
     parser.add_argument("--service-rows", type=int, default=1, help="rows of logits per call")
     parser.add_argument(
         "--service-transport",
-        default="bytes,shm",
-        help="comma-separated: bytes (logits inside the messages), shm (in the callers' shared memory)",
+        default="bytes,shm,bytes+stream,shm+stream",
+        help="comma-separated: bytes (logits inside the messages), shm (in the callers' shared memory), "
+        "each with unary Sample calls or, with +stream, one SampleStream per client process",
     )
     args = parser.parse_args()
 

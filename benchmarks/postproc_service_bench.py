@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -31,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamafleet.channels import wait_serving
 from llamafleet.processes import ManagedProcess, free_port
+from llamafleet.sample_stream import SampleStream
 from llamafleet.server import GRPC_OPTIONS
 from llamafleet.shared_tensors import SharedTensorRegion
 from llamafleet.tensors import float32_array, float32_tensor
@@ -59,7 +61,8 @@ class ServiceOptions:
     client_processes: int = CLIENT_PROCESSES
     rows_per_call: int = 1
     # "bytes": logits inside each message; "shm": each caller writes them into its slot of its
-    # client process's shared-memory region and sends a reference (callers on the service's host).
+    # client process's shared-memory region and sends a reference (callers on the service's host);
+    # "+stream": a client process's callers share one SampleStream instead of unary calls.
     transport: str = "bytes"
 
     @classmethod
@@ -135,7 +138,7 @@ def batch_totals(metrics_url: str) -> tuple[float, float]:
 
 
 async def closed_loop(
-    stub: postproc_pb2_grpc.PostprocStub,
+    send: Callable[[postproc_pb2.SampleRequest], Awaitable[object]],
     requests: Sequence[postproc_pb2.SampleRequest],
     concurrency: int,
     seconds: float,
@@ -165,10 +168,10 @@ async def closed_loop(
             start = time.perf_counter()
             n = i % len(requests)
             if region is None:
-                await stub.Sample(requests[n], timeout=30)
+                await send(requests[n])
             else:
                 np.copyto(slot_array, logits[n])
-                await stub.Sample(by_ref, timeout=30)
+                await send(by_ref)
             latencies.append(time.perf_counter() - start)
             i += concurrency * stride
 
@@ -180,22 +183,22 @@ def _client_process(
     address: str, shape: tuple[int, int], callers: int, seconds: float, first: int, stride: int, transport: str
 ) -> list[float]:
     """One client process: ``callers`` closed-loop callers of ``shape`` (rows, vocab) logits on a
-    channel of its own; their latencies."""
+    channel of its own (and one SampleStream, for the +stream transports); their latencies."""
 
     async def run() -> list[float]:
         requests = sample_requests(shape[1], rows=shape[0])
-        async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        async with contextlib.AsyncExitStack() as stack:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
             stub = postproc_pb2_grpc.PostprocStub(channel)
-            if transport == "bytes":
-                return await closed_loop(stub, requests, callers, seconds, first=first, stride=stride)
-            with SharedTensorRegion(callers * shape[0] * shape[1] * 4) as region:
+            send: Callable[[postproc_pb2.SampleRequest], Awaitable[object]] = partial(stub.Sample, timeout=30)
+            if transport.endswith("+stream"):
+                send = (await stack.enter_async_context(SampleStream(stub))).sample
+            region = None
+            if transport.startswith("shm"):
+                region = stack.enter_context(SharedTensorRegion(callers * shape[0] * shape[1] * 4))
                 await region.register(stub)
-                try:
-                    return await closed_loop(
-                        stub, requests, callers, seconds, first=first, stride=stride, region=region
-                    )
-                finally:
-                    await region.unregister(stub)
+                stack.push_async_callback(region.unregister, stub)
+            return await closed_loop(send, requests, callers, seconds, first=first, stride=stride, region=region)
 
     return asyncio.run(run())
 

@@ -17,6 +17,8 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
+from llamafleet.errors import FleetError
+from llamafleet.sample_stream import SampleStream
 from llamafleet.server import GRPC_OPTIONS, ServerInterceptor
 from llamafleet.shared_tensors import SharedTensorRegion
 from llamafleet.v1 import common_pb2, postproc_pb2, postproc_pb2_grpc
@@ -371,3 +373,24 @@ async def test_sample_and_pool_read_a_callers_shared_memory(postproc: Postproc) 
             postproc.stub.Sample(postproc_pb2.SampleRequest(logits=shm.tensor(4096, x.shape), rows=rows))
         )
         assert code == grpc.StatusCode.NOT_FOUND and "RegisterSharedMemory" in details
+
+
+@pytest.mark.asyncio
+async def test_sample_stream_answers_each_request_by_id_and_a_bad_one_with_its_status(postproc: Postproc) -> None:
+    x = logits(2)
+    params = RowParams(top_k=40, top_p=0.9, seed=7, top_logprobs=2)
+    want = sample_numpy(make_sample_batch(x, [params] * 2))
+    good = sample_request(x, top_k=40, top_p=0.9, seed=7, top_logprobs=2)
+    async with SampleStream(postproc.stub) as stream:
+        answers = await asyncio.gather(
+            stream.sample(good),
+            stream.sample(sample_request(x, top_p=1.5)),
+            stream.sample(good),
+            return_exceptions=True,
+        )
+        for answer in (answers[0], answers[2]):
+            assert [t.token for t in answer.tokens] == want.token.tolist()
+        assert isinstance(answers[1], FleetError) and answers[1].code == grpc.StatusCode.INVALID_ARGUMENT
+        assert answers[1].message.startswith("rows[0].top_p:")
+        again = await stream.sample(good)  # the stream goes on
+        assert [t.token for t in again.tokens] == want.token.tolist()

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from llamafleet.v1 import common_pb2 as llamafleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllamafleet/v1/postproc.proto\x12\rllamafleet.v1\x1a\x1allamafleet/v1/common.proto\"@\n\x10ResponseLogprobs\x12,\n\x06tokens\x18\x01 \x03(\x0b\x32\x1c.llamafleet.v1.TokenLogprobs\"l\n\x18\x43omputeTokenStatsRequest\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.llamafleet.v1.ResponseLogprobs\x12\x1c\n\x14\x63onfidence_threshold\x18\x02 \x01(\x02\"E\n\x19\x43omputeTokenStatsResponse\x12(\n\x05stats\x18\x01 \x03(\x0b\x32\x19.llamafleet.v1.TokenStats\"\x97\x01\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.llamafleet.v1.TensorDtype\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x39\n\rshared_memory\x18\x04 \x01(\x0b\x32 .llamafleet.v1.SharedMemorySliceH\x00\x42\x08\n\x06values\"3\n\x11SharedMemorySlice\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"M\n\x1bRegisterSharedMemoryRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\".\n\x1cRegisterSharedMemoryResponse\x12\x0e\n\x06pinned\x18\x01 \x01(\x08\"/\n\x1dUnregisterSharedMemoryRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"/\n\x1eUnregisterSharedMemoryResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xa6\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x0f\n\x07history\x18\x08 \x03(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"c\n\rSampleRequest\x12%\n\x06logits\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12+\n\x04rows\x18\x02 \x03(\x0b\x32\x1d.llamafleet.v1.SamplingParams\".\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"f\n\x0cSampledToken\x12\r\n\x05token\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12(\n\x03top\x18\x03 \x03(\x0b\x32\x1b.llamafleet.v1.TokenLogprob\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"=\n\x0eSampleResponse\x12+\n\x06tokens\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.SampledToken\"\x8f\x01\n\x15PoolEmbeddingsRequest\x12,\n\rhidden_states\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\x0c\n\x04mask\x18\x02 \x01(\x0c\x12\'\n\x07pooling\x18\x03 \x01(\x0e\x32\x16.llamafleet.v1.Pooling\x12\x11\n\tnormalize\x18\x04 \x01(\x08\"C\n\x16PoolEmbeddingsResponse\x12)\n\nembeddings\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\"Y\n\x12\x41\x64\x64ToCorpusRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\x0b\n\x03ids\x18\x03 \x03(\t\"#\n\x13\x41\x64\x64ToCorpusResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\"6\n\x17RemoveFromCorpusRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"9\n\x18RemoveFromCorpusResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\\\n\x13SearchCorpusRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\r\"&\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"6\n\x0cSearchResult\x12&\n\x04hits\x18\x01 \x03(\x0b\x32\x18.llamafleet.v1.SearchHit\"D\n\x14SearchCorpusResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.SearchResult\"\x15\n\x13\x44\x65viceStatusRequest\"F\n\x0c\x43orpusStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\xbc\x03\n\x14\x44\x65viceStatusResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12 \n\x18\x64\x65vice_memory_used_bytes\x18\x04 \x01(\x04\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\x05 \x01(\x04\x12\x11\n\tmax_vocab\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_rows\x18\x07 \x01(\r\x12\x1a\n\x12max_batch_requests\x18\x08 \x01(\r\x12\x1e\n\x16max_batch_wait_seconds\x18\t \x01(\x01\x12,\n\x07\x63orpora\x18\n \x03(\x0b\x32\x1b.llamafleet.v1.CorpusStatus\x12\x1a\n\x12\x63orpus_bytes_limit\x18\x0b \x01(\x04\x12\x19\n\x11\x63orpus_bytes_used\x18\x0c \x01(\x04\x12\x1d\n\x15shared_memory_regions\x18\r \x01(\r\x12 \n\x18shared_memory_bytes_used\x18\x0e \x01(\x04\x12!\n\x19shared_memory_bytes_limit\x18\x0f \x01(\x04*z\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03*W\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x10\n\x0cPOOLING_LAST\x10\x02\x12\x0f\n\x0bPOOLING_CLS\x10\x03\x32\xed\x06\n\x08Postproc\x12\x66\n\x11\x43omputeTokenStats\x12\'.llamafleet.v1.ComputeTokenStatsRequest\x1a(.llamafleet.v1.ComputeTokenStatsResponse\x12\x45\n\x06Sample\x12\x1c.llamafleet.v1.SampleRequest\x1a\x1d.llamafleet.v1.SampleResponse\x12]\n\x0ePoolEmbeddings\x12$.llamafleet.v1.PoolEmbeddingsRequest\x1a%.llamafleet.v1.PoolEmbeddingsResponse\x12T\n\x0b\x41\x64\x64ToCorpus\x12!.llamafleet.v1.AddToCorpusRequest\x1a\".llamafleet.v1.AddToCorpusResponse\x12\x63\n\x10RemoveFromCorpus\x12&.llamafleet.v1.RemoveFromCorpusRequest\x1a\'.llamafleet.v1.RemoveFromCorpusResponse\x12W\n\x0cSearchCorpus\x12\".llamafleet.v1.SearchCorpusRequest\x1a#.llamafleet.v1.SearchCorpusResponse\x12W\n\x0c\x44\x65viceStatus\x12\".llamafleet.v1.DeviceStatusRequest\x1a#.llamafleet.v1.DeviceStatusResponse\x12o\n\x14RegisterSharedMemory\x12*.llamafleet.v1.RegisterSharedMemoryRequest\x1a+.llamafleet.v1.RegisterSharedMemoryResponse\x12u\n\x16UnregisterSharedMemory\x12,.llamafleet.v1.UnregisterSharedMemoryRequest\x1a-.llamafleet.v1.UnregisterSharedMemoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllamafleet/v1/postproc.proto\x12\rllamafleet.v1\x1a\x1allamafleet/v1/common.proto\"@\n\x10ResponseLogprobs\x12,\n\x06tokens\x18\x01 \x03(\x0b\x32\x1c.llamafleet.v1.TokenLogprobs\"l\n\x18\x43omputeTokenStatsRequest\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.llamafleet.v1.ResponseLogprobs\x12\x1c\n\x14\x63onfidence_threshold\x18\x02 \x01(\x02\"E\n\x19\x43omputeTokenStatsResponse\x12(\n\x05stats\x18\x01 \x03(\x0b\x32\x19.llamafleet.v1.TokenStats\"\x97\x01\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.llamafleet.v1.TensorDtype\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x39\n\rshared_memory\x18\x04 \x01(\x0b\x32 .llamafleet.v1.SharedMemorySliceH\x00\x42\x08\n\x06values\"3\n\x11SharedMemorySlice\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"M\n\x1bRegisterSharedMemoryRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\".\n\x1cRegisterSharedMemoryResponse\x12\x0e\n\x06pinned\x18\x01 \x01(\x08\"/\n\x1dUnregisterSharedMemoryRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"/\n\x1eUnregisterSharedMemoryResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"P\n\x13SampleStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.llamafleet.v1.SampleRequest\"\x8e\x01\n\x14SampleStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.llamafleet.v1.SampleResponseH\x00\x12-\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1a.llamafleet.v1.WorkFailureH\x00\x42\x08\n\x06result\"\xa6\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x0f\n\x07history\x18\x08 \x03(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"c\n\rSampleRequest\x12%\n\x06logits\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12+\n\x04rows\x18\x02 \x03(\x0b\x32\x1d.llamafleet.v1.SamplingParams\".\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"f\n\x0cSampledToken\x12\r\n\x05token\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12(\n\x03top\x18\x03 \x03(\x0b\x32\x1b.llamafleet.v1.TokenLogprob\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"=\n\x0eSampleResponse\x12+\n\x06tokens\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.SampledToken\"\x8f\x01\n\x15PoolEmbeddingsRequest\x12,\n\rhidden_states\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\x0c\n\x04mask\x18\x02 \x01(\x0c\x12\'\n\x07pooling\x18\x03 \x01(\x0e\x32\x16.llamafleet.v1.Pooling\x12\x11\n\tnormalize\x18\x04 \x01(\x08\"C\n\x16PoolEmbeddingsResponse\x12)\n\nembeddings\x18\x01 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\"Y\n\x12\x41\x64\x64ToCorpusRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\x0b\n\x03ids\x18\x03 \x03(\t\"#\n\x13\x41\x64\x64ToCorpusResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\"6\n\x17RemoveFromCorpusRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"9\n\x18RemoveFromCorpusResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\\\n\x13SearchCorpusRequest\x12\x0e\n\x06\x63orpus\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x01(\x0b\x32\x15.llamafleet.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\r\"&\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"6\n\x0cSearchResult\x12&\n\x04hits\x18\x01 \x03(\x0b\x32\x18.llamafleet.v1.SearchHit\"D\n\x14SearchCorpusResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.llamafleet.v1.SearchResult\"\x15\n\x13\x44\x65viceStatusRequest\"F\n\x0c\x43orpusStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\xbc\x03\n\x14\x44\x65viceStatusResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12 \n\x18\x64\x65vice_memory_used_bytes\x18\x04 \x01(\x04\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\x05 \x01(\x04\x12\x11\n\tmax_vocab\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_rows\x18\x07 \x01(\r\x12\x1a\n\x12max_batch_requests\x18\x08 \x01(\r\x12\x1e\n\x16max_batch_wait_seconds\x18\t \x01(\x01\x12,\n\x07\x63orpora\x18\n \x03(\x0b\x32\x1b.llamafleet.v1.CorpusStatus\x12\x1a\n\x12\x63orpus_bytes_limit\x18\x0b \x01(\x04\x12\x19\n\x11\x63orpus_bytes_used\x18\x0c \x01(\x04\x12\x1d\n\x15shared_memory_regions\x18\r \x01(\r\x12 \n\x18shared_memory_bytes_used\x18\x0e \x01(\x04\x12!\n\x19shared_memory_bytes_limit\x18\x0f \x01(\x04*z\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03*W\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x10\n\x0cPOOLING_LAST\x10\x02\x12\x0f\n\x0bPOOLING_CLS\x10\x03\x32\xca\x07\n\x08Postproc\x12\x66\n\x11\x43omputeTokenStats\x12\'.llamafleet.v1.ComputeTokenStatsRequest\x1a(.llamafleet.v1.ComputeTokenStatsResponse\x12\x45\n\x06Sample\x12\x1c.llamafleet.v1.SampleRequest\x1a\x1d.llamafleet.v1.SampleResponse\x12[\n\x0cSampleStream\x12\".llamafleet.v1.SampleStreamRequest\x1a#.llamafleet.v1.SampleStreamResponse(\x01\x30\x01\x12]\n\x0ePoolEmbeddings\x12$.llamafleet.v1.PoolEmbeddingsRequest\x1a%.llamafleet.v1.PoolEmbeddingsResponse\x12T\n\x0b\x41\x64\x64ToCorpus\x12!.llamafleet.v1.AddToCorpusRequest\x1a\".llamafleet.v1.AddToCorpusResponse\x12\x63\n\x10RemoveFromCorpus\x12&.llamafleet.v1.RemoveFromCorpusRequest\x1a\'.llamafleet.v1.RemoveFromCorpusResponse\x12W\n\x0cSearchCorpus\x12\".llamafleet.v1.SearchCorpusRequest\x1a#.llamafleet.v1.SearchCorpusResponse\x12W\n\x0c\x44\x65viceStatus\x12\".llamafleet.v1.DeviceStatusRequest\x1a#.llamafleet.v1.DeviceStatusResponse\x12o\n\x14RegisterSharedMemory\x12*.llamafleet.v1.RegisterSharedMemoryRequest\x1a+.llamafleet.v1.RegisterSharedMemoryResponse\x12u\n\x16UnregisterSharedMemory\x12,.llamafleet.v1.UnregisterSharedMemoryRequest\x1a-.llamafleet.v1.UnregisterSharedMemoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llamafleet.v1.postproc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORDTYPE']._serialized_start=2627
-  _globals['_TENSORDTYPE']._serialized_end=2749
-  _globals['_POOLING']._serialized_start=2751
-  _globals['_POOLING']._serialized_end=2838
+  _globals['_TENSORDTYPE']._serialized_start=2854
+  _globals['_TENSORDTYPE']._serialized_end=2976
+  _globals['_POOLING']._serialized_start=2978
+  _globals['_POOLING']._serialized_end=3065
   _globals['_RESPONSELOGPROBS']._serialized_start=75
   _globals['_RESPONSELOGPROBS']._serialized_end=139
   _globals['_COMPUTETOKENSTATSREQUEST']._serialized_start=141
@@ -54,42 +54,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=703
   _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=705
   _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=752
-  _globals['_SAMPLINGPARAMS']._serialized_start=755
-  _globals['_SAMPLINGPARAMS']._serialized_end=1049
-  _globals['_SAMPLEREQUEST']._serialized_start=1051
-  _globals['_SAMPLEREQUEST']._serialized_end=1150
-  _globals['_TOKENLOGPROB']._serialized_start=1152
-  _globals['_TOKENLOGPROB']._serialized_end=1198
-  _globals['_SAMPLEDTOKEN']._serialized_start=1200
-  _globals['_SAMPLEDTOKEN']._serialized_end=1302
-  _globals['_SAMPLERESPONSE']._serialized_start=1304
-  _globals['_SAMPLERESPONSE']._serialized_end=1365
-  _globals['_POOLEMBEDDINGSREQUEST']._serialized_start=1368
-  _globals['_POOLEMBEDDINGSREQUEST']._serialized_end=1511
-  _globals['_POOLEMBEDDINGSRESPONSE']._serialized_start=1513
-  _globals['_POOLEMBEDDINGSRESPONSE']._serialized_end=1580
-  _globals['_ADDTOCORPUSREQUEST']._serialized_start=1582
-  _globals['_ADDTOCORPUSREQUEST']._serialized_end=1671
-  _globals['_ADDTOCORPUSRESPONSE']._serialized_start=1673
-  _globals['_ADDTOCORPUSRESPONSE']._serialized_end=1708
-  _globals['_REMOVEFROMCORPUSREQUEST']._serialized_start=1710
-  _globals['_REMOVEFROMCORPUSREQUEST']._serialized_end=1764
-  _globals['_REMOVEFROMCORPUSRESPONSE']._serialized_start=1766
-  _globals['_REMOVEFROMCORPUSRESPONSE']._serialized_end=1823
-  _globals['_SEARCHCORPUSREQUEST']._serialized_start=1825
-  _globals['_SEARCHCORPUSREQUEST']._serialized_end=1917
-  _globals['_SEARCHHIT']._serialized_start=1919
-  _globals['_SEARCHHIT']._serialized_end=1957
-  _globals['_SEARCHRESULT']._serialized_start=1959
-  _globals['_SEARCHRESULT']._serialized_end=2013
-  _globals['_SEARCHCORPUSRESPONSE']._serialized_start=2015
-  _globals['_SEARCHCORPUSRESPONSE']._serialized_end=2083
-  _globals['_DEVICESTATUSREQUEST']._serialized_start=2085
-  _globals['_DEVICESTATUSREQUEST']._serialized_end=2106
-  _globals['_CORPUSSTATUS']._serialized_start=2108
-  _globals['_CORPUSSTATUS']._serialized_end=2178
-  _globals['_DEVICESTATUSRESPONSE']._serialized_start=2181
-  _globals['_DEVICESTATUSRESPONSE']._serialized_end=2625
-  _globals['_POSTPROC']._serialized_start=2841
-  _globals['_POSTPROC']._serialized_end=3718
+  _globals['_SAMPLESTREAMREQUEST']._serialized_start=754
+  _globals['_SAMPLESTREAMREQUEST']._serialized_end=834
+  _globals['_SAMPLESTREAMRESPONSE']._serialized_start=837
+  _globals['_SAMPLESTREAMRESPONSE']._serialized_end=979
+  _globals['_SAMPLINGPARAMS']._serialized_start=982
+  _globals['_SAMPLINGPARAMS']._serialized_end=1276
+  _globals['_SAMPLEREQUEST']._serialized_start=1278
+  _globals['_SAMPLEREQUEST']._serialized_end=1377
+  _globals['_TOKENLOGPROB']._serialized_start=1379
+  _globals['_TOKENLOGPROB']._serialized_end=1425
+  _globals['_SAMPLEDTOKEN']._serialized_start=1427
+  _globals['_SAMPLEDTOKEN']._serialized_end=1529
+  _globals['_SAMPLERESPONSE']._serialized_start=1531
+  _globals['_SAMPLERESPONSE']._serialized_end=1592
+  _globals['_POOLEMBEDDINGSREQUEST']._serialized_start=1595
+  _globals['_POOLEMBEDDINGSREQUEST']._serialized_end=1738
+  _globals['_POOLEMBEDDINGSRESPONSE']._serialized_start=1740
+  _globals['_POOLEMBEDDINGSRESPONSE']._serialized_end=1807
+  _globals['_ADDTOCORPUSREQUEST']._serialized_start=1809
+  _globals['_ADDTOCORPUSREQUEST']._serialized_end=1898
+  _globals['_ADDTOCORPUSRESPONSE']._serialized_start=1900
+  _globals['_ADDTOCORPUSRESPONSE']._serialized_end=1935
+  _globals['_REMOVEFROMCORPUSREQUEST']._serialized_start=1937
+  _globals['_REMOVEFROMCORPUSREQUEST']._serialized_end=1991
+  _globals['_REMOVEFROMCORPUSRESPONSE']._serialized_start=1993
+  _globals['_REMOVEFROMCORPUSRESPONSE']._serialized_end=2050
+  _globals['_SEARCHCORPUSREQUEST']._serialized_start=2052
+  _globals['_SEARCHCORPUSREQUEST']._serialized_end=2144
+  _globals['_SEARCHHIT']._serialized_start=2146
+  _globals['_SEARCHHIT']._serialized_end=2184
+  _globals['_SEARCHRESULT']._serialized_start=2186
+  _globals['_SEARCHRESULT']._serialized_end=2240
+  _globals['_SEARCHCORPUSRESPONSE']._serialized_start=2242
+  _globals['_SEARCHCORPUSRESPONSE']._serialized_end=2310
+  _globals['_DEVICESTATUSREQUEST']._serialized_start=2312
+  _globals['_DEVICESTATUSREQUEST']._serialized_end=2333
+  _globals['_CORPUSSTATUS']._serialized_start=2335
+  _globals['_CORPUSSTATUS']._serialized_end=2405
+  _globals['_DEVICESTATUSRESPONSE']._serialized_start=2408
+  _globals['_DEVICESTATUSRESPONSE']._serialized_end=2852
+  _globals['_POSTPROC']._serialized_start=3068
+  _globals['_POSTPROC']._serialized_end=4038
 # @@protoc_insertion_point(module_scope)

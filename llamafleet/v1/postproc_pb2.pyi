@@ -98,6 +98,24 @@ class UnregisterSharedMemoryResponse(_message.Message):
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
+class SampleStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    request: SampleRequest
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[SampleRequest, _Mapping]] = ...) -> None: ...
+
+class SampleStreamResponse(_message.Message):
+    __slots__ = ("id", "response", "failure")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    response: SampleResponse
+    failure: _common_pb2.WorkFailure
+    def __init__(self, id: _Optional[int] = ..., response: _Optional[_Union[SampleResponse, _Mapping]] = ..., failure: _Optional[_Union[_common_pb2.WorkFailure, _Mapping]] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "history", "seed", "top_logprobs")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]

@@ -46,6 +46,11 @@ class PostprocStub:
                 request_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleResponse.FromString,
                 _registered_method=True)
+        self.SampleStream = channel.stream_stream(
+                '/llamafleet.v1.Postproc/SampleStream',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleStreamRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleStreamResponse.FromString,
+                _registered_method=True)
         self.PoolEmbeddings = channel.unary_unary(
                 '/llamafleet.v1.Postproc/PoolEmbeddings',
                 request_serializer=llamafleet_dot_v1_dot_postproc__pb2.PoolEmbeddingsRequest.SerializeToString,
@@ -97,6 +102,16 @@ class PostprocServicer:
 
     def Sample(self, request, context):
         """One sampled token per row of full-vocabulary logits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SampleStream(self, request_iterator, context):
+        """Sample for callers that sample step after step or keep many calls in flight (a decoding
+        loop, an engine's sequences): requests on one stream are answered as they finish, each
+        with its id, at a fraction of a unary call's cost. A bad request gets its failure; the
+        stream goes on. At most max_batch_requests requests of a stream are in flight at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +181,11 @@ def add_PostprocServicer_to_server(servicer, server):
                     servicer.Sample,
                     request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleResponse.SerializeToString,
+            ),
+            'SampleStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SampleStream,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleStreamRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleStreamResponse.SerializeToString,
             ),
             'PoolEmbeddings': grpc.unary_unary_rpc_method_handler(
                     servicer.PoolEmbeddings,
@@ -259,6 +279,33 @@ class Postproc:
             '/llamafleet.v1.Postproc/Sample',
             llamafleet_dot_v1_dot_postproc__pb2.SampleRequest.SerializeToString,
             llamafleet_dot_v1_dot_postproc__pb2.SampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SampleStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llamafleet.v1.Postproc/SampleStream',
+            llamafleet_dot_v1_dot_postproc__pb2.SampleStreamRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.SampleStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

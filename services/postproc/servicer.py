@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -17,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from llamafleet.errors import InvalidArgument, NotFound, ResourceExhausted
+from llamafleet.errors import FleetError, InvalidArgument, NotFound, ResourceExhausted
 from llamafleet.tensors import float32_tensor
 from llamafleet.v1 import common_pb2, postproc_pb2, postproc_pb2_grpc
 from services.postproc.backends import Backend, DeviceOutOfMemoryError
@@ -42,6 +44,8 @@ from services.postproc.token_stats import (
     concat_packed,
     pack_batch,
 )
+
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -267,6 +271,57 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
     async def Sample(
         self, request: postproc_pb2.SampleRequest, context: grpc.aio.ServicerContext
     ) -> postproc_pb2.SampleResponse:
+        return await self._sample(request)
+
+    async def SampleStream(
+        self, requests: AsyncIterator[postproc_pb2.SampleStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[postproc_pb2.SampleStreamResponse]:
+        answers: asyncio.Queue[postproc_pb2.SampleStreamResponse | None] = asyncio.Queue()
+        # Reading stops while this many requests are in flight: HTTP/2 flow control then holds the caller.
+        slots = asyncio.Semaphore(self._settings.max_batch_requests)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(item: postproc_pb2.SampleStreamRequest) -> None:
+            try:
+                answers.put_nowait(
+                    postproc_pb2.SampleStreamResponse(id=item.id, response=await self._sample(item.request))
+                )
+            except FleetError as exc:
+                failure = common_pb2.WorkFailure(code=exc.code.value[0], message=exc.message)
+                answers.put_nowait(postproc_pb2.SampleStreamResponse(id=item.id, failure=failure))
+            except Exception:
+                error_id = uuid.uuid4().hex[:12]
+                _log.exception("SampleStream request %d failed (error id %s)", item.id, error_id)
+                failure = common_pb2.WorkFailure(
+                    code=grpc.StatusCode.INTERNAL.value[0],
+                    message=f"internal error (error id {error_id}; details in the server log)",
+                )
+                answers.put_nowait(postproc_pb2.SampleStreamResponse(id=item.id, failure=failure))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for item in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(item))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.wait(set(tasks))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # a broken request stream is this call's status
+        finally:
+            for task in (reader, *tasks):
+                task.cancel()
+
+    async def _sample(self, request: postproc_pb2.SampleRequest) -> postproc_pb2.SampleResponse:
         logits = _array("logits", request.logits, 2, self._regions)
         params = [_row_params(row) for row in request.rows]
         with _client_errors():
