@@ -428,7 +428,13 @@ def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float)
 
 
 def bench_service(
-    out: Path, modes: tuple[str, ...], callers: tuple[int, ...], seconds: float, rows: int, transport: str
+    out: Path,
+    modes: tuple[str, ...],
+    callers: tuple[int, ...],
+    seconds: float,
+    rows: int,
+    transport: str,
+    client_processes: int,
 ) -> None:
     """The service end to end on CuPy: the micro-batching ``modes`` at each number of ``callers``."""
     import asyncio
@@ -443,6 +449,7 @@ def bench_service(
         modes=modes,
         rows_per_call=rows,
         transport=transport,
+        client_processes=client_processes,
     )
     points = asyncio.run(run_service_bench(opts))
     headers, cells = service_table(points)
@@ -498,6 +505,7 @@ def main() -> None:
     parser.add_argument("--service-callers", default="1,4,16,64,256", help="comma-separated concurrent callers")
     parser.add_argument("--service-seconds", type=float, default=3.0, help="measured seconds per point")
     parser.add_argument("--service-rows", type=int, default=1, help="rows of logits per call")
+    parser.add_argument("--service-client-processes", type=int, default=4, help="processes the callers run in")
     parser.add_argument(
         "--service-transport",
         default="bytes,shm,bytes+stream,shm+stream",
@@ -545,7 +553,15 @@ def main() -> None:
             callers = tuple(int(c) for c in args.service_callers.split(","))
             modes = tuple(args.service_modes.split(","))
             for transport in args.service_transport.split(","):
-                bench_service(args.out, modes, callers, args.service_seconds, args.service_rows, transport)
+                bench_service(
+                    args.out,
+                    modes,
+                    callers,
+                    args.service_seconds,
+                    args.service_rows,
+                    transport,
+                    args.service_client_processes,
+                )
     if rows:
         path = args.out / "postproc.csv"
         write_rows(path, rows, f"# d2d_copy_bytes_per_s={d2d:.4g}; device={backend.device_description}\n")
