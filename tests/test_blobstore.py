@@ -28,6 +28,7 @@ from services.storage.blobstore import (
     validate_name,
     validate_tag,
 )
+from services.storage.chunk_writer import ChunkWriter
 from services.storage.errors import (
     BlobNotFound,
     DataLoss,
@@ -52,15 +53,23 @@ async def filer(seaweed: SeaweedServer) -> AsyncIterator[FilerClient]:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def store(filer: FilerClient) -> BlobStore:
-    return BlobStore(filer)
+async def writer(seaweed: SeaweedServer) -> AsyncIterator[ChunkWriter]:
+    """Uploads in 1 MiB chunks, so that a few MiB make several."""
+    writer = ChunkWriter(seaweed.filer_url, f"127.0.0.1:{seaweed.filer_grpc_port}", chunk_bytes=MB, parallel=3)
+    yield writer
+    await writer.aclose()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def direct(filer: FilerClient, seaweed: SeaweedServer) -> AsyncIterator[BlobStore]:
+async def store(filer: FilerClient, writer: ChunkWriter) -> BlobStore:
+    return BlobStore(filer, writer=writer)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def direct(filer: FilerClient, writer: ChunkWriter, seaweed: SeaweedServer) -> AsyncIterator[BlobStore]:
     """A store that reads from the volume servers (1 MiB pieces, so that reads cross pieces)."""
     reader = ChunkReader(seaweed.filer_url, seaweed.master_url, piece_bytes=MB, parallel=3)
-    yield BlobStore(filer, reader)
+    yield BlobStore(filer, reader, writer)
     reader.close()
 
 
@@ -306,9 +315,11 @@ async def test_corruption_on_a_volume_server_is_data_loss_on_the_fast_path(
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_an_unreachable_master_falls_back_to_the_filer(filer: FilerClient, seaweed: SeaweedServer) -> None:
+async def test_an_unreachable_master_falls_back_to_the_filer(
+    filer: FilerClient, writer: ChunkWriter, seaweed: SeaweedServer
+) -> None:
     reader = ChunkReader(seaweed.filer_url, f"http://127.0.0.1:{free_port()}", piece_bytes=MB)
-    store = BlobStore(filer, reader)
+    store = BlobStore(filer, reader, writer)
     try:
         data = os.urandom(5 * MB + 1)
         digest = (await store.put(chunked(data))).sha256
