@@ -407,6 +407,94 @@ async def test_sweep_tmp_removes_stale_uploads(store: BlobStore, filer: FilerCli
     assert await tmp_files(filer) == []
 
 
+class ChunkSpy:
+    """Where a writer's chunk uploads went (volume server, file id), to look them up after."""
+
+    def __init__(self, writer: ChunkWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.stored: list[tuple[str, str]] = []
+        self._changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        put = writer._put
+
+        def spy(assignment, parts, size):  # type: ignore[no-untyped-def]
+            put(assignment, parts, size)
+            self.stored.append((assignment.url, assignment.file_id))
+            loop.call_soon_threadsafe(self._changed.set)
+
+        monkeypatch.setattr(writer, "_put", spy)
+
+    async def wait_for(self, count: int) -> None:
+        """Until `count` chunks are stored (they are uploaded on threads)."""
+        while len(self.stored) < count:
+            await asyncio.wait_for(self._changed.wait(), 30)
+            self._changed.clear()
+
+    async def statuses(self) -> list[int]:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            return [(await http.head(f"http://{url}/{file_id}")).status_code for url, file_id in self.stored]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_uploads_are_stored_in_chunks_on_the_volume_servers(
+    store: BlobStore, filer: FilerClient, writer: ChunkWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = ChunkSpy(writer, monkeypatch)
+    data = os.urandom(3 * MB + MB // 2)
+    digest = (await store.put(chunked(data, [300_000, 2 * MB]))).sha256
+    info = await filer.stat(blob_path(digest))
+    assert info is not None and info.chunks is not None
+    # The writer's 1 MiB chunks, whatever the sizes of the messages that brought the bytes.
+    assert [(c.offset, c.size) for c in info.chunks] == [(0, MB), (MB, MB), (2 * MB, MB), (3 * MB, MB // 2)]
+    assert sorted(c.file_id for c in info.chunks) == sorted(file_id for _, file_id in spy.stored)
+    assert await read_all(await store.get(digest)) == data
+
+    # The same bytes again: the blob is kept, the second upload's chunks are deleted.
+    spy.stored.clear()
+    again = await store.put(chunked(data))
+    assert (again.sha256, again.new_blob) == (digest, False)
+    assert await spy.statuses() == [404] * 4
+    assert await read_all(await store.get(digest)) == data
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_failed_uploads_delete_their_chunks(
+    store: BlobStore, writer: ChunkWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = ChunkSpy(writer, monkeypatch)
+    data = os.urandom(3 * MB)
+    with pytest.raises(HashMismatch):
+        await store.put(chunked(data), expected_sha256=hashlib.sha256(b"other").hexdigest())
+    assert len(spy.stored) == 3 and await spy.statuses() == [404] * 3
+
+    spy.stored.clear()
+    blocked = asyncio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield os.urandom(2 * MB)
+        blocked.set()
+        await asyncio.Event().wait()
+        yield b""  # pragma: no cover
+
+    put = asyncio.create_task(store.put(stalls()))
+    await asyncio.wait_for(blocked.wait(), 30)
+    # Both chunks on their volume servers before the put is cancelled.
+    await spy.wait_for(2)
+    put.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await put
+    assert await spy.statuses() == [404] * 2
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_unreachable_filer_grpc_is_unavailable(seaweed: SeaweedServer) -> None:
+    dead = ChunkWriter(seaweed.filer_url, f"127.0.0.1:{free_port()}", retries=1)
+    try:
+        with pytest.raises(FilerUnavailable, match="is SeaweedFS running"):
+            await dead.write(chunked(b"abc"), "/x")
+    finally:
+        await dead.aclose()
+
+
 # -- tags ------------------------------------------------------------------------------------
 
 
