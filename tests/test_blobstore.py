@@ -54,8 +54,11 @@ async def filer(seaweed: SeaweedServer) -> AsyncIterator[FilerClient]:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def writer(seaweed: SeaweedServer) -> AsyncIterator[ChunkWriter]:
-    """Uploads in 1 MiB chunks, so that a few MiB make several."""
-    writer = ChunkWriter(seaweed.filer_url, f"127.0.0.1:{seaweed.filer_grpc_port}", chunk_bytes=MB, parallel=3)
+    """Uploads in 1 MiB chunks, so that a few MiB make several, with a checkpoint after each
+    chunk from the fourth on (so that the tests of uploads see them come and go)."""
+    writer = ChunkWriter(
+        seaweed.filer_url, f"127.0.0.1:{seaweed.filer_grpc_port}", chunk_bytes=MB, parallel=3, checkpoint_s=0
+    )
     yield writer
     await writer.aclose()
 
@@ -486,11 +489,56 @@ async def test_failed_uploads_delete_their_chunks(
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_long_write_lists_its_chunks_at_its_checkpoint(
+    writer: ChunkWriter, filer: FilerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "parallel", 1)
+    checkpoint, path = f"{TMP_DIR}/checkpoint-test", "/test-checkpoint/file"
+    data = os.urandom(3 * MB + 5)
+    go_on = asyncio.Event()
+
+    async def pausing() -> AsyncIterator[bytes]:
+        yield data[: 3 * MB]
+        await go_on.wait()
+        yield data[3 * MB :]
+
+    checkpoints: list[int] = []
+    two_listed = asyncio.Event()
+    put_entry = writer._put_entry
+
+    async def counting(path, chunks, **kwargs):  # type: ignore[no-untyped-def]
+        created = await put_entry(path, chunks, **kwargs)
+        checkpoints.append(len(chunks))
+        if len(chunks) == 2:
+            two_listed.set()
+        return created
+
+    monkeypatch.setattr(writer, "_put_entry", counting)
+    write = asyncio.create_task(writer.write(pausing(), path, checkpoint))
+    # One chunk in flight, those before it at the checkpoint.
+    await asyncio.wait_for(two_listed.wait(), 30)
+    listed = await filer.stat(checkpoint)
+    assert (
+        checkpoints == [1, 2]
+        and listed is not None
+        and listed.chunks is not None
+        and [(c.offset, c.size) for c in listed.chunks] == [(0, MB), (MB, MB)]
+    )
+    go_on.set()
+    written = await asyncio.wait_for(write, 30)
+    assert written.checkpointed and written.size == len(data)
+    assert await writer.create(path, written)
+    assert await filer.stat(checkpoint) is None
+    assert await filer.get_bytes(path) == data
+    await filer.delete(path)
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_unreachable_filer_grpc_is_unavailable(seaweed: SeaweedServer) -> None:
     dead = ChunkWriter(seaweed.filer_url, f"127.0.0.1:{free_port()}", retries=1)
     try:
         with pytest.raises(FilerUnavailable, match="is SeaweedFS running"):
-            await dead.write(chunked(b"abc"), "/x")
+            await dead.write(chunked(b"abc"), "/x", "/x.tmp")
     finally:
         await dead.aclose()
 

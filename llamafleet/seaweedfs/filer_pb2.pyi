@@ -90,6 +90,26 @@ class CreateEntryResponse(_message.Message):
     error_code: FilerError
     def __init__(self, error: _Optional[str] = ..., error_code: _Optional[_Union[FilerError, str]] = ...) -> None: ...
 
+class DeleteEntryRequest(_message.Message):
+    __slots__ = ("directory", "name", "is_delete_data", "is_recursive", "ignore_recursive_error")
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IS_DELETE_DATA_FIELD_NUMBER: _ClassVar[int]
+    IS_RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_RECURSIVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    directory: str
+    name: str
+    is_delete_data: bool
+    is_recursive: bool
+    ignore_recursive_error: bool
+    def __init__(self, directory: _Optional[str] = ..., name: _Optional[str] = ..., is_delete_data: _Optional[bool] = ..., is_recursive: _Optional[bool] = ..., ignore_recursive_error: _Optional[bool] = ...) -> None: ...
+
+class DeleteEntryResponse(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: str
+    def __init__(self, error: _Optional[str] = ...) -> None: ...
+
 class AssignVolumeRequest(_message.Message):
     __slots__ = ("count", "collection", "replication", "ttl_sec", "data_center", "path", "rack", "disk_type", "data_node")
     COUNT_FIELD_NUMBER: _ClassVar[int]

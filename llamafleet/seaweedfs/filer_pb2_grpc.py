@@ -39,6 +39,11 @@ class SeaweedFilerStub:
                 request_serializer=llamafleet_dot_seaweedfs_dot_filer__pb2.CreateEntryRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_seaweedfs_dot_filer__pb2.CreateEntryResponse.FromString,
                 _registered_method=True)
+        self.DeleteEntry = channel.unary_unary(
+                '/filer_pb.SeaweedFiler/DeleteEntry',
+                request_serializer=llamafleet_dot_seaweedfs_dot_filer__pb2.DeleteEntryRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_seaweedfs_dot_filer__pb2.DeleteEntryResponse.FromString,
+                _registered_method=True)
         self.AssignVolume = channel.unary_unary(
                 '/filer_pb.SeaweedFiler/AssignVolume',
                 request_serializer=llamafleet_dot_seaweedfs_dot_filer__pb2.AssignVolumeRequest.SerializeToString,
@@ -50,6 +55,12 @@ class SeaweedFilerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateEntry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteEntry(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,6 +79,11 @@ def add_SeaweedFilerServicer_to_server(servicer, server):
                     servicer.CreateEntry,
                     request_deserializer=llamafleet_dot_seaweedfs_dot_filer__pb2.CreateEntryRequest.FromString,
                     response_serializer=llamafleet_dot_seaweedfs_dot_filer__pb2.CreateEntryResponse.SerializeToString,
+            ),
+            'DeleteEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteEntry,
+                    request_deserializer=llamafleet_dot_seaweedfs_dot_filer__pb2.DeleteEntryRequest.FromString,
+                    response_serializer=llamafleet_dot_seaweedfs_dot_filer__pb2.DeleteEntryResponse.SerializeToString,
             ),
             'AssignVolume': grpc.unary_unary_rpc_method_handler(
                     servicer.AssignVolume,
@@ -102,6 +118,33 @@ class SeaweedFiler:
             '/filer_pb.SeaweedFiler/CreateEntry',
             llamafleet_dot_seaweedfs_dot_filer__pb2.CreateEntryRequest.SerializeToString,
             llamafleet_dot_seaweedfs_dot_filer__pb2.CreateEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filer_pb.SeaweedFiler/DeleteEntry',
+            llamafleet_dot_seaweedfs_dot_filer__pb2.DeleteEntryRequest.SerializeToString,
+            llamafleet_dot_seaweedfs_dot_filer__pb2.DeleteEntryResponse.FromString,
             options,
             channel_credentials,
             insecure,

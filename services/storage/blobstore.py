@@ -3,14 +3,14 @@
 Layout on the filer:
     /llamafleet/blobs/sha256/ab/cd/<hex>        the bytes (sharded by the first 2+2 hex digits)
     /llamafleet/blobs/sha256/ab/cd/<hex>.json   the manifest (JSON sidecar)
-    /llamafleet/tmp/<uuid>                      uploads in flight of earlier versions
+    /llamafleet/tmp/<uuid>                      checkpoints of long uploads in flight
     /llamafleet/tags/<name>/_tags/<tag>         {"name", "tag", "sha256", "updated"}
 
 A blob appears at its address only after its bytes were hashed on the way in and matched:
 an upload's chunks go straight to the volume servers (services.storage.chunk_writer) while
 they are hashed, and the entry that lists them is created at the blob's address when done,
-right after its manifest was written. Until then no entry refers to them; a failed upload
-deletes them. (`tmp/` held uploads in flight before; sweep_tmp still clears what is left there.)
+right after its manifest was written. A failed upload deletes them; a long one lists those
+stored so far in a checkpoint under `tmp/`, so that sweep_tmp deletes what a crash left.
 A GGUF model's header is read on the way in too, into the manifest's `metadata`.
 Tags live in a `_tags` directory under the name's directory because names nest with `/`
 ("a" with tag "b" and a name "a/b" would otherwise both want `/llamafleet/tags/a/b`); `_`
@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import re
+import uuid
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -428,7 +429,7 @@ class BlobStore:
         # Chunks that no entry refers to: deleted if this put does not end in one.
         unreferenced: Written | None = None
         try:
-            unreferenced = await self.writer.write(hashed(), f"{BLOB_ROOT}/")
+            unreferenced = await self.writer.write(hashed(), f"{BLOB_ROOT}/", f"{TMP_DIR}/{uuid.uuid4().hex}")
             digest = await hasher.hexdigest()
             if expected is not None and digest != expected:
                 raise HashMismatch(expected, digest, size)

@@ -12,8 +12,11 @@ So a write is cut into chunks of `chunk_bytes` as its bytes arrive, `parallel` o
 uploaded at once on threads with blocking sockets (a large `sendall` releases the GIL; the
 received buffers are sent as they are, no copy), and `write` returns their list once all
 are stored. The caller then creates the entry (`create`) or gives the chunks up (`discard`).
-A failed or cancelled `write` deletes what it stored (best effort); a process killed
-mid-write leaves its chunks on the volume servers, unreferenced.
+A failed or cancelled `write` deletes what it stored (best effort). So that a process killed
+mid-write leaves no chunks that nothing refers to, a long write lists the chunks stored so
+far in a checkpoint entry (a temporary path, rewritten every `checkpoint_s`): deleting that
+entry through the filer (a sweep of stale uploads) deletes them too. `create` removes the
+checkpoint (keeping the chunks) before it creates the real entry.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_PARALLEL = 4
+# A write this long has its chunks listed at its checkpoint path (none for shorter ones).
+DEFAULT_CHECKPOINT_S = 5.0
 # weed's default: the filer's gRPC port is its HTTP port + 10000.
 GRPC_PORT_OFFSET = 10000
 CONNECT_TIMEOUT_S = 3.0
@@ -71,12 +76,15 @@ class _Assignment:
 
 @dataclass(frozen=True)
 class Written:
-    """A file's bytes, stored in `chunks` (in order, end to end) and not yet in any entry."""
+    """A file's bytes, stored in `chunks` (in order, end to end) and not yet in any entry
+    but, when `checkpointed`, the checkpoint at `checkpoint`."""
 
     chunks: tuple[Chunk, ...]
     size: int
     # Where each chunk went, to delete it if no entry will refer to it.
     assignments: tuple[_Assignment, ...]
+    checkpoint: str
+    checkpointed: bool
 
 
 class _VolumeFailed(Exception):
@@ -115,6 +123,7 @@ class ChunkWriter:
         parallel: int = DEFAULT_PARALLEL,
         timeout: float = 30.0,
         retries: int = 4,
+        checkpoint_s: float = DEFAULT_CHECKPOINT_S,
     ) -> None:
         if chunk_bytes <= 0 or parallel <= 0:
             raise ValueError(f"chunk_bytes and parallel must be positive (got {chunk_bytes}, {parallel})")
@@ -123,6 +132,7 @@ class ChunkWriter:
         self.grpc_address = grpc_address or filer_grpc_address(filer_url)
         self._timeout = timeout
         self._retries = retries
+        self.checkpoint_s = checkpoint_s
         self._channel = grpc.aio.insecure_channel(self.grpc_address)
         self._filer = filer_pb2_grpc.SeaweedFilerStub(self._channel)
         # Enough threads for a few writes at once; each keeps its own connections.
@@ -135,20 +145,28 @@ class ChunkWriter:
 
     # -- the API --------------------------------------------------------------------------------
 
-    async def write(self, data: AsyncIterable[bytes], path: str) -> Written:
+    async def write(self, data: AsyncIterable[bytes], path: str, checkpoint: str) -> Written:
         """Store the bytes of `data` in chunks on the volume servers, for a file that will be
-        at `path` (the filer's rules for it choose the volumes). On any failure, also
-        cancellation, the chunks stored so far are deleted first."""
+        at `path` (the filer's rules for it choose the volumes), listing them at the unique
+        path `checkpoint` while it lasts (see the module docstring). On any failure, also
+        cancellation, the chunks stored so far and the checkpoint are deleted first."""
         write = _Write()
         window: deque[asyncio.Task[tuple[Chunk, _Assignment]]] = deque()
         stored: list[tuple[Chunk, _Assignment]] = []
         parts: list[memoryview] = []
         filled = offset = 0
+        loop = asyncio.get_running_loop()
+        next_checkpoint = loop.time() + self.checkpoint_s
+        checkpointed = False
 
         async def launch() -> None:
-            nonlocal parts, filled, offset
+            nonlocal parts, filled, offset, next_checkpoint, checkpointed
             if len(window) >= self.parallel:
                 stored.append(await window.popleft())
+                if loop.time() >= next_checkpoint:
+                    checkpointed = True
+                    await self._put_entry(checkpoint, [c for c, _ in stored], exclusive=False)
+                    next_checkpoint = loop.time() + self.checkpoint_s
             window.append(asyncio.create_task(self._store(write, path, parts, offset, filled)))
             offset += filled
             parts, filled = [], 0
@@ -167,46 +185,75 @@ class ChunkWriter:
                 await launch()
             while window:
                 stored.append(await window.popleft())
-            return Written(tuple(c for c, _ in stored), offset, tuple(a for _, a in stored))
+            return Written(tuple(c for c, _ in stored), offset, tuple(a for _, a in stored), checkpoint, checkpointed)
         except BaseException:
             for task in window:
                 task.cancel()
             await asyncio.gather(*window, return_exceptions=True)
             await self._discard(write.assigned, write.running)
+            if checkpointed:
+                await self._drop_checkpoint(checkpoint, best_effort=True)
             raise
 
     async def create(self, path: str, written: Written) -> bool:
         """Create the file `path` (and its missing parents) made of the `written` chunks,
-        unless an entry is there already: then False, and nothing changes."""
+        unless an entry is there already: then False, and nothing changes but that the
+        checkpoint is gone."""
+        if written.checkpointed:
+            # First: a checkpoint left beside the entry would take its chunks along when swept.
+            await self._drop_checkpoint(written.checkpoint, best_effort=False)
+        return await self._put_entry(path, written.chunks, exclusive=True, size=written.size)
+
+    async def discard(self, written: Written) -> None:
+        """Delete the chunks of a write that no entry refers to, and its checkpoint (best
+        effort: failures are logged)."""
+        await self._discard(written.assignments, [])
+        if written.checkpointed:
+            await self._drop_checkpoint(written.checkpoint, best_effort=True)
+
+    # -- on the event loop ------------------------------------------------------------------------
+
+    async def _put_entry(self, path: str, chunks: Sequence[Chunk], *, exclusive: bool, size: int | None = None) -> bool:
+        """Create (or, unless `exclusive`, replace) the file `path` made of `chunks`; False
+        when `exclusive` and an entry is there."""
         directory, _, name = path.rpartition("/")
         now = time.time_ns()
         seconds, nanos = divmod(now, 1_000_000_000)
         entry = filer_pb2.Entry(
             name=name,
             chunks=[
-                filer_pb2.FileChunk(file_id=c.file_id, offset=c.offset, size=c.size, modified_ts_ns=now)
-                for c in written.chunks
+                filer_pb2.FileChunk(file_id=c.file_id, offset=c.offset, size=c.size, modified_ts_ns=now) for c in chunks
             ],
             attributes=filer_pb2.FuseAttributes(
-                file_size=written.size, mtime=seconds, mtime_ns=nanos, crtime=seconds, file_mode=_FILE_MODE
+                file_size=sum(c.size for c in chunks) if size is None else size,
+                mtime=seconds,
+                mtime_ns=nanos,
+                crtime=seconds,
+                file_mode=_FILE_MODE,
             ),
         )
-        request = filer_pb2.CreateEntryRequest(directory=directory or "/", entry=entry, o_excl=True)
-        # Not retried once sent: a lost answer to a create that happened would read as
-        # "exists" on the retry. The caller tells that apart by the entry's chunks.
+        request = filer_pb2.CreateEntryRequest(directory=directory or "/", entry=entry, o_excl=exclusive)
+        # Not retried once sent: a create that happened and whose answer was lost would read
+        # as "exists" on the retry.
         answer = await self._call(self._filer.CreateEntry, request, f"create {path}", retry_sent=False)
-        if answer.error_code == filer_pb2.ENTRY_ALREADY_EXISTS:
+        if exclusive and answer.error_code == filer_pb2.ENTRY_ALREADY_EXISTS:
             return False
         if answer.error:
             raise FilerError(f"filer refused to create {path}: {answer.error}")
         return True
 
-    async def discard(self, written: Written) -> None:
-        """Delete the chunks of a write that no entry refers to (best effort: failures are
-        logged)."""
-        await self._discard(written.assignments, [])
-
-    # -- on the event loop ------------------------------------------------------------------------
+    async def _drop_checkpoint(self, path: str, *, best_effort: bool) -> None:
+        """Delete the checkpoint entry, not its chunks."""
+        directory, _, name = path.rpartition("/")
+        request = filer_pb2.DeleteEntryRequest(directory=directory or "/", name=name, is_delete_data=False)
+        try:
+            answer = await self._call(self._filer.DeleteEntry, request, f"delete {path}")
+            if answer.error and "not found" not in answer.error.lower():
+                raise FilerError(f"filer refused to delete {path}: {answer.error}")
+        except FilerError as e:
+            if not best_effort:
+                raise
+            log.warning("could not delete the upload checkpoint %s: %s", path, e)
 
     async def _store(
         self, write: _Write, path: str, parts: list[memoryview], offset: int, size: int
