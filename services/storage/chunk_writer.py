@@ -29,10 +29,11 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -43,6 +44,7 @@ from services.storage.errors import FilerError, FilerOutOfSpace, FilerUnavailabl
 from services.storage.filer import is_out_of_space
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_PARALLEL = 4
@@ -233,9 +235,9 @@ class ChunkWriter:
             ),
         )
         request = filer_pb2.CreateEntryRequest(directory=directory or "/", entry=entry, o_excl=exclusive)
-        # Not retried once sent: a create that happened and whose answer was lost would read
-        # as "exists" on the retry.
-        answer = await self._call(self._filer.CreateEntry, request, f"create {path}", retry_sent=False)
+        # An exclusive create is not retried once sent: one that happened and whose answer
+        # was lost would read as "exists" on the retry.
+        answer = await self._call(self._filer.CreateEntry, request, f"create {path}", retry_sent=not exclusive)
         if exclusive and answer.error_code == filer_pb2.ENTRY_ALREADY_EXISTS:
             return False
         if answer.error:
@@ -296,8 +298,11 @@ class ChunkWriter:
             await asyncio.sleep(self._delay(attempt))
         raise AssertionError("unreachable: every attempt returns or raises")
 
-    async def _call(self, method, request, what: str, *, retry_sent: bool = True):  # type: ignore[no-untyped-def]
-        """One unary filer RPC, retried with backoff while the filer cannot be reached."""
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], request: object, what: str, *, retry_sent: bool = True
+    ) -> T:
+        """One unary filer RPC, retried with backoff while the filer cannot be reached (once
+        it may have arrived, only with `retry_sent`)."""
         for attempt in range(self._retries + 1):
             try:
                 return await method(request, timeout=self._timeout)
@@ -308,9 +313,9 @@ class ChunkWriter:
                     continue
                 if transient:
                     raise FilerUnavailable(
-                        f"filer gRPC {self.grpc_address} cannot be reached (is SeaweedFS running? its filer's "
-                        f"gRPC port is its HTTP port + 10000 unless configured): {what} failed after "
-                        f"{attempt + 1} attempt(s): {e.code().name}: {e.details()}"
+                        f"filer gRPC {self.grpc_address} cannot be reached (is SeaweedFS running? if the "
+                        "filer's gRPC port is not its HTTP port + 10000, set LLAMAFLEET_STORAGE_FILER_GRPC_PORT): "
+                        f"{what} failed after {attempt + 1} attempt(s): {e.code().name}: {e.details()}"
                     ) from e
                 raise FilerError(f"filer gRPC {self.grpc_address}: {what}: {e.code().name}: {e.details()}") from e
         raise AssertionError("unreachable: every attempt returns or raises")
