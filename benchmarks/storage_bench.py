@@ -501,7 +501,9 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     body = "\n".join(
         [
             "- **Setup**: `weed server` (master, volume, filer in one process) and the storage service on "
-            "loopback, as `llamafleet up` starts them. GetBlob: the service reads 4 MiB ranges straight from the "
+            "loopback, as `llamafleet up` starts them. PutBlob: the service stores 8 MiB chunks straight on the "
+            "volume server, 4 at once, while it hashes the stream on a thread, and creates the blob's filer entry "
+            "(filer gRPC CreateEntry) once the hash matched. GetBlob: the service reads 4 MiB ranges straight from the "
             "volume server, 4 at once, hashes them on a thread and streams 4 MiB messages. Node-cache fill and "
             "`models pull`: the client asks where the chunks live (LocateBlob) and reads them there itself, 4 at "
             "once, hashing and writing on threads (one pass). The gRPC client in the bench process, curl and the "

@@ -394,7 +394,7 @@ class BlobStore:
         refs = _digest_list(fields.pop("refs", None), "refs")
         filename = validate_filename(str(fields.pop("filename", None) or ""))
         try:
-            # Checked now: a manifest that cannot be written after the move would leave the
+            # Checked now: a manifest that cannot be written after the upload would leave the
             # blob without one.
             json.dumps(fields)
         except (TypeError, ValueError) as e:
