@@ -597,8 +597,8 @@ class BlobStore:
             return []
 
     async def sweep_tmp(self, older_than: timedelta = timedelta(hours=24), *, dry_run: bool = False) -> int:
-        """Delete temporary uploads older than `older_than` (left by crashed puts); returns
-        how many were (with `dry_run`: would be) deleted."""
+        """Delete upload checkpoints older than `older_than` (left by crashed puts) and, with
+        them, the chunks they list; returns how many were (with `dry_run`: would be) deleted."""
         cutoff = datetime.now(UTC) - older_than
         stale = [e for e in await self._list_or_empty(TMP_DIR) if not e.is_dir and e.mtime < cutoff]
         if not dry_run:
