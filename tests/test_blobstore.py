@@ -8,6 +8,7 @@ import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -531,6 +532,25 @@ async def test_a_long_write_lists_its_chunks_at_its_checkpoint(
     assert await filer.stat(checkpoint) is None
     assert await filer.get_bytes(path) == data
     await filer.delete(path)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_unreachable_volume_server_is_unavailable_and_says_why(
+    seaweed: SeaweedServer, filer: FilerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = ChunkWriter(seaweed.filer_url, f"127.0.0.1:{seaweed.filer_grpc_port}", retries=1)
+    assign = writer._assign
+
+    async def elsewhere(path: str, size: int):  # type: ignore[no-untyped-def]
+        # A volume server that registered an address the storage service cannot reach.
+        return replace(await assign(path, size), url=f"127.0.0.1:{free_port()}")
+
+    monkeypatch.setattr(writer, "_assign", elsewhere)
+    try:
+        with pytest.raises(FilerUnavailable, match="must be reachable from it"):
+            await BlobStore(filer, writer=writer).put(chunked(os.urandom(MB)))
+    finally:
+        await writer.aclose()
 
 
 @pytest.mark.asyncio(loop_scope="module")
