@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument(
         "--storage-sizes", type=parse_list(parse_size), help="object sizes, e.g. 64M,256M,1G (the default)"
     )
+    storage.add_argument(
+        "--storage-writes-only",
+        action="store_true",
+        help="PutBlob and curl PUT only (work on the write path; writes no docs)",
+    )
     mpi = parser.add_argument_group("mpi")
     mpi.add_argument("--mpi-max-size", type=parse_size, help="largest message (default: 256M; sizes are powers of 4)")
     return parser
@@ -133,7 +138,7 @@ def storage_options(args: argparse.Namespace):  # -> StorageOptions
     opts = StorageOptions.quick() if args.quick else StorageOptions()
     if args.storage_sizes:
         opts = replace(opts, sizes=args.storage_sizes)
-    return opts
+    return replace(opts, writes_only=args.storage_writes_only)
 
 
 async def run_suite(name: str, ctx: BenchContext, args: argparse.Namespace) -> None:

@@ -74,6 +74,8 @@ class StorageOptions:
     warm_repeats: int = 5
     # Repeats per size come from `repeats()`; quick runs use this floor for every size.
     max_repeats: int = 5
+    # PutBlob and curl PUT only (for work on the write path; no docs are written).
+    writes_only: bool = False
 
     @classmethod
     def quick(cls) -> StorageOptions:
@@ -252,6 +254,7 @@ async def timed(op: Callable[[], Awaitable[None]]) -> float:
     return time.perf_counter() - start
 
 
+WRITES = ("grpc_put", "curl_put")
 READS = ("grpc_get", "direct_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull")
 METHODS = (
     "grpc_put",
@@ -268,9 +271,11 @@ METHODS = (
 )
 
 
-async def bench_size(ctx: BenchContext, methods: Methods, src: Source, repeats: int) -> dict[str, list[float]]:
+async def bench_size(
+    ctx: BenchContext, methods: Methods, src: Source, repeats: int, *, writes_only: bool = False
+) -> dict[str, list[float]]:
     """Seconds per operation, the methods interleaved per repeat so that drift hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    times: dict[str, list[float]] = {name: [] for name in (WRITES if writes_only else METHODS)}
 
     async def measure(name: str) -> None:
         times[name].append(await timed(lambda: getattr(methods, name)(src)))
@@ -280,6 +285,10 @@ async def bench_size(ctx: BenchContext, methods: Methods, src: Source, repeats: 
         await methods.storage.tag(*TAG.split(":"), src.sha256)
         await measure("curl_put")
         await methods.curl_delete()
+        if writes_only:
+            await methods.grpc_delete(src)
+            ctx.progress(f"  {format_size(src.size):>8} #{r + 1}: " + _rates(src.size, times))
+            continue
         # Rotated per repeat: the first read after the writes may find the blob's pages evicted
         # (this machine reclaims cold pages) and pay the disk; no method should always be it.
         shift = r % len(READS)
@@ -291,12 +300,12 @@ async def bench_size(ctx: BenchContext, methods: Methods, src: Source, repeats: 
         await methods.grpc_delete(src)
         await measure("grpc_memory")
         await measure("sha256")
-        ctx.progress(
-            f"  {format_size(src.size):>8} #{r + 1}: "
-            + "  ".join(f"{name} {src.size / MIB / t[-1]:5.0f}" for name, t in times.items())
-            + " MiB/s"
-        )
+        ctx.progress(f"  {format_size(src.size):>8} #{r + 1}: " + _rates(src.size, times))
     return times
+
+
+def _rates(size: int, times: dict[str, list[float]]) -> str:
+    return "  ".join(f"{name} {size / MIB / t[-1]:5.0f}" for name, t in times.items()) + " MiB/s"
 
 
 def size_rows(size: int, times: dict[str, list[float]]) -> list[dict]:
@@ -420,10 +429,19 @@ def ratio_rows(rows: Sequence[dict]) -> list[dict]:
     return [
         {
             "size_bytes": size,
-            **{f"{ours}/{peer}": ratio(by[(size, ours)], by[(size, peer)]) for _, ours, peer, _ in RATIOS},
+            **{
+                f"{ours}/{peer}": ratio(by[(size, ours)], by[(size, peer)])
+                for _, ours, peer, _ in RATIOS
+                if (size, ours) in by and (size, peer) in by
+            },
         }
         for size in sorted({r["size_bytes"] for r in rows})
     ]
+
+
+def measured(ratios: Sequence[dict]) -> tuple[tuple[str, str, str, str | None], ...]:
+    """The RATIOS that `ratios` hold (all but PutBlob's with --storage-writes-only)."""
+    return tuple(x for x in RATIOS if ratios and f"{x[1]}/{x[2]}" in ratios[0])
 
 
 def ratio_report(rows: Sequence[dict]) -> Report:
@@ -432,14 +450,15 @@ def ratio_report(rows: Sequence[dict]) -> Report:
             return f"{fmt(value, 2)}×"
         return f"{fmt(value, 2)}× {'✓' if value >= GOALS[goal] else '✗'}"
 
+    columns = measured(rows)
     table = [
-        [format_size(r["size_bytes"]), *(cell(r[f"{ours}/{peer}"], goal) for _, ours, peer, goal in RATIOS)]
+        [format_size(r["size_bytes"]), *(cell(r[f"{ours}/{peer}"], goal) for _, ours, peer, goal in columns)]
         for r in rows
     ]
-    goals = ", ".join(f"{column} ≥ {GOALS[goal]}×" for column, _, _, goal in RATIOS if goal)
+    goals = ", ".join(f"{column} ≥ {GOALS[goal]}×" for column, _, _, goal in columns if goal)
     return Report(
         f"Storage vs a single curl to the filer (median MiB/s ratios; goals: {goals})",
-        ["size", *(column for column, *_ in RATIOS)],
+        ["size", *(column for column, *_ in columns)],
         table,
         note="gRPC from memory: a GetBlob server that streams the same bytes from RAM (no filer, no hashing), "
         "its own process: what gRPC Python alone moves on this machine.",
@@ -459,8 +478,9 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
             for i, size in enumerate(opts.sizes):
                 ctx.progress(f"storage: {format_size(size)} object, {opts.repeats(size)} repeat(s)")
                 src = await asyncio.to_thread(make_source, root / "data" / f"obj-{size}.gguf", size, i)
-                rows += size_rows(size, await bench_size(ctx, methods, src, opts.repeats(size)))
-                if size == opts.sizes[-1]:
+                times = await bench_size(ctx, methods, src, opts.repeats(size), writes_only=opts.writes_only)
+                rows += size_rows(size, times)
+                if size == opts.sizes[-1] and not opts.writes_only:
                     warm = await bench_warm(methods, src, opts.warm_repeats)
                 src.path.unlink()
     finally:
@@ -476,10 +496,14 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     summary = storage_summary(ratios, opts.sizes[-1], warm)
     for line in summary:
         ctx.console.print(line)
+    if opts.writes_only:
+        return
     body = "\n".join(
         [
             "- **Setup**: `weed server` (master, volume, filer in one process) and the storage service on "
-            "loopback, as `llamafleet up` starts them. GetBlob: the service reads 4 MiB ranges straight from the "
+            "loopback, as `llamafleet up` starts them. PutBlob: the service stores 8 MiB chunks straight on the "
+            "volume server, 4 at once, while it hashes the stream on a thread, and creates the blob's filer entry "
+            "(filer gRPC CreateEntry) once the hash matched. GetBlob: the service reads 4 MiB ranges straight from the "
             "volume server, 4 at once, hashes them on a thread and streams 4 MiB messages. Node-cache fill and "
             "`models pull`: the client asks where the chunks live (LocateBlob) and reads them there itself, 4 at "
             "once, hashing and writing on threads (one pass). The gRPC client in the bench process, curl and the "
@@ -505,7 +529,7 @@ def storage_summary(ratios: Sequence[dict], warm_size: int, warm: Sequence[float
         f"- {format_size(r['size_bytes'])}: "
         + ", ".join(
             f"{column} {fmt(r[f'{ours}/{peer}'], 2)}× (goal ≥ {GOALS[goal]}×)"
-            for column, ours, peer, goal in RATIOS
+            for column, ours, peer, goal in measured(ratios)
             if goal
         )
         + "."
