@@ -48,6 +48,15 @@ def weed_binary() -> str:
     )
 
 
+async def _listening(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 def _pick_grpc_port(ip: str, http_port: int, explicit: int | None, taken: set[int]) -> int:
     """`explicit` if given, else weed's default (port + 10000) when that is valid and free,
     else any free port. Ports from `free_port()` are ephemeral (often > 55535), so +10000
@@ -193,8 +202,8 @@ class SeaweedServer:
         await self._process.start()
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until the filer answers and a small file can be written, read and deleted
-        (the first write waits for the master to grow volumes). Raises ProcessExited (with
+        """Wait until the filer answers, a small file can be written, read and deleted (the
+        first write waits for the master to grow volumes) and the filer's gRPC port listens. Raises ProcessExited (with
         the log's tail) if weed died, TimeoutError if not ready in `timeout` seconds."""
         if self._process is None:
             raise RuntimeError("SeaweedFS was not started")
@@ -218,9 +227,12 @@ class SeaweedServer:
                             read = await http.get(probe)
                             await http.delete(probe)
                             await http.delete(probe.rsplit("/", 1)[0])
-                            if read.status_code == 200 and read.content == body:
-                                return
-                            last_error = f"probe read answered {read.status_code}"
+                            if read.status_code != 200 or read.content != body:
+                                last_error = f"probe read answered {read.status_code}"
+                            elif await _listening(self.ip, self.filer_grpc_port):
+                                return  # the storage service writes through the filer's gRPC API too
+                            else:
+                                last_error = f"filer gRPC port {self.filer_grpc_port} not listening yet"
                 except httpx.HTTPError as e:
                     last_error = f"{type(e).__name__}: {e}"
                 remaining = give_up - loop.time()

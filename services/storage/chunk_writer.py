@@ -135,7 +135,12 @@ class ChunkWriter:
         self._timeout = timeout
         self._retries = retries
         self.checkpoint_s = checkpoint_s
-        self._channel = grpc.aio.insecure_channel(self.grpc_address)
+        # Reconnect within a second of SeaweedFS coming back (gRPC's default backoff grows to
+        # minutes, failing every call at once meanwhile).
+        self._channel = grpc.aio.insecure_channel(
+            self.grpc_address,
+            options=[("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)],
+        )
         self._filer = filer_pb2_grpc.SeaweedFilerStub(self._channel)
         # Enough threads for a few writes at once; each keeps its own connections.
         self._executor = ThreadPoolExecutor(4 * parallel, thread_name_prefix="chunk-write")
