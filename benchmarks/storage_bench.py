@@ -49,7 +49,7 @@ from benchmarks.common import (
     write_fragment,
 )
 from llamafleet.channels import wait_serving
-from llamafleet.gguf_info import MAGIC
+from llamafleet.gguf_magic import MAGIC
 from llamafleet.models import GGUF_MEDIA_TYPE
 from llamafleet.processes import ManagedProcess, ProcessExited, free_port
 from llamafleet.serial_thread import Sha256Thread
