@@ -77,6 +77,18 @@ def parse_suites(text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_methods(text: str) -> tuple[str, ...]:
+    from benchmarks.storage_bench import METHODS
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method {', '.join(unknown) or text!r}; choose from {', '.join(METHODS)}"
+        )
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument(
         "--storage-sizes", type=parse_list(parse_size), help="object sizes, e.g. 64M,256M,1G (the default)"
     )
+    storage.add_argument(
+        "--storage-methods",
+        type=parse_methods,
+        help="only these methods, e.g. cli_push,curl_put,cli_pull,curl_get_file (default: all; ratios need both sides)",
+    )
+    storage.add_argument(
+        "--storage-cli", help="the llamafleet executable cli_push/cli_pull run (default: this environment's)"
+    )
     mpi = parser.add_argument_group("mpi")
     mpi.add_argument("--mpi-max-size", type=parse_size, help="largest message (default: 256M; sizes are powers of 4)")
     return parser
@@ -133,6 +153,10 @@ def storage_options(args: argparse.Namespace):  # -> StorageOptions
     opts = StorageOptions.quick() if args.quick else StorageOptions()
     if args.storage_sizes:
         opts = replace(opts, sizes=args.storage_sizes)
+    if args.storage_methods:
+        opts = replace(opts, methods=args.storage_methods)
+    if args.storage_cli:
+        opts = replace(opts, cli=args.storage_cli)
     return opts
 
 

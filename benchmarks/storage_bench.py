@@ -68,9 +68,29 @@ CLI = str(Path(sys.executable).with_name("llamafleet"))
 TAG = "bench/storage:v1"
 
 
+READS = ("grpc_get", "direct_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull")
+METHODS = (
+    "grpc_put",
+    "curl_put",
+    "grpc_get",
+    "direct_get",
+    "curl_get",
+    "node_cache_fill",
+    "curl_get_file",
+    "cli_pull",
+    "cli_push",
+    "grpc_memory",
+    "sha256",
+)
+
+
 @dataclass(frozen=True)
 class StorageOptions:
     sizes: tuple[int, ...] = (64 * MIB, 256 * MIB, 1024 * MIB)
+    # The methods timed; the blob is stored and tagged for the reads either way.
+    methods: tuple[str, ...] = METHODS
+    # The `llamafleet` executable of cli_push/cli_pull (another checkout's, to compare).
+    cli: str = CLI
     warm_repeats: int = 5
     # Repeats per size come from `repeats()`; quick runs use this floor for every size.
     max_repeats: int = 5
@@ -150,9 +170,10 @@ class Methods:
     CLI run as processes."""
 
     def __init__(
-        self, storage: StorageClient, address: str, filer_url: str, ceiling: StorageClient, root: Path
+        self, storage: StorageClient, address: str, filer_url: str, ceiling: StorageClient, root: Path, cli: str = CLI
     ) -> None:
         self.storage = storage
+        self.cli = cli
         self.address = address
         self.filer_url = filer_url
         self.ceiling = ceiling
@@ -224,11 +245,11 @@ class Methods:
         await run_process("curl", "-sSf", "-o", "/dev/null", "-X", "DELETE", self.filer_url + self.filer_path)
 
     async def cli_push(self, src: Source) -> None:
-        await run_process(CLI, "models", "push", str(src.path), "--name", TAG, "--storage", self.address)
+        await run_process(self.cli, "models", "push", str(src.path), "--name", TAG, "--storage", self.address)
 
     async def cli_pull(self, src: Source) -> None:
         out = self.root / "pulled.gguf"
-        await run_process(CLI, "models", "pull", TAG, "-o", str(out), "--storage", self.address)
+        await run_process(self.cli, "models", "pull", TAG, "-o", str(out), "--storage", self.address)
         _check_size("models pull", out.stat().st_size, src.size)
         out.unlink()
 
@@ -252,43 +273,35 @@ async def timed(op: Callable[[], Awaitable[None]]) -> float:
     return time.perf_counter() - start
 
 
-READS = ("grpc_get", "direct_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull")
-METHODS = (
-    "grpc_put",
-    "curl_put",
-    "grpc_get",
-    "direct_get",
-    "curl_get",
-    "node_cache_fill",
-    "curl_get_file",
-    "cli_pull",
-    "cli_push",
-    "grpc_memory",
-    "sha256",
-)
-
-
-async def bench_size(ctx: BenchContext, methods: Methods, src: Source, repeats: int) -> dict[str, list[float]]:
-    """Seconds per operation, the methods interleaved per repeat so that drift hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
+async def bench_size(
+    ctx: BenchContext, methods: Methods, src: Source, repeats: int, selected: Sequence[str] = METHODS
+) -> dict[str, list[float]]:
+    """Seconds per operation of the `selected` methods, interleaved per repeat so that drift
+    hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in METHODS if name in selected}
 
     async def measure(name: str) -> None:
-        times[name].append(await timed(lambda: getattr(methods, name)(src)))
+        if name in times:
+            times[name].append(await timed(lambda: getattr(methods, name)(src)))
 
+    reads = [name for name in READS if name in times]
     for r in range(repeats):
-        await measure("grpc_put")
+        # Stored (timed or not) for the reads and the pull.
+        await (measure("grpc_put") if "grpc_put" in times else methods.grpc_put(src))
         await methods.storage.tag(*TAG.split(":"), src.sha256)
-        await measure("curl_put")
-        await methods.curl_delete()
+        if "curl_put" in times:
+            await measure("curl_put")
+            await methods.curl_delete()
         # Rotated per repeat: the first read after the writes may find the blob's pages evicted
         # (this machine reclaims cold pages) and pay the disk; no method should always be it.
-        shift = r % len(READS)
-        for name in READS[shift:] + READS[:shift]:
+        shift = r % max(len(reads), 1)
+        for name in reads[shift:] + reads[:shift]:
             await measure(name)
         # Deleted so that the push transfers again instead of deduplicating.
         await methods.grpc_delete(src)
-        await measure("cli_push")
-        await methods.grpc_delete(src)
+        if "cli_push" in times:
+            await measure("cli_push")
+            await methods.grpc_delete(src)
         await measure("grpc_memory")
         await measure("sha256")
         ctx.progress(
@@ -416,14 +429,25 @@ RATIOS = (
 
 
 def ratio_rows(rows: Sequence[dict]) -> list[dict]:
+    """The RATIOS whose two methods were measured, per size."""
     by = {(r["size_bytes"], r["method"]): r["mib_per_s_median"] for r in rows}
+    sizes = sorted({r["size_bytes"] for r in rows})
     return [
         {
             "size_bytes": size,
-            **{f"{ours}/{peer}": ratio(by[(size, ours)], by[(size, peer)]) for _, ours, peer, _ in RATIOS},
+            **{
+                f"{ours}/{peer}": ratio(by[(size, ours)], by[(size, peer)])
+                for _, ours, peer, _ in RATIOS
+                if (size, ours) in by and (size, peer) in by
+            },
         }
-        for size in sorted({r["size_bytes"] for r in rows})
+        for size in sizes
     ]
+
+
+def shown_ratios(ratios: Sequence[dict]) -> list[tuple[str, str, str, str | None]]:
+    """The RATIOS that `ratio_rows` computed (all of them unless --storage-methods left some out)."""
+    return [r for r in RATIOS if ratios and f"{r[1]}/{r[2]}" in ratios[0]]
 
 
 def ratio_report(rows: Sequence[dict]) -> Report:
@@ -432,14 +456,15 @@ def ratio_report(rows: Sequence[dict]) -> Report:
             return f"{fmt(value, 2)}×"
         return f"{fmt(value, 2)}× {'✓' if value >= GOALS[goal] else '✗'}"
 
+    shown = shown_ratios(rows)
     table = [
-        [format_size(r["size_bytes"]), *(cell(r[f"{ours}/{peer}"], goal) for _, ours, peer, goal in RATIOS)]
+        [format_size(r["size_bytes"]), *(cell(r[f"{ours}/{peer}"], goal) for _, ours, peer, goal in shown)]
         for r in rows
     ]
-    goals = ", ".join(f"{column} ≥ {GOALS[goal]}×" for column, _, _, goal in RATIOS if goal)
+    goals = ", ".join(f"{column} ≥ {GOALS[goal]}×" for column, _, _, goal in shown if goal)
     return Report(
         f"Storage vs a single curl to the filer (median MiB/s ratios; goals: {goals})",
-        ["size", *(column for column, *_ in RATIOS)],
+        ["size", *(column for column, *_ in shown)],
         table,
         note="gRPC from memory: a GetBlob server that streams the same bytes from RAM (no filer, no hashing), "
         "its own process: what gRPC Python alone moves on this machine.",
@@ -455,12 +480,12 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     try:
         address = stack.cfg.address(stack.cfg.storage_port)
         async with StorageClient(address) as storage, ceiling_server(root) as ceiling:
-            methods = Methods(storage, address, stack.cfg.filer_url, ceiling, root)
+            methods = Methods(storage, address, stack.cfg.filer_url, ceiling, root, opts.cli)
             for i, size in enumerate(opts.sizes):
                 ctx.progress(f"storage: {format_size(size)} object, {opts.repeats(size)} repeat(s)")
                 src = await asyncio.to_thread(make_source, root / "data" / f"obj-{size}.gguf", size, i)
-                rows += size_rows(size, await bench_size(ctx, methods, src, opts.repeats(size)))
-                if size == opts.sizes[-1]:
+                rows += size_rows(size, await bench_size(ctx, methods, src, opts.repeats(size), opts.methods))
+                if size == opts.sizes[-1] and "node_cache_fill" in opts.methods:
                     warm = await bench_warm(methods, src, opts.warm_repeats)
                 src.path.unlink()
     finally:
@@ -505,7 +530,7 @@ def storage_summary(ratios: Sequence[dict], warm_size: int, warm: Sequence[float
         f"- {format_size(r['size_bytes'])}: "
         + ", ".join(
             f"{column} {fmt(r[f'{ours}/{peer}'], 2)}× (goal ≥ {GOALS[goal]}×)"
-            for column, ours, peer, goal in RATIOS
+            for column, ours, peer, goal in shown_ratios(ratios)
             if goal
         )
         + "."
