@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -39,6 +41,9 @@ register_storage_commands(app)
 register_corpus_commands(app)
 console = Console()
 err = Console(stderr=True)
+# Python's last collection at exit walks every object of the modules a command loaded (~35 ms
+# of each command); frozen, they are skipped. Nothing leaks: the process is ending.
+atexit.register(gc.freeze)
 
 ROOT = Path(".llamafleet")
 STATE_FILE = ROOT / "stack.json"
