@@ -28,11 +28,10 @@ from llamafleet.cli_storage import register as register_storage_commands
 from llamafleet.cli_workers import call_scheduler, print_cluster, workers_app
 from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2
 
-if TYPE_CHECKING:
-    from llamafleet.stack import Stack
-
 # The stack (SeaweedFS, processes, hosts files) is imported by the commands that run it, so
 # that every other command starts without it.
+if TYPE_CHECKING:
+    from llamafleet.stack import Stack
 
 app = typer.Typer(help="llamafleet: an LLM-serving fabric for llama.cpp fleets.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

@@ -179,7 +179,8 @@ class StorageClient:
         refs: list[str] | None = None,
     ) -> storage_pb2.PutBlobResponse:
         """Upload a file. Its digest is sent first (computed here unless given), so content
-        already stored is not transferred. `refs`: digests of blobs this one needs."""
+        already stored is not transferred; that takes a pass over the file before the one
+        that sends it. `refs`: digests of blobs this one needs."""
         header = storage_pb2.PutBlobHeader(
             expected_sha256=sha256 or await asyncio.to_thread(sha256_file, path),
             kind=kind,
