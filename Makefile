@@ -33,7 +33,7 @@ down: $(STAMP)
 status: $(STAMP)
 	$(BIN)/llamafleet status
 
-## Regenerate the gRPC stubs in llamafleet/v1 from protos/.
+## Regenerate the gRPC stubs in llamafleet/v1 and llamafleet/seaweedfs from protos/.
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 

@@ -121,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument(
         "--storage-methods",
         type=parse_methods,
-        help="only these methods, e.g. cli_push,curl_put,cli_pull,curl_get_file (default: all; ratios need both sides)",
+        help="only these methods, e.g. cli_push,curl_put,cli_pull,curl_get_file (default: all; ratios need both "
+        "sides; a run of some writes no docs)",
+    )
+    storage.add_argument(
+        "--storage-writes-only",
+        action="store_true",
+        help="PutBlob and curl PUT only, i.e. --storage-methods grpc_put,curl_put (work on the write path)",
     )
     storage.add_argument(
         "--storage-cli", help="the llamafleet executable cli_push/cli_pull run (default: this environment's)"
@@ -148,13 +154,15 @@ def serving_options(args: argparse.Namespace):  # -> ServingOptions
 
 
 def storage_options(args: argparse.Namespace):  # -> StorageOptions
-    from benchmarks.storage_bench import StorageOptions
+    from benchmarks.storage_bench import WRITES, StorageOptions
 
     opts = StorageOptions.quick() if args.quick else StorageOptions()
     if args.storage_sizes:
         opts = replace(opts, sizes=args.storage_sizes)
     if args.storage_methods:
         opts = replace(opts, methods=args.storage_methods)
+    if args.storage_writes_only:
+        opts = replace(opts, methods=WRITES)
     if args.storage_cli:
         opts = replace(opts, cli=args.storage_cli)
     return opts

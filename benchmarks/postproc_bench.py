@@ -33,6 +33,7 @@ import numpy as np
 
 from services.postproc.backends import CupyBackend
 from services.postproc.sampling import RowParams, SampleLimits, make_sample_batch, sample_numpy
+from services.postproc.shared_memory import SharedRegions
 from services.postproc.staging import PinnedBuffer
 from services.postproc.token_stats import PackedBatch, token_stats_numpy
 
@@ -45,7 +46,9 @@ HOST_VOCAB = 131072
 
 @dataclass
 class HostRow:
-    """Host-to-host sampling of one batch size: medians in milliseconds."""
+    """Host-to-host sampling of one batch size: medians in milliseconds.  ``*_shared``: the
+    caller's logits already lie in a registered shared-memory region (pinned), as a caller of
+    the service writes them; ``torch_pinned``: torch's pipeline from that same memory."""
 
     batch: int
     vocab: int
@@ -53,10 +56,12 @@ class HostRow:
     h2d_pinned_gbps: float
     copy_bound_ms: float
     cupy_ms: float
-    cupy_one_copy_thread_ms: float
-    cupy_eight_copy_threads_ms: float
+    cupy_shared_ms: float
     torch_ms: float
+    torch_pinned_ms: float
     torch_over_cupy: float
+    torch_over_cupy_shared: float
+    torch_pinned_over_cupy_shared: float
 
 
 @dataclass
@@ -250,41 +255,57 @@ def wall_median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def bench_host_to_host(cp: Any, backend: CupyBackend, torch: Any, out: Path) -> list[HostRow]:
-    """backend.sample from NumPy logits to tokens against torch's .cuda() / topk / .cpu(), top-k 50 + top-p 0.9."""
+    """backend.sample from host logits to tokens against torch's .cuda() / topk / .cpu(), top-k 50
+    + top-p 0.9: from pageable NumPy arrays, and from a registered shared-memory region."""
+    from llamafleet.shared_tensors import SharedTensorRegion
+
     h2d = h2d_bandwidth(cp)
     generator = torch.Generator(device="cuda").manual_seed(0) if torch is not None else None
     rng = np.random.default_rng(0)
     rows = []
-    for batch in HOST_BATCHES:
-        logits = (rng.normal(size=(batch, HOST_VOCAB)) * 2.5).astype(np.float32)
-        host = make_sample_batch(
-            logits, [RowParams(top_k=50, top_p=0.9, seed=s) for s in range(batch)], SampleLimits(max_rows=batch)
-        )
-        repeats = 50 if batch < 64 else 20
-        ours = wall_median_ms(lambda h=host: backend.sample(h), repeats)
-        by_threads = {}
-        for threads in (1, 8):
-            backend.sampler.set_copy_threads(threads)
-            by_threads[threads] = wall_median_ms(lambda h=host: backend.sample(h), repeats)
-        backend.sampler.set_copy_threads(None)
-        theirs = float("nan")
-        if torch is not None:
-            theirs = wall_median_ms(lambda x=logits: torch_topk_sample(torch, x, 50, 0.9, generator), repeats)
-        rows.append(
-            HostRow(
-                batch=batch,
-                vocab=HOST_VOCAB,
-                input_mb=round(logits.nbytes / 1e6, 2),
-                h2d_pinned_gbps=round(h2d / 1e9, 1),
-                copy_bound_ms=round(logits.nbytes / h2d * 1e3, 3),
-                cupy_ms=round(ours, 3),
-                cupy_one_copy_thread_ms=round(by_threads[1], 3),
-                cupy_eight_copy_threads_ms=round(by_threads[8], 3),
-                torch_ms=round(theirs, 3),
-                torch_over_cupy=round(theirs / ours, 2),
+    region = SharedTensorRegion(max(HOST_BATCHES) * HOST_VOCAB * 4)
+    try:
+        regions = SharedRegions(region.byte_size, backend.pin_host, backend.unpin_host)
+        if not regions.register("bench", region.register_request().key, region.byte_size):
+            raise RuntimeError("the shared-memory region could not be pinned")
+        for batch in HOST_BATCHES:
+            logits = (rng.normal(size=(batch, HOST_VOCAB)) * 2.5).astype(np.float32)
+            params = [RowParams(top_k=50, top_p=0.9, seed=s) for s in range(batch)]
+            limits = SampleLimits(max_rows=batch)
+            host = make_sample_batch(logits, params, limits)
+            region.array(0, logits.shape)[...] = logits
+            shared_logits = regions.view("logits", "bench", 0, logits.nbytes).view(np.float32).reshape(logits.shape)
+            shared = make_sample_batch(shared_logits, params, limits)
+            repeats = 50 if batch < 64 else 20
+            ours = wall_median_ms(lambda h=host: backend.sample(h), repeats)
+            ours_shared = wall_median_ms(lambda h=shared: backend.sample(h), repeats)
+            theirs = theirs_pinned = float("nan")
+            if torch is not None:
+                theirs = wall_median_ms(lambda x=logits: torch_topk_sample(torch, x, 50, 0.9, generator), repeats)
+                theirs_pinned = wall_median_ms(
+                    lambda x=shared_logits: torch_topk_sample(torch, x, 50, 0.9, generator), repeats
+                )
+            del shared, shared_logits
+            rows.append(
+                HostRow(
+                    batch=batch,
+                    vocab=HOST_VOCAB,
+                    input_mb=round(logits.nbytes / 1e6, 2),
+                    h2d_pinned_gbps=round(h2d / 1e9, 1),
+                    copy_bound_ms=round(logits.nbytes / h2d * 1e3, 3),
+                    cupy_ms=round(ours, 3),
+                    cupy_shared_ms=round(ours_shared, 3),
+                    torch_ms=round(theirs, 3),
+                    torch_pinned_ms=round(theirs_pinned, 3),
+                    torch_over_cupy=round(theirs / ours, 2),
+                    torch_over_cupy_shared=round(theirs / ours_shared, 2),
+                    torch_pinned_over_cupy_shared=round(theirs_pinned / ours_shared, 2),
+                )
             )
-        )
-        print(rows[-1], flush=True)
+            print(rows[-1], flush=True)
+        regions.close()
+    finally:
+        region.close()
     write_rows(out / "postproc_host.csv", rows, f"# device={backend.device_description}\n")
     return rows
 
@@ -406,22 +427,37 @@ def bench_search(cp: Any, backend: CupyBackend, rows_out: list[Row], d2d: float)
     store.remove("bench", [])
 
 
-def bench_service(out: Path, modes: tuple[str, ...], callers: tuple[int, ...], seconds: float, rows: int) -> None:
+def bench_service(
+    out: Path,
+    modes: tuple[str, ...],
+    callers: tuple[int, ...],
+    seconds: float,
+    rows: int,
+    transport: str,
+    client_processes: int,
+) -> None:
     """The service end to end on CuPy: the micro-batching ``modes`` at each number of ``callers``."""
     import asyncio
 
     from benchmarks.postproc_service_bench import ServiceOptions, run_service_bench, service_table
 
     opts = ServiceOptions(
-        backend="cupy", vocab=131072, concurrency=callers, seconds=seconds, modes=modes, rows_per_call=rows
+        backend="cupy",
+        vocab=131072,
+        concurrency=callers,
+        seconds=seconds,
+        modes=modes,
+        rows_per_call=rows,
+        transport=transport,
+        client_processes=client_processes,
     )
     points = asyncio.run(run_service_bench(opts))
     headers, cells = service_table(points)
-    print(f"\nservice, Sample of {rows} row(s) x {opts.vocab} float32 logits per call (CuPy)")
+    print(f"\nservice, Sample of {rows} row(s) x {opts.vocab} float32 logits per call (CuPy, {transport})")
     print(" | ".join(headers))
     for line in cells:
         print(" | ".join(line))
-    write_rows(out / f"postproc_service_{rows}row.csv", points)
+    write_rows(out / f"postproc_service_{rows}row_{transport}.csv", points)
 
 
 def write_rows(path: Path, rows: list[Any], footer: str = "") -> None:
@@ -469,6 +505,13 @@ def main() -> None:
     parser.add_argument("--service-callers", default="1,4,16,64,256", help="comma-separated concurrent callers")
     parser.add_argument("--service-seconds", type=float, default=3.0, help="measured seconds per point")
     parser.add_argument("--service-rows", type=int, default=1, help="rows of logits per call")
+    parser.add_argument("--service-client-processes", type=int, default=4, help="processes the callers run in")
+    parser.add_argument(
+        "--service-transport",
+        default="bytes,shm,bytes+stream,shm+stream",
+        help="comma-separated: bytes (logits inside the messages), shm (in the callers' shared memory), "
+        "each with unary Sample calls or, with +stream, one SampleStream per client process",
+    )
     args = parser.parse_args()
 
     import cupy as cp
@@ -509,7 +552,16 @@ def main() -> None:
         if "service" not in skip:
             callers = tuple(int(c) for c in args.service_callers.split(","))
             modes = tuple(args.service_modes.split(","))
-            bench_service(args.out, modes, callers, args.service_seconds, args.service_rows)
+            for transport in args.service_transport.split(","):
+                bench_service(
+                    args.out,
+                    modes,
+                    callers,
+                    args.service_seconds,
+                    args.service_rows,
+                    transport,
+                    args.service_client_processes,
+                )
     if rows:
         path = args.out / "postproc.csv"
         write_rows(path, rows, f"# d2d_copy_bytes_per_s={d2d:.4g}; device={backend.device_description}\n")

@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -31,8 +32,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamafleet.channels import wait_serving
 from llamafleet.processes import ManagedProcess, free_port
+from llamafleet.sample_stream import SampleStream
 from llamafleet.server import GRPC_OPTIONS
-from llamafleet.tensors import float32_tensor
+from llamafleet.shared_tensors import SharedTensorRegion
+from llamafleet.tensors import float32_array, float32_tensor
 from llamafleet.v1 import postproc_pb2, postproc_pb2_grpc
 
 # (name, max_batch_requests, max_batch_wait_seconds)
@@ -57,6 +60,10 @@ class ServiceOptions:
     modes: tuple[str, ...] = tuple(name for name, _, _ in MODES)
     client_processes: int = CLIENT_PROCESSES
     rows_per_call: int = 1
+    # "bytes": logits inside each message; "shm": each caller writes them into its slot of its
+    # client process's shared-memory region and sends a reference (callers on the service's host);
+    # "+stream": a client process's callers share one SampleStream instead of unary calls.
+    transport: str = "bytes"
 
     @classmethod
     def quick(cls, backend: str = "numpy") -> ServiceOptions:
@@ -66,6 +73,7 @@ class ServiceOptions:
 @dataclass
 class ServicePoint:
     backend: str
+    transport: str
     mode: str
     concurrency: int
     vocab: int
@@ -130,24 +138,40 @@ def batch_totals(metrics_url: str) -> tuple[float, float]:
 
 
 async def closed_loop(
-    stub: postproc_pb2_grpc.PostprocStub,
+    send: Callable[[postproc_pb2.SampleRequest], Awaitable[object]],
     requests: Sequence[postproc_pb2.SampleRequest],
     concurrency: int,
     seconds: float,
     *,
     first: int = 0,
     stride: int = 1,
+    region: SharedTensorRegion | None = None,
 ) -> list[float]:
     """Latencies (s) of the calls `concurrency` callers complete in `seconds`, each sending its
-    next call when the last one returns (caller k sends requests first + k * stride, ...)."""
+    next call when the last one returns (caller k sends requests first + k * stride, ...).
+
+    With a shared-memory ``region``, caller k copies each request's logits into its own slot of
+    it (a caller's cost of producing them there) and sends a reference instead of the bytes."""
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
+    logits = [float32_array(r.logits) for r in requests]
 
     async def caller(k: int) -> None:
         i = first + k * stride
+        shape = logits[0].shape
+        by_ref = postproc_pb2.SampleRequest(rows=requests[0].rows)
+        if region is not None:
+            slot = k * logits[0].nbytes
+            by_ref.logits.CopyFrom(region.tensor(slot, shape))
+            slot_array = region.array(slot, shape)
         while time.perf_counter() < stop:
             start = time.perf_counter()
-            await stub.Sample(requests[i % len(requests)], timeout=30)
+            n = i % len(requests)
+            if region is None:
+                await send(requests[n])
+            else:
+                np.copyto(slot_array, logits[n])
+                await send(by_ref)
             latencies.append(time.perf_counter() - start)
             i += concurrency * stride
 
@@ -156,22 +180,37 @@ async def closed_loop(
 
 
 def _client_process(
-    address: str, shape: tuple[int, int], callers: int, seconds: float, first: int, stride: int
+    address: str, shape: tuple[int, int], callers: int, seconds: float, first: int, stride: int, transport: str
 ) -> list[float]:
     """One client process: ``callers`` closed-loop callers of ``shape`` (rows, vocab) logits on a
-    channel of its own; their latencies."""
+    channel of its own (and one SampleStream, for the +stream transports); their latencies."""
 
     async def run() -> list[float]:
         requests = sample_requests(shape[1], rows=shape[0])
-        async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        async with contextlib.AsyncExitStack() as stack:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
             stub = postproc_pb2_grpc.PostprocStub(channel)
-            return await closed_loop(stub, requests, callers, seconds, first=first, stride=stride)
+            send: Callable[[postproc_pb2.SampleRequest], Awaitable[object]] = partial(stub.Sample, timeout=30)
+            if transport.endswith("+stream"):
+                send = (await stack.enter_async_context(SampleStream(stub))).sample
+            region = None
+            if transport.startswith("shm"):
+                region = stack.enter_context(SharedTensorRegion(callers * shape[0] * shape[1] * 4))
+                await region.register(stub)
+                stack.push_async_callback(region.unregister, stub)
+            return await closed_loop(send, requests, callers, seconds, first=first, stride=stride, region=region)
 
     return asyncio.run(run())
 
 
 async def spread_load(
-    pool: ProcessPoolExecutor, processes: int, address: str, shape: tuple[int, int], concurrency: int, seconds: float
+    pool: ProcessPoolExecutor,
+    processes: int,
+    address: str,
+    shape: tuple[int, int],
+    concurrency: int,
+    seconds: float,
+    transport: str = "bytes",
 ) -> list[float]:
     """``concurrency`` callers spread over up to ``processes`` client processes; every latency."""
     n = min(processes, concurrency)
@@ -179,7 +218,15 @@ async def spread_load(
     parts = await asyncio.gather(
         *(
             loop.run_in_executor(
-                pool, _client_process, address, shape, concurrency // n + (k < concurrency % n), seconds, k, n
+                pool,
+                _client_process,
+                address,
+                shape,
+                concurrency // n + (k < concurrency % n),
+                seconds,
+                k,
+                n,
+                transport,
             )
             for k in range(n)
         )
@@ -200,16 +247,17 @@ async def measure_mode(opts: ServiceOptions, mode: tuple[str, int, float], log_d
         with ProcessPoolExecutor(opts.client_processes, mp_context=spawn) as pool:
             for concurrency in opts.concurrency:
                 load = (pool, opts.client_processes, address, (opts.rows_per_call, opts.vocab), concurrency)
-                await spread_load(*load, opts.seconds / 10)
+                await spread_load(*load, opts.seconds / 10, opts.transport)
                 sum0, count0 = await asyncio.to_thread(batch_totals, metrics_url)
                 start = time.perf_counter()
-                latencies = await spread_load(*load, opts.seconds)
+                latencies = await spread_load(*load, opts.seconds, opts.transport)
                 elapsed = time.perf_counter() - start
                 sum1, count1 = await asyncio.to_thread(batch_totals, metrics_url)
                 q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
                 points.append(
                     ServicePoint(
                         backend=status.backend,
+                        transport=opts.transport,
                         mode=name,
                         concurrency=concurrency,
                         vocab=opts.vocab,

@@ -68,6 +68,7 @@ CLI = str(Path(sys.executable).with_name("llamafleet"))
 TAG = "bench/storage:v1"
 
 
+WRITES = ("grpc_put", "curl_put")
 READS = ("grpc_get", "direct_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull")
 METHODS = (
     "grpc_put",
@@ -304,12 +305,12 @@ async def bench_size(
             await methods.grpc_delete(src)
         await measure("grpc_memory")
         await measure("sha256")
-        ctx.progress(
-            f"  {format_size(src.size):>8} #{r + 1}: "
-            + "  ".join(f"{name} {src.size / MIB / t[-1]:5.0f}" for name, t in times.items())
-            + " MiB/s"
-        )
+        ctx.progress(f"  {format_size(src.size):>8} #{r + 1}: " + _rates(src.size, times))
     return times
+
+
+def _rates(size: int, times: dict[str, list[float]]) -> str:
+    return "  ".join(f"{name} {size / MIB / t[-1]:5.0f}" for name, t in times.items()) + " MiB/s"
 
 
 def size_rows(size: int, times: dict[str, list[float]]) -> list[dict]:
@@ -429,9 +430,7 @@ RATIOS = (
 
 
 def ratio_rows(rows: Sequence[dict]) -> list[dict]:
-    """The RATIOS whose two methods were measured, per size."""
     by = {(r["size_bytes"], r["method"]): r["mib_per_s_median"] for r in rows}
-    sizes = sorted({r["size_bytes"] for r in rows})
     return [
         {
             "size_bytes": size,
@@ -441,13 +440,13 @@ def ratio_rows(rows: Sequence[dict]) -> list[dict]:
                 if (size, ours) in by and (size, peer) in by
             },
         }
-        for size in sizes
+        for size in sorted({r["size_bytes"] for r in rows})
     ]
 
 
-def shown_ratios(ratios: Sequence[dict]) -> list[tuple[str, str, str, str | None]]:
-    """The RATIOS that `ratio_rows` computed (all of them unless --storage-methods left some out)."""
-    return [r for r in RATIOS if ratios and f"{r[1]}/{r[2]}" in ratios[0]]
+def measured(ratios: Sequence[dict]) -> tuple[tuple[str, str, str, str | None], ...]:
+    """The RATIOS that `ratios` hold (those of the methods measured: see --storage-methods)."""
+    return tuple(x for x in RATIOS if ratios and f"{x[1]}/{x[2]}" in ratios[0])
 
 
 def ratio_report(rows: Sequence[dict]) -> Report:
@@ -456,15 +455,15 @@ def ratio_report(rows: Sequence[dict]) -> Report:
             return f"{fmt(value, 2)}×"
         return f"{fmt(value, 2)}× {'✓' if value >= GOALS[goal] else '✗'}"
 
-    shown = shown_ratios(rows)
+    columns = measured(rows)
     table = [
-        [format_size(r["size_bytes"]), *(cell(r[f"{ours}/{peer}"], goal) for _, ours, peer, goal in shown)]
+        [format_size(r["size_bytes"]), *(cell(r[f"{ours}/{peer}"], goal) for _, ours, peer, goal in columns)]
         for r in rows
     ]
-    goals = ", ".join(f"{column} ≥ {GOALS[goal]}×" for column, _, _, goal in shown if goal)
+    goals = ", ".join(f"{column} ≥ {GOALS[goal]}×" for column, _, _, goal in columns if goal)
     return Report(
         f"Storage vs a single curl to the filer (median MiB/s ratios; goals: {goals})",
-        ["size", *(column for column, *_ in shown)],
+        ["size", *(column for column, *_ in columns)],
         table,
         note="gRPC from memory: a GetBlob server that streams the same bytes from RAM (no filer, no hashing), "
         "its own process: what gRPC Python alone moves on this machine.",
@@ -501,10 +500,14 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     summary = storage_summary(ratios, opts.sizes[-1], warm)
     for line in summary:
         ctx.console.print(line)
+    if set(opts.methods) != set(METHODS):
+        return  # docs/bench/storage.md shows every method
     body = "\n".join(
         [
             "- **Setup**: `weed server` (master, volume, filer in one process) and the storage service on "
-            "loopback, as `llamafleet up` starts them. GetBlob: the service reads 4 MiB ranges straight from the "
+            "loopback, as `llamafleet up` starts them. PutBlob: the service stores 8 MiB chunks straight on the "
+            "volume server, 4 at once, while it hashes the stream on a thread, and creates the blob's filer entry "
+            "(filer gRPC CreateEntry) once the hash matched. GetBlob: the service reads 4 MiB ranges straight from the "
             "volume server, 4 at once, hashes them on a thread and streams 4 MiB messages. Node-cache fill and "
             "`models pull`: the client asks where the chunks live (LocateBlob) and reads them there itself, 4 at "
             "once, hashing and writing on threads (one pass). The gRPC client in the bench process, curl and the "
@@ -530,7 +533,7 @@ def storage_summary(ratios: Sequence[dict], warm_size: int, warm: Sequence[float
         f"- {format_size(r['size_bytes'])}: "
         + ", ".join(
             f"{column} {fmt(r[f'{ours}/{peer}'], 2)}× (goal ≥ {GOALS[goal]}×)"
-            for column, ours, peer, goal in shown_ratios(ratios)
+            for column, ours, peer, goal in measured(ratios)
             if goal
         )
         + "."

@@ -54,6 +54,8 @@ class StackConfig:
     weed_master_port: int = 9333
     weed_volume_port: int = 8080
     weed_filer_port: int = 8888
+    # Explicit (weed's default is the HTTP port + 10000): storage creates its blobs' entries there.
+    weed_filer_grpc_port: int = 18888
     workers: int = 2
     slots: int = 2
     # The GGUF served at start; None means the built-in demo model.
@@ -124,6 +126,7 @@ def service_commands(cfg: StackConfig) -> dict[str, tuple[list[str], dict[str, s
                 "LLAMAFLEET_STORAGE_METRICS_PORT": str(cfg.storage_metrics_port),
                 "LLAMAFLEET_STORAGE_FILER_URL": cfg.filer_url,
                 "LLAMAFLEET_STORAGE_MASTER_URL": cfg.master_url,
+                "LLAMAFLEET_STORAGE_FILER_GRPC_PORT": str(cfg.weed_filer_grpc_port),
             },
         ),
         "scheduler": (
@@ -279,6 +282,7 @@ class Stack:
             master_port=cfg.weed_master_port,
             volume_port=cfg.weed_volume_port,
             filer_port=cfg.weed_filer_port,
+            filer_grpc_port=cfg.weed_filer_grpc_port,
         )
         self.processes: dict[str, ManagedProcess] = {}
         # Times each service was restarted after its process exited on its own.

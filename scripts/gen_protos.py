@@ -1,4 +1,5 @@
-"""Generate the Python gRPC stubs from protos/ into llamafleet/v1/ (or check they are current).
+"""Generate the Python gRPC stubs from protos/ into llamafleet/v1/ and llamafleet/seaweedfs/ (or
+check they are current).
 
 Usage: python scripts/gen_protos.py [--check]
 """
@@ -15,12 +16,13 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-PACKAGE_DIR = Path("llamafleet") / "v1"
+# Our contracts, and the part of SeaweedFS's filer API that storage calls (vendored).
+PACKAGE_DIRS = (Path("llamafleet") / "v1", Path("llamafleet") / "seaweedfs")
 
 
 def generate(out_dir: Path) -> list[Path]:
-    """Run protoc over every proto of the package; returns the generated files."""
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    """Run protoc over every proto of the packages; returns the generated files."""
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for d in PACKAGE_DIRS for p in (PROTO_ROOT / d).glob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "protoc",
@@ -33,21 +35,20 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    generated = sorted((out_dir / PACKAGE_DIR).glob("*_pb2*.py*"))
-    return generated
+    return sorted(p for d in PACKAGE_DIRS for p in (out_dir / d).glob("*_pb2*.py*"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the checked-in stubs differ")
     args = parser.parse_args()
-    target = ROOT / PACKAGE_DIR
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = {p.name: p for p in generate(Path(tmp))}
-        current = {p.name: p for p in target.glob("*_pb2*.py*")}
+        # Keyed by the path under the repository root, e.g. llamafleet/v1/storage_pb2.py.
+        fresh = {p.relative_to(tmp): p for p in generate(Path(tmp))}
+        current = {p.relative_to(ROOT): p for d in PACKAGE_DIRS for p in (ROOT / d).glob("*_pb2*.py*")}
         if args.check:
             stale = sorted(
-                name
+                str(name)
                 for name in fresh.keys() | current.keys()
                 if name not in fresh
                 or name not in current
@@ -60,8 +61,8 @@ def main() -> int:
         for name in current.keys() - fresh.keys():
             current[name].unlink()
         for name, path in fresh.items():
-            (target / name).write_bytes(path.read_bytes())
-    print(f"wrote {len(fresh)} files to {PACKAGE_DIR}")
+            (ROOT / name).write_bytes(path.read_bytes())
+    print(f"wrote {len(fresh)} files to {', '.join(map(str, PACKAGE_DIRS))}")
     return 0
 
 

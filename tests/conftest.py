@@ -39,7 +39,10 @@ async def address(seaweed, tmp_path_factory: pytest.TempPathFactory) -> AsyncIte
     from storage_service import storage_service
 
     async with storage_service(
-        seaweed.filer_url, tmp_path_factory.mktemp("logs"), master_url=seaweed.master_url
+        seaweed.filer_url,
+        tmp_path_factory.mktemp("logs"),
+        master_url=seaweed.master_url,
+        filer_grpc_port=seaweed.filer_grpc_port,
     ) as running:
         yield running
 

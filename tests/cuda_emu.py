@@ -177,7 +177,11 @@ def emulated_cupy(kernels: Sequence[str]) -> Any:
 
     return types.SimpleNamespace(
         RawModule=RawModule,
-        cuda=types.SimpleNamespace(alloc_pinned_memory=bytearray),
+        cuda=types.SimpleNamespace(
+            alloc_pinned_memory=bytearray,
+            # No host memory is page-locked here (cudaMemoryTypeUnregistered).
+            runtime=types.SimpleNamespace(pointerGetAttributes=lambda ptr: types.SimpleNamespace(type=0)),
+        ),
         empty=empty,
         zeros=zeros,
         float16=np.float16,

@@ -19,16 +19,18 @@ from llamafleet.processes import ManagedProcess, free_port
 
 @contextlib.asynccontextmanager
 async def storage_service(
-    filer_url: str, log_dir: Path, name: str = "storage", master_url: str = ""
+    filer_url: str, log_dir: Path, name: str = "storage", master_url: str = "", *, filer_grpc_port: int
 ) -> AsyncIterator[str]:
-    """The service on free loopback ports against `filer_url` (reading from the volume
-    servers when `master_url` is given); yields its gRPC address."""
+    """The service on free loopback ports against `filer_url` (whose gRPC API is on
+    `filer_grpc_port`), reading from the volume servers when `master_url` is given; yields
+    its gRPC address."""
     port, metrics_port = free_port(), free_port()
     env = os.environ | {
         "LLAMAFLEET_STORAGE_PORT": str(port),
         "LLAMAFLEET_STORAGE_METRICS_PORT": str(metrics_port),
         "LLAMAFLEET_STORAGE_FILER_URL": filer_url,
         "LLAMAFLEET_STORAGE_MASTER_URL": master_url,
+        "LLAMAFLEET_STORAGE_FILER_GRPC_PORT": str(filer_grpc_port),
         "PYTHONUNBUFFERED": "1",
     }
     process = ManagedProcess(

@@ -8,6 +8,7 @@ import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from services.storage.blobstore import (
     parse_ref,
     validate_digest,
 )
+from services.storage.chunk_writer import ChunkWriter
 from services.storage.errors import (
     BlobNotFound,
     DataLoss,
@@ -51,15 +53,26 @@ async def filer(seaweed: SeaweedServer) -> AsyncIterator[FilerClient]:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def store(filer: FilerClient) -> BlobStore:
-    return BlobStore(filer)
+async def writer(seaweed: SeaweedServer) -> AsyncIterator[ChunkWriter]:
+    """Uploads in 1 MiB chunks, so that a few MiB make several, with a checkpoint after each
+    chunk from the fourth on (so that the tests of uploads see them come and go)."""
+    writer = ChunkWriter(
+        seaweed.filer_url, f"127.0.0.1:{seaweed.filer_grpc_port}", chunk_bytes=MB, parallel=3, checkpoint_s=0
+    )
+    yield writer
+    await writer.aclose()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def direct(filer: FilerClient, seaweed: SeaweedServer) -> AsyncIterator[BlobStore]:
+async def store(filer: FilerClient, writer: ChunkWriter) -> BlobStore:
+    return BlobStore(filer, writer=writer)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def direct(filer: FilerClient, writer: ChunkWriter, seaweed: SeaweedServer) -> AsyncIterator[BlobStore]:
     """A store that reads from the volume servers (1 MiB pieces, so that reads cross pieces)."""
     reader = ChunkReader(seaweed.filer_url, seaweed.master_url, piece_bytes=MB, parallel=3)
-    yield BlobStore(filer, reader)
+    yield BlobStore(filer, reader, writer)
     reader.close()
 
 
@@ -305,9 +318,11 @@ async def test_corruption_on_a_volume_server_is_data_loss_on_the_fast_path(
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_an_unreachable_master_falls_back_to_the_filer(filer: FilerClient, seaweed: SeaweedServer) -> None:
+async def test_an_unreachable_master_falls_back_to_the_filer(
+    filer: FilerClient, writer: ChunkWriter, seaweed: SeaweedServer
+) -> None:
     reader = ChunkReader(seaweed.filer_url, f"http://127.0.0.1:{free_port()}", piece_bytes=MB)
-    store = BlobStore(filer, reader)
+    store = BlobStore(filer, reader, writer)
     try:
         data = os.urandom(5 * MB + 1)
         digest = (await store.put(chunked(data))).sha256
@@ -393,6 +408,158 @@ async def test_sweep_tmp_removes_stale_uploads(store: BlobStore, filer: FilerCli
     assert await store.sweep_tmp(timedelta(hours=1)) == 0
     assert await store.sweep_tmp(timedelta(0)) == 1
     assert await tmp_files(filer) == []
+
+
+class ChunkSpy:
+    """Where a writer's chunk uploads went (volume server, file id), to look them up after."""
+
+    def __init__(self, writer: ChunkWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.stored: list[tuple[str, str]] = []
+        self._changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        put = writer._put
+
+        def spy(assignment, parts, size):  # type: ignore[no-untyped-def]
+            put(assignment, parts, size)
+            self.stored.append((assignment.url, assignment.file_id))
+            loop.call_soon_threadsafe(self._changed.set)
+
+        monkeypatch.setattr(writer, "_put", spy)
+
+    async def wait_for(self, count: int) -> None:
+        """Until `count` chunks are stored (they are uploaded on threads)."""
+        while len(self.stored) < count:
+            await asyncio.wait_for(self._changed.wait(), 30)
+            self._changed.clear()
+
+    async def statuses(self) -> list[int]:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            return [(await http.head(f"http://{url}/{file_id}")).status_code for url, file_id in self.stored]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_uploads_are_stored_in_chunks_on_the_volume_servers(
+    store: BlobStore, filer: FilerClient, writer: ChunkWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = ChunkSpy(writer, monkeypatch)
+    data = os.urandom(3 * MB + MB // 2)
+    digest = (await store.put(chunked(data, [300_000, 2 * MB]))).sha256
+    info = await filer.stat(blob_path(digest))
+    assert info is not None and info.chunks is not None
+    # The writer's 1 MiB chunks, whatever the sizes of the messages that brought the bytes.
+    assert [(c.offset, c.size) for c in info.chunks] == [(0, MB), (MB, MB), (2 * MB, MB), (3 * MB, MB // 2)]
+    assert sorted(c.file_id for c in info.chunks) == sorted(file_id for _, file_id in spy.stored)
+    assert await read_all(await store.get(digest)) == data
+
+    # The same bytes again: the blob is kept, the second upload's chunks are deleted.
+    spy.stored.clear()
+    again = await store.put(chunked(data))
+    assert (again.sha256, again.new_blob) == (digest, False)
+    assert await spy.statuses() == [404] * 4
+    assert await read_all(await store.get(digest)) == data
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_failed_uploads_delete_their_chunks(
+    store: BlobStore, writer: ChunkWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = ChunkSpy(writer, monkeypatch)
+    data = os.urandom(3 * MB)
+    with pytest.raises(HashMismatch):
+        await store.put(chunked(data), expected_sha256=hashlib.sha256(b"other").hexdigest())
+    assert len(spy.stored) == 3 and await spy.statuses() == [404] * 3
+
+    spy.stored.clear()
+    blocked = asyncio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield os.urandom(2 * MB)
+        blocked.set()
+        await asyncio.Event().wait()
+        yield b""  # pragma: no cover
+
+    put = asyncio.create_task(store.put(stalls()))
+    await asyncio.wait_for(blocked.wait(), 30)
+    # Both chunks on their volume servers before the put is cancelled.
+    await spy.wait_for(2)
+    put.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await put
+    assert await spy.statuses() == [404] * 2
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_long_write_lists_its_chunks_at_its_checkpoint(
+    writer: ChunkWriter, filer: FilerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "parallel", 1)
+    checkpoint, path = f"{TMP_DIR}/checkpoint-test", "/test-checkpoint/file"
+    data = os.urandom(3 * MB + 5)
+    go_on = asyncio.Event()
+
+    async def pausing() -> AsyncIterator[bytes]:
+        yield data[: 3 * MB]
+        await go_on.wait()
+        yield data[3 * MB :]
+
+    checkpoints: list[int] = []
+    two_listed = asyncio.Event()
+    put_entry = writer._put_entry
+
+    async def counting(path, chunks, **kwargs):  # type: ignore[no-untyped-def]
+        created = await put_entry(path, chunks, **kwargs)
+        checkpoints.append(len(chunks))
+        if len(chunks) == 2:
+            two_listed.set()
+        return created
+
+    monkeypatch.setattr(writer, "_put_entry", counting)
+    write = asyncio.create_task(writer.write(pausing(), path, checkpoint))
+    # One chunk in flight, those before it at the checkpoint.
+    await asyncio.wait_for(two_listed.wait(), 30)
+    listed = await filer.stat(checkpoint)
+    assert (
+        checkpoints == [1, 2]
+        and listed is not None
+        and listed.chunks is not None
+        and [(c.offset, c.size) for c in listed.chunks] == [(0, MB), (MB, MB)]
+    )
+    go_on.set()
+    written = await asyncio.wait_for(write, 30)
+    assert written.checkpointed and written.size == len(data)
+    assert await writer.create(path, written)
+    assert await filer.stat(checkpoint) is None
+    assert await filer.get_bytes(path) == data
+    await filer.delete(path)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_unreachable_volume_server_is_unavailable_and_says_why(
+    seaweed: SeaweedServer, filer: FilerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = ChunkWriter(seaweed.filer_url, f"127.0.0.1:{seaweed.filer_grpc_port}", retries=1)
+    assign = writer._assign
+
+    async def elsewhere(path: str, size: int):  # type: ignore[no-untyped-def]
+        # A volume server that registered an address the storage service cannot reach.
+        return replace(await assign(path, size), url=f"127.0.0.1:{free_port()}")
+
+    monkeypatch.setattr(writer, "_assign", elsewhere)
+    try:
+        with pytest.raises(FilerUnavailable, match="must be reachable from it"):
+            await BlobStore(filer, writer=writer).put(chunked(os.urandom(MB)))
+    finally:
+        await writer.aclose()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_unreachable_filer_grpc_is_unavailable(seaweed: SeaweedServer) -> None:
+    dead = ChunkWriter(seaweed.filer_url, f"127.0.0.1:{free_port()}", retries=1)
+    try:
+        with pytest.raises(FilerUnavailable, match="is SeaweedFS running"):
+            await dead.write(chunked(b"abc"), "/x", "/x.tmp")
+    finally:
+        await dead.aclose()
 
 
 # -- tags ------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def done(work_id: int, completion_tokens: int = 2, prompt_tokens: int = 2, cache
 
 
 def failed(work_id: int, code: grpc.StatusCode, message: str, retryable: bool) -> worker_pb2.WorkerEvent:
-    failure = worker_pb2.WorkFailure(code=code.value[0], message=message, retryable=retryable)
+    failure = common_pb2.WorkFailure(code=code.value[0], message=message, retryable=retryable)
     return worker_pb2.WorkerEvent(work_id=work_id, failed=failure)
 
 

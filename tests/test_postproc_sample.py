@@ -441,3 +441,29 @@ def test_staged_calls_and_graph_replays_agree_with_numpy(cupy_backend: object, v
         for _ in range(2):
             assert_backends_agree(cupy_backend.sample_batches(calls), want)  # type: ignore[attr-defined]
     assert cupy_backend.sampler.graphs  # type: ignore[attr-defined]
+
+
+@pytest.mark.gpu
+def test_logits_in_registered_shared_memory_go_up_by_dma_and_agree_with_numpy(cupy_backend: object) -> None:
+    from llamafleet.shared_tensors import SharedTensorRegion
+    from services.postproc.shared_memory import SharedRegions
+
+    rng = np.random.default_rng(11)
+    with SharedTensorRegion(16 << 20) as shm:
+        regions = SharedRegions(shm.byte_size, cupy_backend.pin_host, cupy_backend.unpin_host)  # type: ignore[attr-defined]
+        assert regions.register("t", shm.register_request().key, shm.byte_size)
+        calls, offset = [], 0
+        for n in (3, 1, 5):  # shared and pageable calls merged into one batch
+            x = (rng.normal(size=(n, 32000)) * 3).astype(np.float32)
+            rows = [RowParams(top_k=40, top_p=0.9, seed=int(s), top_logprobs=2) for s in rng.integers(1 << 30, size=n)]
+            if n != 1:
+                shm.array(offset, x.shape)[...] = x
+                x = regions.view("logits", "t", offset, x.nbytes).view(np.float32).reshape(x.shape)
+                assert cupy_backend.sampler._page_locked(x)  # type: ignore[attr-defined]
+                offset += x.nbytes
+            calls.append(make_sample_batch(x, rows))
+        want = sample_numpy(concat_sample_batches(calls))
+        for _ in range(2):
+            assert_backends_agree(cupy_backend.sample_batches(calls), want)  # type: ignore[attr-defined]
+        del calls, x
+        regions.close()

@@ -17,7 +17,10 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
+from llamafleet.errors import FleetError
+from llamafleet.sample_stream import SampleStream
 from llamafleet.server import GRPC_OPTIONS, ServerInterceptor
+from llamafleet.shared_tensors import SharedTensorRegion
 from llamafleet.v1 import common_pb2, postproc_pb2, postproc_pb2_grpc
 from services.postproc.backends import DeviceOutOfMemoryError, NumpyBackend
 from services.postproc.config import PostprocSettings
@@ -335,3 +338,59 @@ async def test_bad_tensors_are_invalid_arguments_naming_the_field(
     code, details = await status_of(getattr(postproc.stub, call)(build()))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert details.startswith(f"{field}:"), details
+
+
+@pytest.mark.asyncio
+async def test_sample_and_pool_read_a_callers_shared_memory(postproc: Postproc) -> None:
+    x = logits(3)
+    with SharedTensorRegion(1 << 20) as shm:
+        assert not await shm.register(postproc.stub)  # NumPy reads it where it is: nothing to pin
+        rows = [postproc_pb2.SamplingParams(top_k=40, top_p=0.9, seed=7, top_logprobs=2)] * 3
+        response = await postproc.stub.Sample(postproc_pb2.SampleRequest(logits=shm.put(4096, x), rows=rows))
+        want = sample_numpy(make_sample_batch(x, [RowParams(top_k=40, top_p=0.9, seed=7, top_logprobs=2)] * 3))
+        assert [t.token for t in response.tokens] == want.token.tolist()
+        np.testing.assert_allclose([t.logprob for t in response.tokens], want.logprob, rtol=1e-6)
+
+        hidden = np.random.default_rng(1).normal(size=(2, 3, 8)).astype(np.float16)
+        pooled = await postproc.stub.PoolEmbeddings(
+            postproc_pb2.PoolEmbeddingsRequest(
+                hidden_states=shm.put(0, hidden), pooling=postproc_pb2.POOLING_MEAN, normalize=False
+            )
+        )
+        got = np.frombuffer(pooled.embeddings.data, "<f4").reshape(2, 8)
+        np.testing.assert_allclose(got, hidden.astype(np.float32).mean(axis=1), rtol=1e-3)
+
+        status = await postproc.stub.DeviceStatus(postproc_pb2.DeviceStatusRequest())
+        assert (status.shared_memory_regions, status.shared_memory_bytes_used) == (1, 1 << 20)
+
+        past_end = shm.tensor(1 << 19, (3, 512))
+        past_end.shared_memory.offset = (1 << 20) - 8
+        code, details = await status_of(postproc.stub.Sample(postproc_pb2.SampleRequest(logits=past_end, rows=rows)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("logits.shared_memory.offset:")
+
+        await shm.unregister(postproc.stub)
+        code, details = await status_of(
+            postproc.stub.Sample(postproc_pb2.SampleRequest(logits=shm.tensor(4096, x.shape), rows=rows))
+        )
+        assert code == grpc.StatusCode.NOT_FOUND and "RegisterSharedMemory" in details
+
+
+@pytest.mark.asyncio
+async def test_sample_stream_answers_each_request_by_id_and_a_bad_one_with_its_status(postproc: Postproc) -> None:
+    x = logits(2)
+    params = RowParams(top_k=40, top_p=0.9, seed=7, top_logprobs=2)
+    want = sample_numpy(make_sample_batch(x, [params] * 2))
+    good = sample_request(x, top_k=40, top_p=0.9, seed=7, top_logprobs=2)
+    async with SampleStream(postproc.stub) as stream:
+        answers = await asyncio.gather(
+            stream.sample(good),
+            stream.sample(sample_request(x, top_p=1.5)),
+            stream.sample(good),
+            return_exceptions=True,
+        )
+        for answer in (answers[0], answers[2]):
+            assert [t.token for t in answer.tokens] == want.token.tolist()
+        assert isinstance(answers[1], FleetError) and answers[1].code == grpc.StatusCode.INVALID_ARGUMENT
+        assert answers[1].message.startswith("rows[0].top_p:")
+        again = await stream.sample(good)  # the stream goes on
+        assert [t.token for t in again.tokens] == want.token.tolist()

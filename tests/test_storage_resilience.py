@@ -82,7 +82,9 @@ async def test_out_of_space_is_resource_exhausted(tmp_path: Path) -> None:
     # One volume of at most 1 MB: full after the first write, and no room for another.
     async with (
         SeaweedServer.on_free_ports(tmp_path / "weed", volume_size_limit_mb=1, max_volumes=1) as small,
-        storage_service(small.filer_url, tmp_path, name="storage-small") as address,
+        storage_service(
+            small.filer_url, tmp_path, name="storage-small", filer_grpc_port=small.filer_grpc_port
+        ) as address,
         StorageClient(address) as client,
     ):
         codes = []

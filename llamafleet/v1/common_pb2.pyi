@@ -149,3 +149,13 @@ class Handover(_message.Message):
     tokens_carried: int
     reason: str
     def __init__(self, from_worker: _Optional[str] = ..., to_worker: _Optional[str] = ..., tokens_carried: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class WorkFailure(_message.Message):
+    __slots__ = ("code", "message", "retryable")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    retryable: bool
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...

@@ -51,14 +51,70 @@ class ComputeTokenStatsResponse(_message.Message):
     def __init__(self, stats: _Optional[_Iterable[_Union[_common_pb2.TokenStats, _Mapping]]] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared_memory")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dtype: TensorDtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[TensorDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared_memory: SharedMemorySlice
+    def __init__(self, dtype: _Optional[_Union[TensorDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemorySlice, _Mapping]] = ...) -> None: ...
+
+class SharedMemorySlice(_message.Message):
+    __slots__ = ("region", "offset")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region", "key", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    key: str
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class RegisterSharedMemoryResponse(_message.Message):
+    __slots__ = ("pinned",)
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    pinned: bool
+    def __init__(self, pinned: _Optional[bool] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
+class SampleStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    request: SampleRequest
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[SampleRequest, _Mapping]] = ...) -> None: ...
+
+class SampleStreamResponse(_message.Message):
+    __slots__ = ("id", "response", "failure")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    response: SampleResponse
+    failure: _common_pb2.WorkFailure
+    def __init__(self, id: _Optional[int] = ..., response: _Optional[_Union[SampleResponse, _Mapping]] = ..., failure: _Optional[_Union[_common_pb2.WorkFailure, _Mapping]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "history", "seed", "top_logprobs")
@@ -215,7 +271,7 @@ class CorpusStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., dim: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class DeviceStatusResponse(_message.Message):
-    __slots__ = ("backend", "device", "reason", "device_memory_used_bytes", "device_memory_total_bytes", "max_vocab", "max_batch_rows", "max_batch_requests", "max_batch_wait_seconds", "corpora", "corpus_bytes_limit", "corpus_bytes_used")
+    __slots__ = ("backend", "device", "reason", "device_memory_used_bytes", "device_memory_total_bytes", "max_vocab", "max_batch_rows", "max_batch_requests", "max_batch_wait_seconds", "corpora", "corpus_bytes_limit", "corpus_bytes_used", "shared_memory_regions", "shared_memory_bytes_used", "shared_memory_bytes_limit")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +284,9 @@ class DeviceStatusResponse(_message.Message):
     CORPORA_FIELD_NUMBER: _ClassVar[int]
     CORPUS_BYTES_LIMIT_FIELD_NUMBER: _ClassVar[int]
     CORPUS_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_BYTES_LIMIT_FIELD_NUMBER: _ClassVar[int]
     backend: str
     device: str
     reason: str
@@ -240,4 +299,7 @@ class DeviceStatusResponse(_message.Message):
     corpora: _containers.RepeatedCompositeFieldContainer[CorpusStatus]
     corpus_bytes_limit: int
     corpus_bytes_used: int
-    def __init__(self, backend: _Optional[str] = ..., device: _Optional[str] = ..., reason: _Optional[str] = ..., device_memory_used_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., max_vocab: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_batch_wait_seconds: _Optional[float] = ..., corpora: _Optional[_Iterable[_Union[CorpusStatus, _Mapping]]] = ..., corpus_bytes_limit: _Optional[int] = ..., corpus_bytes_used: _Optional[int] = ...) -> None: ...
+    shared_memory_regions: int
+    shared_memory_bytes_used: int
+    shared_memory_bytes_limit: int
+    def __init__(self, backend: _Optional[str] = ..., device: _Optional[str] = ..., reason: _Optional[str] = ..., device_memory_used_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ..., max_vocab: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_batch_wait_seconds: _Optional[float] = ..., corpora: _Optional[_Iterable[_Union[CorpusStatus, _Mapping]]] = ..., corpus_bytes_limit: _Optional[int] = ..., corpus_bytes_used: _Optional[int] = ..., shared_memory_regions: _Optional[int] = ..., shared_memory_bytes_used: _Optional[int] = ..., shared_memory_bytes_limit: _Optional[int] = ...) -> None: ...

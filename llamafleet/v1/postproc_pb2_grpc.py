@@ -46,6 +46,11 @@ class PostprocStub:
                 request_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleResponse.FromString,
                 _registered_method=True)
+        self.SampleStream = channel.stream_stream(
+                '/llamafleet.v1.Postproc/SampleStream',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleStreamRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleStreamResponse.FromString,
+                _registered_method=True)
         self.PoolEmbeddings = channel.unary_unary(
                 '/llamafleet.v1.Postproc/PoolEmbeddings',
                 request_serializer=llamafleet_dot_v1_dot_postproc__pb2.PoolEmbeddingsRequest.SerializeToString,
@@ -71,6 +76,16 @@ class PostprocStub:
                 request_serializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/llamafleet.v1.Postproc/RegisterSharedMemory',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/llamafleet.v1.Postproc/UnregisterSharedMemory',
+                request_serializer=llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class PostprocServicer:
@@ -87,6 +102,16 @@ class PostprocServicer:
 
     def Sample(self, request, context):
         """One sampled token per row of full-vocabulary logits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SampleStream(self, request_iterator, context):
+        """Sample for callers that sample step after step or keep many calls in flight (a decoding
+        loop, an engine's sequences): requests on one stream are answered as they finish, each
+        with its id, at a fraction of a unary call's cost. A bad request gets its failure; the
+        stream goes on. At most max_batch_requests requests of a stream are in flight at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +152,23 @@ class PostprocServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Maps a caller's POSIX shared-memory object, page-locked where the backend can DMA from it,
+        so request tensors in it reach the device without a copy through gRPC (callers on this
+        host only). A region belongs to the process that registered it: a caller that gets
+        NOT_FOUND for its region (after a restart, or on another process of the service) registers it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Unmaps a region once the calls reading it have finished; unknown names are not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PostprocServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +181,11 @@ def add_PostprocServicer_to_server(servicer, server):
                     servicer.Sample,
                     request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleResponse.SerializeToString,
+            ),
+            'SampleStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SampleStream,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.SampleStreamRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.SampleStreamResponse.SerializeToString,
             ),
             'PoolEmbeddings': grpc.unary_unary_rpc_method_handler(
                     servicer.PoolEmbeddings,
@@ -164,6 +211,16 @@ def add_PostprocServicer_to_server(servicer, server):
                     servicer.DeviceStatus,
                     request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusRequest.FromString,
                     response_serializer=llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +279,33 @@ class Postproc:
             '/llamafleet.v1.Postproc/Sample',
             llamafleet_dot_v1_dot_postproc__pb2.SampleRequest.SerializeToString,
             llamafleet_dot_v1_dot_postproc__pb2.SampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SampleStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llamafleet.v1.Postproc/SampleStream',
+            llamafleet_dot_v1_dot_postproc__pb2.SampleStreamRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.SampleStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -357,6 +441,60 @@ class Postproc:
             '/llamafleet.v1.Postproc/DeviceStatus',
             llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusRequest.SerializeToString,
             llamafleet_dot_v1_dot_postproc__pb2.DeviceStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Postproc/RegisterSharedMemory',
+            llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.Postproc/UnregisterSharedMemory',
+            llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            llamafleet_dot_v1_dot_postproc__pb2.UnregisterSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -149,22 +149,12 @@ class WorkerEvent(_message.Message):
     work_id: int
     chunk: _common_pb2.TokenChunk
     done: _common_pb2.GenerationResult
-    failed: WorkFailure
+    failed: _common_pb2.WorkFailure
     status: _scheduler_pb2.WorkerStatus
     stats: WorkerStats
     left: WorkerLeft
     embedded: _scheduler_pb2.TokenEmbeddings
-    def __init__(self, work_id: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., done: _Optional[_Union[_common_pb2.GenerationResult, _Mapping]] = ..., failed: _Optional[_Union[WorkFailure, _Mapping]] = ..., status: _Optional[_Union[_scheduler_pb2.WorkerStatus, _Mapping]] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., left: _Optional[_Union[WorkerLeft, _Mapping]] = ..., embedded: _Optional[_Union[_scheduler_pb2.TokenEmbeddings, _Mapping]] = ...) -> None: ...
-
-class WorkFailure(_message.Message):
-    __slots__ = ("code", "message", "retryable")
-    CODE_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
-    code: int
-    message: str
-    retryable: bool
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
+    def __init__(self, work_id: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., done: _Optional[_Union[_common_pb2.GenerationResult, _Mapping]] = ..., failed: _Optional[_Union[_common_pb2.WorkFailure, _Mapping]] = ..., status: _Optional[_Union[_scheduler_pb2.WorkerStatus, _Mapping]] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., left: _Optional[_Union[WorkerLeft, _Mapping]] = ..., embedded: _Optional[_Union[_scheduler_pb2.TokenEmbeddings, _Mapping]] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("in_flight", "slots_busy", "requests_total", "failures_total", "prompt_tokens_total", "generated_tokens_total", "cached_prompt_tokens_total", "llama_server_restarts", "cache_hits_total", "cache_misses_total", "cache_evictions_total", "ttft_bucket_counts", "ttft_sum_seconds")

@@ -93,6 +93,14 @@ class Backend(Protocol):
         """(used, total) device memory in bytes; (0, 0) on the CPU."""
         ...
 
+    def pin_host(self, address: int, size: int) -> bool:
+        """Page-lock host memory so the device reads it by DMA; whether it could."""
+        ...
+
+    def unpin_host(self, address: int) -> None:
+        """Undo :meth:`pin_host` of the memory at ``address``."""
+        ...
+
     def sample(self, batch: SampleBatch) -> SampleResult:
         """One token per row of ``batch``."""
         ...
@@ -194,6 +202,13 @@ class NumpyBackend(_Embeddings):
     def device_memory(self) -> tuple[int, int]:
         """Always (0, 0): host memory is not reported."""
         return (0, 0)
+
+    def pin_host(self, address: int, size: int) -> bool:
+        """Nothing to pin for: NumPy reads host memory where it is."""
+        return False
+
+    def unpin_host(self, address: int) -> None:
+        """Nothing was pinned."""
 
 
 # One kernel per batch (kernels/token_stats.cu): a CTA per response and a thread per token.
@@ -470,6 +485,22 @@ class CupyBackend(_Embeddings):
         with self._device:
             free, total = self._cp.cuda.runtime.memGetInfo()
         return (int(total - free), int(total))
+
+    def pin_host(self, address: int, size: int) -> bool:
+        """Register host memory with CUDA (cudaHostRegister); a refusal (e.g. the locked-memory
+        limit) leaves it pageable, which costs a staging copy, not the call."""
+        try:
+            with self._device:
+                self._cp.cuda.runtime.hostRegister(address, size, 0)
+        except self._cp.cuda.runtime.CUDARuntimeError as exc:
+            log.warning("shared memory stays pageable: cudaHostRegister failed: %s", exc)
+            return False
+        return True
+
+    def unpin_host(self, address: int) -> None:
+        """cudaHostUnregister."""
+        with self._device:
+            self._cp.cuda.runtime.hostUnregister(address)
 
     def launch(
         self,

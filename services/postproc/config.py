@@ -31,3 +31,5 @@ class PostprocSettings(ServiceSettings):
     # Corpora may take this share of the device memory, or this many bytes of host memory on NumPy.
     corpus_memory_fraction: float = Field(default=0.5, gt=0, le=0.9)
     host_corpus_bytes: int = Field(default=1 << 30, ge=0)
+    # Callers' shared-memory regions (RegisterSharedMemory) may map, and page-lock, this much together.
+    shared_memory_bytes: int = Field(default=4 << 30, ge=0)

@@ -48,6 +48,7 @@ _TARGET_SLICE = 16384  # 64 KiB: three CTAs fit on an SM, so loads of one overla
 _MIN_SLICE = 4096
 _UPLOAD_CHUNK_BYTES = 4 << 20  # one DMA of pinned logits
 _COPY_PIECE_BYTES = 1 << 20  # one copy thread's share of a chunk
+_MEMORY_TYPE_HOST = 1  # cudaMemoryTypeHost: page-locked host memory
 MAX_GRAPHS = 64  # captured batch shapes kept (rows x vocab x dtype x top-n width)
 # The fast path (see kernels/sampling.cu): scan CTAs of SCAN_THREADS threads read SCAN_SLICE logits each.
 FAST_MAX_K = 128  # largest top-k it takes
@@ -148,7 +149,8 @@ class CupySampler:
 
     :meth:`sample_batches` is the serving path: every call's logits are copied once, from the
     request's bytes into pinned memory (by ``copy_threads`` threads), in chunks whose DMA
-    overlaps the copy of the next; its device buffers are carved from one reused arena, and
+    overlaps the copy of the next, or go up by DMA straight from a caller's page-locked
+    (registered shared) memory; its device buffers are carved from one reused arena, and
     batches without penalties replay a CUDA graph of their launches per shape (one graph
     launch instead of three eager ones, ~40 us of host time each).
     """
@@ -438,7 +440,10 @@ class CupySampler:
         pieces = []  # (first row in staged, rows): a copy thread's share
         r = 0
         for b in batches:
-            pieces += [(r + s, b.logits[s : s + step]) for s in range(0, b.n_rows, step)]
+            if self._page_locked(b.logits):  # a caller's registered shared memory: DMA, no host copy
+                d_logits[r : r + b.n_rows].set(b.logits, stream=self.stream)
+            else:
+                pieces += [(r + s, b.logits[s : s + step]) for s in range(0, b.n_rows, step)]
             r += b.n_rows
 
         def copy(piece: tuple[int, np.ndarray]) -> None:
@@ -455,6 +460,13 @@ class CupySampler:
                     copy(piece)
             r0, r1 = chunk[0][0], chunk[-1][0] + len(chunk[-1][1])
             d_logits[r0:r1].set(staged[r0:r1], stream=self.stream)
+
+    def _page_locked(self, array: np.ndarray) -> bool:
+        """Whether ``array`` (C-contiguous) lies in memory registered with CUDA."""
+        if not array.flags.c_contiguous or array.size == 0:
+            return False
+        attributes = self._cp.cuda.runtime.pointerGetAttributes(array.ctypes.data)
+        return bool(attributes.type == _MEMORY_TYPE_HOST)
 
     def _capture(self, key: tuple[Any, ...], prepared: DeviceSampleBatch) -> None:
         """Launch ``prepared`` (whose buffers are the arena's) through a CUDA graph captured now

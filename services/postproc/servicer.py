@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -17,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from llamafleet.errors import InvalidArgument, NotFound, ResourceExhausted
+from llamafleet.errors import FleetError, InvalidArgument, NotFound, ResourceExhausted
 from llamafleet.tensors import float32_tensor
 from llamafleet.v1 import common_pb2, postproc_pb2, postproc_pb2_grpc
 from services.postproc.backends import Backend, DeviceOutOfMemoryError
@@ -34,6 +36,7 @@ from services.postproc.sampling import (
     make_sample_batch,
     split_result,
 )
+from services.postproc.shared_memory import SharedRegions
 from services.postproc.token_stats import (
     PackedBatch,
     TokenLogprobs,
@@ -41,6 +44,8 @@ from services.postproc.token_stats import (
     concat_packed,
     pack_batch,
 )
+
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,9 +76,9 @@ def _client_errors() -> Iterator[None]:
         raise ResourceExhausted(str(exc)) from exc
 
 
-def _array(field: str, tensor: postproc_pb2.Tensor, ndim: int) -> npt.NDArray[Any]:
+def _array(field: str, tensor: postproc_pb2.Tensor, ndim: int, regions: SharedRegions) -> npt.NDArray[Any]:
     """The tensor as a NumPy array of ``ndim`` dimensions: a read-only view of the request's
-    bytes for float32 and float16, float32 for bfloat16."""
+    bytes, or of the caller's shared memory, for float32 and float16; float32 for bfloat16."""
     dtype = _DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InvalidArgument(
@@ -82,11 +87,19 @@ def _array(field: str, tensor: postproc_pb2.Tensor, ndim: int) -> npt.NDArray[An
     shape = tuple(tensor.shape)
     if len(shape) != ndim:
         raise InvalidArgument(f"{field}.shape", f"must have {ndim} dimensions, got {list(shape)}")
-    data = tensor.data  # read once: every read of a bytes field copies it
-    expected = math.prod(shape) * np.dtype(dtype).itemsize
-    if len(data) != expected:
-        raise InvalidArgument(f"{field}.data", f"holds {len(data)} bytes; shape {list(shape)} needs {expected}")
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    itemsize = np.dtype(dtype).itemsize
+    expected = math.prod(shape) * itemsize
+    if tensor.WhichOneof("values") == "shared_memory":
+        where = tensor.shared_memory
+        if where.offset % itemsize:
+            raise InvalidArgument(f"{field}.shared_memory.offset", f"must be a multiple of {itemsize}")
+        array = regions.view(f"{field}.shared_memory", where.region, where.offset, expected).view(dtype)
+    else:
+        data = tensor.data  # read once: every read of a bytes field copies it
+        if len(data) != expected:
+            raise InvalidArgument(f"{field}.data", f"holds {len(data)} bytes; shape {list(shape)} needs {expected}")
+        array = np.frombuffer(data, dtype=dtype)
+    array = array.reshape(shape)
     if tensor.dtype == postproc_pb2.TENSOR_DTYPE_BFLOAT16:
         return widen_bfloat16(array)
     return array
@@ -157,6 +170,7 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
         self._settings = settings
         self._backend = backend
         self._metrics = PostprocMetrics(backend, registry)
+        self._regions = SharedRegions(settings.shared_memory_bytes, backend.pin_host, backend.unpin_host)
         self._limits = SampleLimits(
             max_vocab=settings.max_vocab,
             max_rows=settings.max_batch_rows,
@@ -180,9 +194,10 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
         )
 
     async def aclose(self) -> None:
-        """Stop the batch workers."""
+        """Stop the batch workers; unmap the shared-memory regions."""
         await self._stats_batcher.aclose()
         await self._sample_batcher.aclose()
+        self._regions.close()
 
     def _observe(self, operation: str, requests: int, rows: int) -> None:
         self._metrics.batch_requests.labels(operation).observe(requests)
@@ -256,7 +271,58 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
     async def Sample(
         self, request: postproc_pb2.SampleRequest, context: grpc.aio.ServicerContext
     ) -> postproc_pb2.SampleResponse:
-        logits = _array("logits", request.logits, 2)
+        return await self._sample(request)
+
+    async def SampleStream(
+        self, requests: AsyncIterator[postproc_pb2.SampleStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[postproc_pb2.SampleStreamResponse]:
+        answers: asyncio.Queue[postproc_pb2.SampleStreamResponse | None] = asyncio.Queue()
+        # Reading stops while this many requests are in flight: HTTP/2 flow control then holds the caller.
+        slots = asyncio.Semaphore(self._settings.max_batch_requests)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(item: postproc_pb2.SampleStreamRequest) -> None:
+            try:
+                answers.put_nowait(
+                    postproc_pb2.SampleStreamResponse(id=item.id, response=await self._sample(item.request))
+                )
+            except FleetError as exc:
+                failure = common_pb2.WorkFailure(code=exc.code.value[0], message=exc.message)
+                answers.put_nowait(postproc_pb2.SampleStreamResponse(id=item.id, failure=failure))
+            except Exception:
+                error_id = uuid.uuid4().hex[:12]
+                _log.exception("SampleStream request %d failed (error id %s)", item.id, error_id)
+                failure = common_pb2.WorkFailure(
+                    code=grpc.StatusCode.INTERNAL.value[0],
+                    message=f"internal error (error id {error_id}; details in the server log)",
+                )
+                answers.put_nowait(postproc_pb2.SampleStreamResponse(id=item.id, failure=failure))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for item in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(item))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.wait(set(tasks))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # a broken request stream is this call's status
+        finally:
+            for task in (reader, *tasks):
+                task.cancel()
+
+    async def _sample(self, request: postproc_pb2.SampleRequest) -> postproc_pb2.SampleResponse:
+        logits = _array("logits", request.logits, 2, self._regions)
         params = [_row_params(row) for row in request.rows]
         with _client_errors():
             batch = make_sample_batch(logits, [p for p, _ in params], self._limits)
@@ -288,7 +354,7 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
     async def PoolEmbeddings(
         self, request: postproc_pb2.PoolEmbeddingsRequest, context: grpc.aio.ServicerContext
     ) -> postproc_pb2.PoolEmbeddingsResponse:
-        hidden = _array("hidden_states", request.hidden_states, 3)
+        hidden = _array("hidden_states", request.hidden_states, 3, self._regions)
         pooling = _POOLINGS.get(request.pooling)
         if pooling is None:
             raise InvalidArgument("pooling", "must be POOLING_MEAN, POOLING_LAST or POOLING_CLS")
@@ -308,7 +374,7 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
     async def AddToCorpus(
         self, request: postproc_pb2.AddToCorpusRequest, context: grpc.aio.ServicerContext
     ) -> postproc_pb2.AddToCorpusResponse:
-        vectors = _array("vectors", request.vectors, 2)
+        vectors = _array("vectors", request.vectors, 2, self._regions)
         with _client_errors():
             size = await asyncio.to_thread(self._backend.corpus_add, request.corpus, vectors, list(request.ids))
         return postproc_pb2.AddToCorpusResponse(size=size)
@@ -323,7 +389,7 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
     async def SearchCorpus(
         self, request: postproc_pb2.SearchCorpusRequest, context: grpc.aio.ServicerContext
     ) -> postproc_pb2.SearchCorpusResponse:
-        queries = _array("queries", request.queries, 2)
+        queries = _array("queries", request.queries, 2, self._regions)
         with _client_errors():
             hits = await asyncio.to_thread(
                 self._timed, "search", self._backend.corpus_search, request.corpus, queries, request.top_k
@@ -360,7 +426,25 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
             ],
             corpus_bytes_limit=store.bytes_limit,
             corpus_bytes_used=store.bytes_used,
+            shared_memory_regions=len(self._regions),
+            shared_memory_bytes_used=self._regions.bytes_used,
+            shared_memory_bytes_limit=self._regions.limit_bytes,
         )
+
+    # ---- shared memory ---------------------------------------------------------------------
+
+    async def RegisterSharedMemory(
+        self, request: postproc_pb2.RegisterSharedMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> postproc_pb2.RegisterSharedMemoryResponse:
+        # Page-locking takes milliseconds per GiB: off the event loop.
+        pinned = await asyncio.to_thread(self._regions.register, request.region, request.key, request.byte_size)
+        return postproc_pb2.RegisterSharedMemoryResponse(pinned=pinned)
+
+    async def UnregisterSharedMemory(
+        self, request: postproc_pb2.UnregisterSharedMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> postproc_pb2.UnregisterSharedMemoryResponse:
+        found = await asyncio.to_thread(self._regions.unregister, request.region)
+        return postproc_pb2.UnregisterSharedMemoryResponse(found=found)
 
 
 def _slice_stats(result: TokenStatsResult, start: int, end: int) -> TokenStatsResult:

@@ -184,7 +184,7 @@ class Dispatcher:
         if view is None:
             return
         view.state = LOST
-        failure = worker_pb2.WorkFailure(
+        failure = common_pb2.WorkFailure(
             code=grpc.StatusCode.UNAVAILABLE.value[0],
             message=f"worker {view.name} lost: {reason}",
             retryable=True,

@@ -66,8 +66,8 @@ EMBEDDING_POOLINGS = {
 _TOO_LARGE = re.compile(r"input \((\d+) tokens\) is too large")
 
 
-def _failure(code: grpc.StatusCode, message: str, *, retryable: bool) -> worker_pb2.WorkFailure:
-    return worker_pb2.WorkFailure(code=code.value[0], message=message, retryable=retryable)
+def _failure(code: grpc.StatusCode, message: str, *, retryable: bool) -> common_pb2.WorkFailure:
+    return common_pb2.WorkFailure(code=code.value[0], message=message, retryable=retryable)
 
 
 def _llama_span(client: LlamaServerClient, path: str) -> contextlib.AbstractContextManager[trace.Span]:
@@ -313,7 +313,7 @@ class Worker:
 
     # --- one work item ---
 
-    def _fail(self, work_id: int, failure: worker_pb2.WorkFailure) -> None:
+    def _fail(self, work_id: int, failure: common_pb2.WorkFailure) -> None:
         self.stats.failures_total += 1
         self.stats.requests_total += 1
         self._send(worker_pb2.WorkerEvent(work_id=work_id, failed=failure), False)
@@ -454,7 +454,7 @@ class Worker:
         span.set_attribute("gen_ai.usage.input_tokens", result.usage.prompt_tokens)
         self._send(worker_pb2.WorkerEvent(work_id=work_id, done=result), False)
 
-    def _refusal(self, exc: LlamaServerError, what: str) -> worker_pb2.WorkFailure:
+    def _refusal(self, exc: LlamaServerError, what: str) -> common_pb2.WorkFailure:
         """What a caller should see of an error llama-server answered with; `what` names the
         request field a size refusal is about."""
         where = f"llama-server on worker {self.rank}"

@@ -11,6 +11,7 @@ from llamafleet.chunk_reader import ChunkReader
 from llamafleet.server import serve
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 from services.storage.blobstore import BlobStore
+from services.storage.chunk_writer import ChunkWriter, filer_grpc_address
 from services.storage.config import StorageSettings
 from services.storage.filer import FilerClient
 from services.storage.runs import RunStore
@@ -30,7 +31,15 @@ def main() -> None:
             timeout=settings.filer_timeout_s,
         )
         stack.callback(reader.close)
-        store = BlobStore(filer, reader)
+        writer = ChunkWriter(
+            settings.filer_url,
+            filer_grpc_address(settings.filer_url, settings.filer_grpc_port),
+            chunk_bytes=settings.write_chunk_bytes,
+            parallel=settings.write_parallel,
+            timeout=settings.filer_timeout_s,
+        )
+        stack.push_async_callback(writer.aclose)
+        store = BlobStore(filer, reader, writer)
         storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store, RunStore(store)), server)
         return [storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name]
 

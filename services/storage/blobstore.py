@@ -3,12 +3,14 @@
 Layout on the filer:
     /llamafleet/blobs/sha256/ab/cd/<hex>        the bytes (sharded by the first 2+2 hex digits)
     /llamafleet/blobs/sha256/ab/cd/<hex>.json   the manifest (JSON sidecar)
-    /llamafleet/tmp/<uuid>                      uploads in flight
+    /llamafleet/tmp/<uuid>                      checkpoints of long uploads in flight
     /llamafleet/tags/<name>/_tags/<tag>         {"name", "tag", "sha256", "updated"}
 
 A blob appears at its address only after its bytes were hashed on the way in and matched:
-an upload goes to a unique temporary path and is renamed (server-side, no copy) when done,
-right after its manifest was written.
+an upload's chunks go straight to the volume servers (services.storage.chunk_writer) while
+they are hashed, and the entry that lists them is created at the blob's address when done,
+right after its manifest was written. A failed upload deletes them; a long one lists those
+stored so far in a checkpoint under `tmp/`, so that sweep_tmp deletes what a crash left.
 A GGUF model's header is read on the way in too, into the manifest's `metadata`.
 Tags live in a `_tags` directory under the name's directory because names nest with `/`
 ("a" with tag "b" and a name "a/b" would otherwise both want `/llamafleet/tags/a/b`); `_`
@@ -35,6 +37,7 @@ from llamafleet.chunk_reader import ChunkNotFound, ChunkReader, ChunkReadError
 from llamafleet.gguf_info import HeaderSniffer
 from llamafleet.names import DEFAULT_TAG, MAX_NAME_LENGTH, NAME_PART, validate_name, validate_tag
 from llamafleet.serial_thread import Sha256Thread
+from services.storage.chunk_writer import ChunkWriter, Written
 from services.storage.errors import (
     BlobNotFound,
     DataLoss,
@@ -280,10 +283,19 @@ async def gather_bounded(jobs: list[Callable[[], Awaitable[T]]], limit: int) -> 
 class BlobStore:
     """Content-addressed blobs with manifests and tags, over a FilerClient."""
 
-    def __init__(self, filer: FilerClient, reader: ChunkReader | None = None, *, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        filer: FilerClient,
+        reader: ChunkReader | None = None,
+        writer: ChunkWriter | None = None,
+        *,
+        concurrency: int = 8,
+    ) -> None:
         self.filer = filer
         # Whole blobs are read through it; without a master, in parallel ranges from the filer.
         self.reader = reader or ChunkReader(filer.base_url)
+        # Uploads go through it, straight to the volume servers.
+        self.writer = writer or ChunkWriter(filer.base_url)
         # How many filer calls a listing makes at once.
         self.concurrency = concurrency
         # Serialises the check-then-move of puts of the same digest in this process, so two
@@ -308,9 +320,9 @@ class BlobStore:
 
         With `expected_sha256` already stored, returns at once (deduplicated; `chunks` is not
         read and the existing manifest is kept). Otherwise the bytes are hashed while they are
-        streamed to a temporary path, checked (HashMismatch if they do not hash to
-        `expected_sha256`: the temporary file is deleted and nothing is stored), then moved to
-        the blob's address and the manifest is written. If the blob appeared meanwhile (a
+        stored in chunks that no entry refers to yet, checked (HashMismatch if they do not
+        hash to `expected_sha256`: the chunks are deleted and nothing is stored), then the
+        manifest is written and the blob's entry created. If the blob appeared meanwhile (a
         concurrent put of the same content) the upload is discarded and the blob kept.
 
         `manifest_fields`: kind, media_type, filename, uploader, labels, metadata, refs, and
@@ -327,7 +339,7 @@ class BlobStore:
         refs = _digest_list(fields.pop("refs", None), "refs")
         filename = validate_filename(str(fields.pop("filename", None) or ""))
         try:
-            # Checked now: a manifest that cannot be written after the move would leave the
+            # Checked now: a manifest that cannot be written after the upload would leave the
             # blob without one.
             json.dumps(fields)
         except (TypeError, ValueError) as e:
@@ -336,7 +348,6 @@ class BlobStore:
         if expected is not None and (stored := await self.stat(expected)) is not None:
             return PutResult(expected, stored.size, deduplicated=True, manifest=stored)
 
-        tmp = f"{TMP_DIR}/{uuid.uuid4().hex}"
         # Hashed on a thread of its own while the event loop moves the next bytes.
         hasher = Sha256Thread()
         sniffer = HeaderSniffer()
@@ -350,8 +361,6 @@ class BlobStore:
         async def hashed() -> AsyncIterator[bytes]:
             nonlocal size
             async for chunk in chunks:
-                if not chunk:
-                    continue  # an empty chunk would end a chunked HTTP body early
                 data = bytes(chunk)
                 await hasher.update(data)
                 size += len(data)
@@ -362,8 +371,10 @@ class BlobStore:
                 check_model()
                 yield data
 
+        # Chunks that no entry refers to: deleted if this put does not end in one.
+        unreferenced: Written | None = None
         try:
-            await self.filer.put_stream(tmp, hashed())
+            unreferenced = await self.writer.write(hashed(), f"{BLOB_ROOT}/", f"{TMP_DIR}/{uuid.uuid4().hex}")
             digest = await hasher.hexdigest()
             if expected is not None and digest != expected:
                 raise HashMismatch(expected, digest, size)
@@ -388,26 +399,28 @@ class BlobStore:
                     extra=fields,
                 )
                 if existing is None:
-                    # Before the move: a blob at its address always has its manifest (also
+                    # Before the entry: a blob at its address always has its manifest (also
                     # when the store fills up now), and stat() ignores a manifest whose blob
                     # never arrived.
                     await self._write_manifest(manifest)
                 if new_blob:
+                    written, unreferenced = unreferenced, None
                     try:
-                        await self.filer.move(tmp, blob_path(digest))
+                        # False: another process's put of the same bytes made it meanwhile.
+                        new_blob = await self.writer.create(blob_path(digest), written)
                     except BaseException:
+                        # The entry may have been made (only its answer lost), so its chunks
+                        # are kept: an unreferenced chunk wastes space, a missing one loses data.
                         with contextlib.suppress(Exception):
                             await self.filer.delete(manifest_path(digest))
                         raise
-                else:
-                    await self.filer.delete(tmp)
-        except BaseException:
-            # Also on cancellation: a half-written temporary file must not linger.
-            with contextlib.suppress(Exception):
-                await self.filer.delete(tmp)
-            raise
+                    if not new_blob:
+                        unreferenced = written
         finally:
             hasher.close()
+            if unreferenced is not None:
+                # Also on cancellation: chunks of an upload that is not stored must not linger.
+                await self.writer.discard(unreferenced)
         return PutResult(digest, size, deduplicated=False, manifest=manifest, new_blob=new_blob)
 
     async def _write_manifest(self, manifest: Manifest) -> None:
@@ -529,8 +542,8 @@ class BlobStore:
             return []
 
     async def sweep_tmp(self, older_than: timedelta = timedelta(hours=24), *, dry_run: bool = False) -> int:
-        """Delete temporary uploads older than `older_than` (left by crashed puts); returns
-        how many were (with `dry_run`: would be) deleted."""
+        """Delete upload checkpoints older than `older_than` (left by crashed puts) and, with
+        them, the chunks they list; returns how many were (with `dry_run`: would be) deleted."""
         cutoff = datetime.now(UTC) - older_than
         stale = [e for e in await self._list_or_empty(TMP_DIR) if not e.is_dir and e.mtime < cutoff]
         if not dry_run:

@@ -131,7 +131,7 @@ class _Replayable:
             yield chunk
 
 
-def _out_of_space(status: int, body: str) -> bool:
+def is_out_of_space(status: int, body: str) -> bool:
     lowered = body.lower()
     return status == _OUT_OF_SPACE_STATUS or any(marker in lowered for marker in _OUT_OF_SPACE_MARKERS)
 
@@ -237,7 +237,7 @@ class FilerClient:
                 # Read whole (also for a streamed response): the answer decides whether to retry,
                 # and a returned response keeps its body for _raise_for_status.
                 body = (await response.aread()).decode(errors="replace")
-                if _out_of_space(response.status_code, body):
+                if is_out_of_space(response.status_code, body):
                     return response
                 await response.aclose()
                 log.debug("filer %s %s answered %s (%s); retrying", method, path, response.status_code, body[:300])
@@ -258,7 +258,7 @@ class FilerClient:
         message = f"filer {method} {path}: HTTP {status}: {body.strip() or response.reason_phrase}"
         if status == 404 or (status == 400 and "no entry is found" in body):
             raise FilerNotFound(message, status=status, body=body)
-        if _out_of_space(status, body):
+        if is_out_of_space(status, body):
             raise FilerOutOfSpace(message, status=status, body=body)
         if status in _UNAVAILABLE_STATUSES:
             raise FilerUnavailable(message, status=status, body=body)
