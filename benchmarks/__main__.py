@@ -77,6 +77,18 @@ def parse_suites(text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_methods(text: str) -> tuple[str, ...]:
+    from benchmarks.storage_bench import METHODS
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method {', '.join(unknown) or text!r}; choose from {', '.join(METHODS)}"
+        )
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,9 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-sizes", type=parse_list(parse_size), help="object sizes, e.g. 64M,256M,1G (the default)"
     )
     storage.add_argument(
+        "--storage-methods",
+        type=parse_methods,
+        help="only these methods, e.g. cli_push,curl_put,cli_pull,curl_get_file (default: all; ratios need both "
+        "sides; a run of some writes no docs)",
+    )
+    storage.add_argument(
         "--storage-writes-only",
         action="store_true",
-        help="PutBlob and curl PUT only (work on the write path; writes no docs)",
+        help="PutBlob and curl PUT only, i.e. --storage-methods grpc_put,curl_put (work on the write path)",
+    )
+    storage.add_argument(
+        "--storage-cli", help="the llamafleet executable cli_push/cli_pull run (default: this environment's)"
     )
     mpi = parser.add_argument_group("mpi")
     mpi.add_argument("--mpi-max-size", type=parse_size, help="largest message (default: 256M; sizes are powers of 4)")
@@ -133,12 +154,18 @@ def serving_options(args: argparse.Namespace):  # -> ServingOptions
 
 
 def storage_options(args: argparse.Namespace):  # -> StorageOptions
-    from benchmarks.storage_bench import StorageOptions
+    from benchmarks.storage_bench import WRITES, StorageOptions
 
     opts = StorageOptions.quick() if args.quick else StorageOptions()
     if args.storage_sizes:
         opts = replace(opts, sizes=args.storage_sizes)
-    return replace(opts, writes_only=args.storage_writes_only)
+    if args.storage_methods:
+        opts = replace(opts, methods=args.storage_methods)
+    if args.storage_writes_only:
+        opts = replace(opts, methods=WRITES)
+    if args.storage_cli:
+        opts = replace(opts, cli=args.storage_cli)
+    return opts
 
 
 async def run_suite(name: str, ctx: BenchContext, args: argparse.Namespace) -> None:

@@ -49,7 +49,7 @@ from benchmarks.common import (
     write_fragment,
 )
 from llamafleet.channels import wait_serving
-from llamafleet.gguf_info import MAGIC
+from llamafleet.gguf_magic import MAGIC
 from llamafleet.models import GGUF_MEDIA_TYPE
 from llamafleet.processes import ManagedProcess, ProcessExited, free_port
 from llamafleet.serial_thread import Sha256Thread
@@ -68,14 +68,33 @@ CLI = str(Path(sys.executable).with_name("llamafleet"))
 TAG = "bench/storage:v1"
 
 
+WRITES = ("grpc_put", "curl_put")
+READS = ("grpc_get", "direct_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull")
+METHODS = (
+    "grpc_put",
+    "curl_put",
+    "grpc_get",
+    "direct_get",
+    "curl_get",
+    "node_cache_fill",
+    "curl_get_file",
+    "cli_pull",
+    "cli_push",
+    "grpc_memory",
+    "sha256",
+)
+
+
 @dataclass(frozen=True)
 class StorageOptions:
     sizes: tuple[int, ...] = (64 * MIB, 256 * MIB, 1024 * MIB)
+    # The methods timed; the blob is stored and tagged for the reads either way.
+    methods: tuple[str, ...] = METHODS
+    # The `llamafleet` executable of cli_push/cli_pull (another checkout's, to compare).
+    cli: str = CLI
     warm_repeats: int = 5
     # Repeats per size come from `repeats()`; quick runs use this floor for every size.
     max_repeats: int = 5
-    # PutBlob and curl PUT only (for work on the write path; no docs are written).
-    writes_only: bool = False
 
     @classmethod
     def quick(cls) -> StorageOptions:
@@ -152,9 +171,10 @@ class Methods:
     CLI run as processes."""
 
     def __init__(
-        self, storage: StorageClient, address: str, filer_url: str, ceiling: StorageClient, root: Path
+        self, storage: StorageClient, address: str, filer_url: str, ceiling: StorageClient, root: Path, cli: str = CLI
     ) -> None:
         self.storage = storage
+        self.cli = cli
         self.address = address
         self.filer_url = filer_url
         self.ceiling = ceiling
@@ -226,11 +246,11 @@ class Methods:
         await run_process("curl", "-sSf", "-o", "/dev/null", "-X", "DELETE", self.filer_url + self.filer_path)
 
     async def cli_push(self, src: Source) -> None:
-        await run_process(CLI, "models", "push", str(src.path), "--name", TAG, "--storage", self.address)
+        await run_process(self.cli, "models", "push", str(src.path), "--name", TAG, "--storage", self.address)
 
     async def cli_pull(self, src: Source) -> None:
         out = self.root / "pulled.gguf"
-        await run_process(CLI, "models", "pull", TAG, "-o", str(out), "--storage", self.address)
+        await run_process(self.cli, "models", "pull", TAG, "-o", str(out), "--storage", self.address)
         _check_size("models pull", out.stat().st_size, src.size)
         out.unlink()
 
@@ -254,50 +274,35 @@ async def timed(op: Callable[[], Awaitable[None]]) -> float:
     return time.perf_counter() - start
 
 
-WRITES = ("grpc_put", "curl_put")
-READS = ("grpc_get", "direct_get", "curl_get", "node_cache_fill", "curl_get_file", "cli_pull")
-METHODS = (
-    "grpc_put",
-    "curl_put",
-    "grpc_get",
-    "direct_get",
-    "curl_get",
-    "node_cache_fill",
-    "curl_get_file",
-    "cli_pull",
-    "cli_push",
-    "grpc_memory",
-    "sha256",
-)
-
-
 async def bench_size(
-    ctx: BenchContext, methods: Methods, src: Source, repeats: int, *, writes_only: bool = False
+    ctx: BenchContext, methods: Methods, src: Source, repeats: int, selected: Sequence[str] = METHODS
 ) -> dict[str, list[float]]:
-    """Seconds per operation, the methods interleaved per repeat so that drift hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in (WRITES if writes_only else METHODS)}
+    """Seconds per operation of the `selected` methods, interleaved per repeat so that drift
+    hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in METHODS if name in selected}
 
     async def measure(name: str) -> None:
-        times[name].append(await timed(lambda: getattr(methods, name)(src)))
+        if name in times:
+            times[name].append(await timed(lambda: getattr(methods, name)(src)))
 
+    reads = [name for name in READS if name in times]
     for r in range(repeats):
-        await measure("grpc_put")
+        # Stored (timed or not) for the reads and the pull.
+        await (measure("grpc_put") if "grpc_put" in times else methods.grpc_put(src))
         await methods.storage.tag(*TAG.split(":"), src.sha256)
-        await measure("curl_put")
-        await methods.curl_delete()
-        if writes_only:
-            await methods.grpc_delete(src)
-            ctx.progress(f"  {format_size(src.size):>8} #{r + 1}: " + _rates(src.size, times))
-            continue
+        if "curl_put" in times:
+            await measure("curl_put")
+            await methods.curl_delete()
         # Rotated per repeat: the first read after the writes may find the blob's pages evicted
         # (this machine reclaims cold pages) and pay the disk; no method should always be it.
-        shift = r % len(READS)
-        for name in READS[shift:] + READS[:shift]:
+        shift = r % max(len(reads), 1)
+        for name in reads[shift:] + reads[:shift]:
             await measure(name)
         # Deleted so that the push transfers again instead of deduplicating.
         await methods.grpc_delete(src)
-        await measure("cli_push")
-        await methods.grpc_delete(src)
+        if "cli_push" in times:
+            await measure("cli_push")
+            await methods.grpc_delete(src)
         await measure("grpc_memory")
         await measure("sha256")
         ctx.progress(f"  {format_size(src.size):>8} #{r + 1}: " + _rates(src.size, times))
@@ -440,7 +445,7 @@ def ratio_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def measured(ratios: Sequence[dict]) -> tuple[tuple[str, str, str, str | None], ...]:
-    """The RATIOS that `ratios` hold (all but PutBlob's with --storage-writes-only)."""
+    """The RATIOS that `ratios` hold (those of the methods measured: see --storage-methods)."""
     return tuple(x for x in RATIOS if ratios and f"{x[1]}/{x[2]}" in ratios[0])
 
 
@@ -474,13 +479,12 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     try:
         address = stack.cfg.address(stack.cfg.storage_port)
         async with StorageClient(address) as storage, ceiling_server(root) as ceiling:
-            methods = Methods(storage, address, stack.cfg.filer_url, ceiling, root)
+            methods = Methods(storage, address, stack.cfg.filer_url, ceiling, root, opts.cli)
             for i, size in enumerate(opts.sizes):
                 ctx.progress(f"storage: {format_size(size)} object, {opts.repeats(size)} repeat(s)")
                 src = await asyncio.to_thread(make_source, root / "data" / f"obj-{size}.gguf", size, i)
-                times = await bench_size(ctx, methods, src, opts.repeats(size), writes_only=opts.writes_only)
-                rows += size_rows(size, times)
-                if size == opts.sizes[-1] and not opts.writes_only:
+                rows += size_rows(size, await bench_size(ctx, methods, src, opts.repeats(size), opts.methods))
+                if size == opts.sizes[-1] and "node_cache_fill" in opts.methods:
                     warm = await bench_warm(methods, src, opts.warm_repeats)
                 src.path.unlink()
     finally:
@@ -496,8 +500,8 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     summary = storage_summary(ratios, opts.sizes[-1], warm)
     for line in summary:
         ctx.console.print(line)
-    if opts.writes_only:
-        return
+    if set(opts.methods) != set(METHODS):
+        return  # docs/bench/storage.md shows every method
     body = "\n".join(
         [
             "- **Setup**: `weed server` (master, volume, filer in one process) and the storage service on "

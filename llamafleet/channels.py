@@ -5,20 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from llamafleet.server import GRPC_OPTIONS
-from llamafleet.telemetry import inject_context
 
 if TYPE_CHECKING:
     from llamafleet.processes import ManagedProcess
 
+# Large enough for a storage chunk or a batch of logprobs, small enough to bound memory (both
+# ends: servers take them from `llamafleet.server`).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
 
 def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    # A process that never loaded OpenTelemetry (the CLI) has no span to propagate: it does
+    # not pay for importing it (~0.1 s of every command's start).
+    if "opentelemetry.context" not in sys.modules:
+        return details
+    from llamafleet.telemetry import inject_context
+
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
     for key, value in inject_context().items():
         metadata[key] = value
@@ -71,6 +82,9 @@ async def wait_serving(
     credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     """Poll grpc.health.v1 until the server says SERVING; fail fast if its process died."""
+    # Here: services and the stack wait for servers, CLI commands never do.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
     channel = grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address)

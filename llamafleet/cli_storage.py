@@ -26,10 +26,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from llamafleet import config as defaults
+from llamafleet import defaults
 from llamafleet.channels import open_channel
 from llamafleet.errors import DataLoss
-from llamafleet.storage_client import StorageClient, sha256_file, split_name_tag
+from llamafleet.gguf_magic import MAGIC, magic_problem
+from llamafleet.models import publish_model
+from llamafleet.names import InvalidName, split_name_tag, validate_name, validate_tag
+from llamafleet.storage_client import StorageClient, sha256_file
 from llamafleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, storage_pb2
 
 models_app = typer.Typer(
@@ -158,13 +161,6 @@ def models_push(
     storage: StorageOpt = STORAGE,
 ) -> None:
     """Upload a model (nothing is sent if storage has it already) and tag it."""
-    # Here, not at the top: they bring gguf and numpy, which every other command would load
-    # at its start for nothing.
-    from llamafleet.gguf_info import MAGIC, HeaderSniffer
-    from llamafleet.models import publish_model
-    from services.storage.blobstore import validate_name, validate_tag
-    from services.storage.errors import InvalidName
-
     labels = _labels(label)
     try:
         # Before hashing and sending gigabytes: the tag would be refused only at the end.
@@ -174,11 +170,10 @@ def models_push(
     except InvalidName as exc:
         raise _fail(f"--name {name!r}: {exc}") from None
     # Storage refuses it too, but only once it is hashed and sent: say so at once.
-    sniffer = HeaderSniffer()
     with file.open("rb") as f:
-        sniffer.feed(f.read(len(MAGIC)))
-    if sniffer.problem is not None:
-        raise _fail(f"INVALID_ARGUMENT: not a GGUF file: {sniffer.problem}; only GGUF models can be pushed")
+        problem = magic_problem(f.read(len(MAGIC)))
+    if problem is not None:
+        raise _fail(f"INVALID_ARGUMENT: not a GGUF file: {problem}; only GGUF models can be pushed")
     size = file.stat().st_size
 
     async def go() -> storage_pb2.PutBlobResponse:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from llamafleet import config as defaults
+from llamafleet import defaults
 from llamafleet.channels import open_channel
 from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc
 

@@ -25,9 +25,10 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
-from gguf.constants import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType, PoolingType
+from gguf.constants import GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType, PoolingType
 
-MAGIC = struct.pack("<I", GGUF_MAGIC)
+from llamafleet.gguf_magic import MAGIC, magic_problem
+
 # GGUF v1 used 32-bit counts and lengths; every current writer produces v2 or v3.
 SUPPORTED_VERSIONS = (2, 3)
 # How much of a stream is read at most to find the header.
@@ -286,8 +287,8 @@ class HeaderSniffer:
             return False
         room = self.limit - len(self._buffer)
         self._buffer += chunk[:room]
-        if len(self._buffer) >= 4 and self._buffer[:4] != MAGIC:
-            self.problem = f"it starts with {bytes(self._buffer[:4])!r}, not the GGUF magic {MAGIC!r}"
+        if (problem := magic_problem(self._buffer)) is not None:
+            self.problem = problem
             self._finish()
             return False
         return len(self._buffer) >= self._next_try

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import grpc
 
-from llamafleet.storage_client import StorageClient, sha256_file, split_name_tag
+from llamafleet.names import split_name_tag
+from llamafleet.storage_client import StorageClient, sha256_file
 from llamafleet.v1 import storage_pb2
 
 GGUF_MEDIA_TYPE = "application/vnd.gguf"

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
+from llamafleet.channels import GRPC_OPTIONS
 from llamafleet.config import ServiceSettings
 from llamafleet.errors import FleetError, ResourceExhausted
 from llamafleet.telemetry import (
@@ -33,12 +34,6 @@ from llamafleet.telemetry import (
 
 log = logging.getLogger(__name__)
 
-# Large enough for a storage chunk or a batch of logprobs, small enough to bound memory.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-GRPC_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 # Servers ping idle connections, and let clients ping them every second: a peer whose host
 # died or whose network was cut (no TCP reset ever arrives) shows within seconds, which is how
 # rank 0 learns that a host agent, and with it a host's workers, is gone.

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import yaml
 
-from llamafleet import config as defaults
+from llamafleet import defaults
 from llamafleet.channels import wait_serving
 from llamafleet.hosts import HostSpec, remote_command
 from llamafleet.models import ensure_model

@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from llamafleet.chunk_reader import ChunkReader
+from llamafleet.names import validate_name, validate_tag
 from llamafleet.processes import ProcessExited, free_port, port_is_free
 from llamafleet.seaweed import SeaweedServer
 from services.storage.blobstore import (
@@ -26,8 +27,6 @@ from services.storage.blobstore import (
     manifest_path,
     parse_ref,
     validate_digest,
-    validate_name,
-    validate_tag,
 )
 from services.storage.chunk_writer import ChunkWriter
 from services.storage.errors import (

@@ -37,7 +37,7 @@ from promql import (
     referenced_metrics,
 )
 
-from llamafleet import config as defaults
+from llamafleet import defaults
 from llamafleet.stack import StackConfig, service_commands
 from llamafleet.v1 import scheduler_pb2, scheduler_pb2_grpc, storage_pb2, storage_pb2_grpc
 

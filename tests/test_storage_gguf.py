@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llamafleet.gguf_info import HeaderSniffer, NotGGUF, Truncated, parse_header
+from llamafleet.gguf_magic import MAGIC, magic_problem
 
 KB = 1 << 10
 
@@ -146,6 +147,12 @@ def test_not_gguf_stops_after_the_magic() -> None:
     # A tiny file that is only a header (no tensors) is complete.
     empty = parse_header(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
     assert empty.parameter_count == 0 and empty.metadata()["tensor_count"] == "0"
+
+
+def test_the_magic_is_ggufs_own_and_needs_no_import_of_it() -> None:
+    assert struct.pack("<I", gguf.GGUF_MAGIC) == MAGIC
+    assert magic_problem(b"GGUF\x03") is None and magic_problem(b"GG") is None
+    assert "not the GGUF magic" in (magic_problem(b"PK\x03\x04") or "")
 
 
 def test_the_sniffer_says_why_a_stream_is_not_gguf(demo_model: Path) -> None:

@@ -7,15 +7,14 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from llamafleet.config import (
+from llamafleet.config import ServiceSettings, env_prefix
+from llamafleet.defaults import (
     GATEWAY_HTTP_PORT,
     GATEWAY_METRICS_PORT,
     GATEWAY_PORT,
     POSTPROC_PORT,
     SCHEDULER_PORT,
     STORAGE_PORT,
-    ServiceSettings,
-    env_prefix,
 )
 
 

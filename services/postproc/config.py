@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from llamafleet.config import POSTPROC_METRICS_PORT, POSTPROC_PORT, ServiceSettings, env_prefix
+from llamafleet.config import ServiceSettings, env_prefix
+from llamafleet.defaults import POSTPROC_METRICS_PORT, POSTPROC_PORT
 
 
 class PostprocSettings(ServiceSettings):

@@ -9,14 +9,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from llamafleet.config import (
-    DEFAULT_MODEL,
-    SCHEDULER_METRICS_PORT,
-    SCHEDULER_PORT,
-    STORAGE_PORT,
-    ServiceSettings,
-    env_prefix,
-)
+from llamafleet.config import ServiceSettings, env_prefix
+from llamafleet.defaults import DEFAULT_MODEL, SCHEDULER_METRICS_PORT, SCHEDULER_PORT, STORAGE_PORT
 from llamafleet.generation import POLICIES
 from llamafleet.v1 import worker_pb2
 

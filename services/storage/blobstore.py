@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from llamafleet.chunk_reader import ChunkNotFound, ChunkReader, ChunkReadError
 from llamafleet.gguf_info import HeaderSniffer
+from llamafleet.names import DEFAULT_TAG, MAX_NAME_LENGTH, NAME_PART, validate_name, validate_tag
 from llamafleet.serial_thread import Sha256Thread
 from services.storage.chunk_writer import ChunkWriter, Written
 from services.storage.errors import (
@@ -59,18 +60,10 @@ BLOB_ROOT = f"{ROOT}/blobs/sha256"
 TMP_DIR = f"{ROOT}/tmp"
 TAG_ROOT = f"{ROOT}/tags"
 TAGS_DIR = "_tags"
-DEFAULT_TAG = "latest"
-MAX_NAME_LENGTH = 128
-MAX_TAG_LENGTH = 128
 # Like most file systems' limit on one path component.
 MAX_FILENAME_LENGTH = 255
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_NAME_CHARS = re.compile(r"[a-z0-9./-]+")
-# Like OCI path components: letters/digits, separated by runs of '.', '-'.
-_NAME_PART = re.compile(r"[a-z0-9]+(?:[.-]+[a-z0-9]+)*")
-# Like OCI tags.
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Fields the store computes; a caller cannot set them.
 _COMPUTED_FIELDS = frozenset({"sha256", "size", "created"})
 _KNOWN_FIELDS = ("kind", "media_type", "filename", "uploader", "labels", "metadata", "refs")
@@ -94,54 +87,6 @@ def validate_digest(value: str) -> str:
             f"(optionally prefixed 'sha256:'), got {len(hexpart)} characters"
         )
     return hexpart.lower()
-
-
-def validate_name(name: str) -> str:
-    """`name` if it is a valid artifact name, else InvalidName saying what to change.
-
-    Names are lowercase, like OCI/Ollama repository names: parts of letters a-z and digits
-    joined by '.' or '-', with '/' between namespace parts (e.g. "library/llama-3.2-1b");
-    at most 128 characters, no empty parts, no '..', not absolute."""
-    if not isinstance(name, str) or not name:
-        raise InvalidName("the name is empty; give a name like 'llama-3.2-1b' or 'team/llama-3.2-1b'")
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidName(f"the name is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise InvalidName(f"the name {name!r} contains a control character; use printable characters only")
-    if name.startswith("/"):
-        raise InvalidName(f"the name {name!r} starts with '/'; names are relative, like 'team/model'")
-    if ".." in name.split("/"):
-        raise InvalidName(f"the name {name!r} contains a '..' part; parent references are not allowed")
-    if not _NAME_CHARS.fullmatch(name):
-        bad = sorted({c for c in name if not _NAME_CHARS.fullmatch(c)})
-        hint = f" (names are lowercase: try {name.lower()!r})" if name.lower() != name else ""
-        raise InvalidName(
-            f"the name {name!r} contains {', '.join(repr(c) for c in bad)}; allowed are lowercase letters a-z, "
-            f"digits 0-9, '.', '-', and '/' between parts{hint}"
-        )
-    for part in name.split("/"):
-        if not part:
-            raise InvalidName(f"the name {name!r} has an empty part (a leading, trailing or doubled '/')")
-        if not _NAME_PART.fullmatch(part):
-            raise InvalidName(
-                f"the name part {part!r} of {name!r} must start and end with a letter or digit "
-                "(use '.' or '-' only between them)"
-            )
-    return name
-
-
-def validate_tag(tag: str) -> str:
-    """`tag` if valid (like OCI tags: letters, digits, '_', '.', '-'; not starting with '.'
-    or '-'; at most 128 characters), else InvalidName."""
-    if not isinstance(tag, str) or not tag:
-        raise InvalidName("the tag is empty; give a tag like 'latest' or 'q4_k_m'")
-    if len(tag) > MAX_TAG_LENGTH:
-        raise InvalidName(f"the tag is {len(tag)} characters long; at most {MAX_TAG_LENGTH} are allowed")
-    if not _TAG.fullmatch(tag):
-        raise InvalidName(
-            f"the tag {tag!r} is not valid: use letters, digits, '_', '.' and '-', starting with a letter, digit or '_'"
-        )
-    return tag
 
 
 def validate_filename(filename: str) -> str:
@@ -664,5 +609,5 @@ class BlobStore:
                 continue
             if entry.name == TAGS_DIR and name:
                 found.extend((name, t.name) for t in await self._list_or_empty(entry.path) if not t.is_dir)
-            elif _NAME_PART.fullmatch(entry.name):
+            elif NAME_PART.fullmatch(entry.name):
                 await self._walk_tags(entry.path, f"{name}/{entry.name}" if name else entry.name, found, depth + 1)

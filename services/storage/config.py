@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from llamafleet.config import STORAGE_METRICS_PORT, STORAGE_PORT, ServiceSettings, env_prefix
+from llamafleet.config import ServiceSettings, env_prefix
+from llamafleet.defaults import STORAGE_METRICS_PORT, STORAGE_PORT
 
 
 class StorageSettings(ServiceSettings):

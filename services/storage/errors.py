@@ -1,8 +1,10 @@
 """Storage failures, domain-level (no gRPC here: the servicer maps them to statuses).
 
+InvalidName                                    (a ValueError from `llamafleet.names`, whose
+                                               rules the CLI applies too; re-exported here)
 StorageError
-├── InvalidName, InvalidDigest, InvalidRange,  (also ValueError: the caller's input)
-│   InvalidResult, NotGGUF
+├── InvalidDigest, InvalidRange, InvalidResult, (also ValueError: the caller's input)
+│   NotGGUF
 ├── HashMismatch                               (upload did not hash to the expected digest)
 ├── DataLoss                                   (stored bytes do not hash to their address)
 ├── CorruptRecord                              (a stored JSON record cannot be read)
@@ -14,18 +16,11 @@ StorageError
 
 from __future__ import annotations
 
+from llamafleet.names import InvalidName as InvalidName
+
 
 class StorageError(Exception):
     """Base of every storage failure."""
-
-
-class InvalidName(StorageError, ValueError):
-    """A name, tag, file name or run id is not acceptable; the message says what to change
-    and `field` which request field it was."""
-
-    def __init__(self, message: str, *, field: str = "name") -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class InvalidDigest(StorageError, ValueError):
