@@ -70,7 +70,7 @@ def test_quick_storage_writes_csvs(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_quick_postproc_batches_concurrent_callers(tmp_path: Path) -> None:
-    run_quick("postproc", tmp_path, timeout=80)
+    run_quick("postproc", tmp_path, timeout=180)
     assert rows(tmp_path / "postproc_cpu.csv")
     points = rows(tmp_path / "postproc_service_cpu.csv")
     assert {r["mode"] for r in points} == {"off", "wait 0", "wait 2 ms"}
@@ -81,3 +81,7 @@ def test_quick_postproc_batches_concurrent_callers(tmp_path: Path) -> None:
     # Eight callers and a 2 ms wait: the histogram shows calls merged into batches.
     merged = [r for r in points if r["mode"] == "wait 2 ms" and int(r["concurrency"]) == 8]
     assert merged and float(merged[0]["calls_per_batch"]) > 1.5, merged
+    # Every transport (shared memory and SampleStream included) answers every call.
+    wire = rows(tmp_path / "postproc_service_transports_cpu.csv")
+    assert {r["transport"] for r in wire} == {"bytes", "shm", "bytes+stream", "shm+stream"}
+    assert all(int(r["calls"]) > 0 for r in wire), wire
