@@ -23,6 +23,8 @@ from llamafleet.v1 import postproc_pb2, postproc_pb2_grpc
 
 __all__ = ["SampleStream"]
 
+CLOSE_TIMEOUT_S = 10.0
+
 
 class SampleStream:
     def __init__(self, stub: postproc_pb2_grpc.PostprocStub) -> None:
@@ -47,7 +49,12 @@ class SampleStream:
             await self._call.done_writing()
         if kind is not None or self._waiting:
             self._call.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        # The service ends the stream once it has answered what it read; a service that does
+        # not within the close timeout has the stream cancelled under it.
+        done, _ = await asyncio.wait({self._reader}, timeout=CLOSE_TIMEOUT_S)
+        if not done:
+            self._call.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
 
     async def sample(
         self, request: postproc_pb2.SampleRequest, timeout: float | None = 30.0
