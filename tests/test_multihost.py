@@ -71,7 +71,9 @@ def test_losing_a_host_under_load_loses_no_stream(fleet: NetnsFleet) -> None:
     assert client.returncode == 0, out + err
     outcomes = json.loads(out.splitlines()[-1])["outcomes"]
     assert all(o["status"] == "ok" and o["tokens"] == o["completion_tokens"] == 400 for o in outcomes), outcomes
-    assert any(any(h.endswith("@hostc") for h in o["handovers"]) for o in outcomes), outcomes
+    # Host C's streams were resumed elsewhere (a handover) or, with no token yet, sent again;
+    # which kind it held at the kill is the placement's and the timing's choice, so only the
+    # outcome is asserted here (the resumption itself: test_scheduler_stack's worker kills).
     # `llamafleet up` starts host C's agent again, and the pool heals to its size.
     healed = fleet.wait_status(lambda s: len(ready_workers(s, "hostc")) == 2 and len(ready_workers(s)) == 4, 180)
     old = {w["pid"] for w in ready_workers(before, "hostc")}
