@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
+from llamafleet.http_connections import ThreadConnections
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -63,7 +65,6 @@ DEFAULT_PARALLEL = 4
 # A volume server or master that failed is not asked again for this long (its pieces come
 # from the filer), so that one unreachable server costs one connect timeout, not one per piece.
 AVOID_S = 30.0
-CONNECT_TIMEOUT_S = 3.0
 
 
 class _VolumeFailed(Exception):
@@ -119,7 +120,7 @@ class ChunkReader:
         self._retries = retries
         # Enough threads for a few reads at once; each keeps its own connections.
         self._executor = ThreadPoolExecutor(4 * parallel, thread_name_prefix="chunk-read")
-        self._local = threading.local()
+        self._http = ThreadConnections(timeout)
         self._volumes: dict[str, list[str]] = {}
         self._avoid_until: dict[str, float] = {}
         # Where the bytes came from, since this reader was made.
@@ -217,13 +218,10 @@ class ChunkReader:
         if self._avoid_until.get(self._master, 0.0) > time.monotonic():
             raise _VolumeFailed(f"the master {self._master} failed lately")
         try:
-            connection = self._connection(self._master)
-            connection.request("GET", f"/dir/lookup?volumeId={quote(volume_id)}")
-            response = connection.getresponse()
-            answer = json.loads(response.read())
+            _status, body = self._http.request(self._master, "GET", f"/dir/lookup?volumeId={quote(volume_id)}")
+            answer = json.loads(body)
             urls = [str(location["url"]) for location in answer.get("locations") or []]
         except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as e:
-            self._drop(self._master)
             self._avoid_until[self._master] = time.monotonic() + AVOID_S
             raise _VolumeFailed(f"the master {self._master}: {type(e).__name__}: {e}") from e
         if not urls:
@@ -254,47 +252,6 @@ class ChunkReader:
         raise AssertionError("unreachable: every attempt returns or raises")
 
     def _get(self, netloc: str, target: str, start: int, length: int) -> tuple[int, bytes]:
-        """One ranged GET on this thread's connection to `netloc`: (status, body). A kept-alive
-        connection that the server closed meanwhile (idle) is replaced once: that is no failure."""
-        while True:
-            reused = netloc in self._local.__dict__.get("connections", {})
-            connection = self._connection(netloc)
-            try:
-                connection.request(
-                    "GET",
-                    target,
-                    headers={"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"},
-                )
-                response = connection.getresponse()
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
-                self._drop(netloc)
-                if reused:
-                    continue
-                raise
-            except BaseException:
-                self._drop(netloc)
-                raise
-            try:
-                # With a Content-Length this reads straight into one bytes object.
-                data = response.read() if response.status in (200, 206) else response.read(2000)
-            except BaseException:
-                self._drop(netloc)
-                raise
-            if not response.isclosed():
-                self._drop(netloc)
-            return response.status, data
-
-    def _connection(self, netloc: str) -> http.client.HTTPConnection:
-        connections: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", {})
-        if (connection := connections.get(netloc)) is None:
-            # A short connect timeout (an unreachable server shows fast), then `timeout` per read.
-            connection = http.client.HTTPConnection(netloc, timeout=min(CONNECT_TIMEOUT_S, self._timeout))
-            connection.connect()
-            assert connection.sock is not None
-            connection.sock.settimeout(self._timeout)
-            connections[netloc] = connection
-        return connection
-
-    def _drop(self, netloc: str) -> None:
-        if (connection := self._local.__dict__.get("connections", {}).pop(netloc, None)) is not None:
-            connection.close()
+        """One ranged GET: (status, body)."""
+        headers = {"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
+        return self._http.request(netloc, "GET", target, headers=headers)

@@ -26,7 +26,6 @@ import http.client
 import json
 import logging
 import random
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
@@ -39,6 +38,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from llamafleet.chunk_reader import Chunk
+from llamafleet.http_connections import ThreadConnections
 from llamafleet.seaweedfs import filer_pb2, filer_pb2_grpc
 from services.storage.errors import FilerError, FilerOutOfSpace, FilerUnavailable
 from services.storage.filer import is_out_of_space
@@ -52,7 +52,6 @@ DEFAULT_PARALLEL = 4
 DEFAULT_CHECKPOINT_S = 5.0
 # weed's default: the filer's gRPC port is its HTTP port + 10000.
 GRPC_PORT_OFFSET = 10000
-CONNECT_TIMEOUT_S = 3.0
 # Go's permission bits of a regular file, as the filer's own PUT stores them.
 _FILE_MODE = 0o660
 
@@ -144,7 +143,7 @@ class ChunkWriter:
         self._filer = filer_pb2_grpc.SeaweedFilerStub(self._channel)
         # Enough threads for a few writes at once; each keeps its own connections.
         self._executor = ThreadPoolExecutor(4 * parallel, thread_name_prefix="chunk-write")
-        self._local = threading.local()
+        self._http = ThreadConnections(timeout)
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -341,7 +340,7 @@ class ChunkWriter:
         if assignment.auth:
             headers["Authorization"] = f"BEARER {assignment.auth}"
         try:
-            status, body = self._request(assignment.url, "PUT", f"/{assignment.file_id}", parts, headers)
+            status, body = self._http.request(assignment.url, "PUT", f"/{assignment.file_id}", parts, headers)
         except (OSError, http.client.HTTPException) as e:
             raise _VolumeFailed(f"{type(e).__name__}: {e}") from e
         text = body.decode(errors="replace")
@@ -360,7 +359,7 @@ class ChunkWriter:
         for assignment in assignments:
             headers = {"Authorization": f"BEARER {assignment.auth}"} if assignment.auth else {}
             try:
-                status, body = self._request(assignment.url, "DELETE", f"/{assignment.file_id}", (), headers)
+                status, body = self._http.request(assignment.url, "DELETE", f"/{assignment.file_id}", (), headers)
             except (OSError, http.client.HTTPException) as e:
                 log.warning("could not delete chunk %s on %s: %s", assignment.file_id, assignment.url, e)
                 continue
@@ -373,37 +372,6 @@ class ChunkWriter:
                     status,
                     body[:200],
                 )
-
-    def _request(
-        self, netloc: str, method: str, target: str, body: Sequence[memoryview], headers: dict[str, str]
-    ) -> tuple[int, bytes]:
-        """One request on this thread's connection to `netloc`: (status, body). A kept-alive
-        connection that the server closed meanwhile is replaced once."""
-        connections: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", {})
-        while True:
-            reused = netloc in connections
-            if not reused:
-                connection = http.client.HTTPConnection(netloc, timeout=min(CONNECT_TIMEOUT_S, self._timeout))
-                connection.connect()
-                assert connection.sock is not None
-                connection.sock.settimeout(self._timeout)
-                connections[netloc] = connection
-            connection = connections[netloc]
-            try:
-                connection.request(method, target, body=list(body) if body else None, headers=headers)
-                response = connection.getresponse()
-                data = response.read()
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
-                connections.pop(netloc).close()
-                if reused:
-                    continue
-                raise
-            except BaseException:
-                connections.pop(netloc).close()
-                raise
-            if response.will_close:
-                connections.pop(netloc).close()
-            return response.status, data
 
 
 def _not_sent(error: grpc.aio.AioRpcError) -> bool:
