@@ -60,6 +60,14 @@ Setup = Callable[[grpc.aio.Server, contextlib.AsyncExitStack], Awaitable[Sequenc
 ErrorTranslator = Callable[[Exception], FleetError | None]
 
 
+def internal_error(what: str) -> FleetError:
+    """The INTERNAL error a caller gets for the exception being handled: an id to quote, the
+    traceback in the server log under it."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("unexpected error in %s (error id %s)", what, error_id)
+    return FleetError(f"internal error (error id {error_id}; details in the server log)")
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: a server span from the caller's trace context, request metrics,
     and the mapping of failures to statuses a client can act on."""
@@ -148,11 +156,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except Exception as exc:
-                error = self._translate(exc)
-                if error is None:
-                    error_id = uuid.uuid4().hex[:12]
-                    log.exception("unexpected error in %s (error id %s)", method, error_id)
-                    error = FleetError(f"internal error (error id {error_id}; details in the server log)")
+                error = self._translate(exc) or internal_error(method)
                 code = error.code
                 await self._abort(context, error)
             finally:

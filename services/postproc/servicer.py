@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +18,7 @@ import numpy.typing as npt
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from llamafleet.errors import FleetError, InvalidArgument, NotFound, ResourceExhausted
+from llamafleet.server import internal_error
 from llamafleet.tensors import float32_tensor
 from llamafleet.v1 import common_pb2, postproc_pb2, postproc_pb2_grpc
 from services.postproc.backends import Backend, DeviceOutOfMemoryError
@@ -44,8 +43,6 @@ from services.postproc.token_stats import (
     concat_packed,
     pack_batch,
 )
-
-_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -286,16 +283,9 @@ class PostprocServicer(postproc_pb2_grpc.PostprocServicer):
                 answers.put_nowait(
                     postproc_pb2.SampleStreamResponse(id=item.id, response=await self._sample(item.request))
                 )
-            except FleetError as exc:
-                failure = common_pb2.WorkFailure(code=exc.code.value[0], message=exc.message)
-                answers.put_nowait(postproc_pb2.SampleStreamResponse(id=item.id, failure=failure))
-            except Exception:
-                error_id = uuid.uuid4().hex[:12]
-                _log.exception("SampleStream request %d failed (error id %s)", item.id, error_id)
-                failure = common_pb2.WorkFailure(
-                    code=grpc.StatusCode.INTERNAL.value[0],
-                    message=f"internal error (error id {error_id}; details in the server log)",
-                )
+            except Exception as exc:
+                error = exc if isinstance(exc, FleetError) else internal_error(f"SampleStream request {item.id}")
+                failure = common_pb2.WorkFailure(code=error.code.value[0], message=error.message)
                 answers.put_nowait(postproc_pb2.SampleStreamResponse(id=item.id, failure=failure))
             finally:
                 slots.release()
