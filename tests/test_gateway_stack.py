@@ -390,8 +390,12 @@ async def test_the_openai_sdk_gets_logprobs_for_completions_and_chat(fleet: Flee
         assert token.logprob <= 0 and bytes(token.bytes).decode() == token.token
         assert len(token.top_logprobs) == 2 and token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
 
-    chat = await client.chat.completions.create(
-        model="", messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True
+    chat = await client.chat.completions.create(  # ignore_eos: the random model may end early
+        model="",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
     )
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(t.top_logprobs == [] for t in content)
