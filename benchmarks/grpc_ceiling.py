@@ -1,5 +1,5 @@
-"""A Storage server whose GetBlob streams `length` bytes from memory: what gRPC Python alone
-moves on this machine, the ceiling of any GetBlob here. The storage suite runs it as a
+"""A Storage server whose GetBlob streams `length` bytes from memory, in the service's
+messages: what gRPC Python alone moves on this machine, the ceiling of any GetBlob here. The storage suite runs it as a
 process of its own (`python -m benchmarks.grpc_ceiling --port N`) beside the real service."""
 
 from __future__ import annotations
@@ -11,28 +11,29 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llamafleet.server import GRPC_OPTIONS
-from llamafleet.storage_client import CHUNK_BYTES
+from llamafleet.bulk_messages import encode_bytes_field, serialize
+from llamafleet.server import GRPC_OPTIONS, add_servicer
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
+from services.storage.servicer import GET_MESSAGE_BYTES
 
 
 class MemoryStorage(storage_pb2_grpc.StorageServicer):
     def __init__(self) -> None:
-        self._chunk = os.urandom(CHUNK_BYTES)
+        self._chunk = memoryview(os.urandom(GET_MESSAGE_BYTES))
 
     async def GetBlob(
         self, request: storage_pb2.GetBlobRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[storage_pb2.GetBlobResponse]:
+    ) -> AsyncIterator[bytes]:
         left = request.length
         while left:
-            n = min(left, CHUNK_BYTES)
-            yield storage_pb2.GetBlobResponse(data=self._chunk[:n])
+            n = min(left, GET_MESSAGE_BYTES)
+            yield encode_bytes_field(2, self._chunk[:n])
             left -= n
 
 
 async def serve(port: int) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    storage_pb2_grpc.add_StorageServicer_to_server(MemoryStorage(), server)
+    add_servicer(server, storage_pb2.DESCRIPTOR.services_by_name["Storage"], MemoryStorage(), {"GetBlob": serialize})
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()

@@ -9,6 +9,8 @@ far it may fall behind (`depth` calls waiting at most), so memory stays bounded 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import hashlib
 import os
 from collections import deque
@@ -86,10 +88,12 @@ async def write_hashed(chunks: AsyncIterable[bytes], path: Path) -> tuple[int, s
     hasher = Sha256Thread()
     writer = SerialThread("write")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    offset = 0
     try:
         async for chunk in chunks:
             await hasher.update(chunk)
-            await writer.submit(_write_all, fd, chunk)
+            await writer.submit(_write_all, fd, chunk, offset)
+            offset += len(chunk)
         await writer.drain()
         # On disk before any rename, so a crash cannot leave a renamed, short file.
         await asyncio.to_thread(os.fsync, fd)
@@ -101,7 +105,32 @@ async def write_hashed(chunks: AsyncIterable[bytes], path: Path) -> tuple[int, s
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+# Per write(2). On this project's test machines (Linux 6.18, ext4), 4 MiB writes to a new file
+# ran at ~140 MiB/s after other large writes (the page cache's large allocations, it seems),
+# while 1 MiB ones (and curl's 16 KiB ones) ran at memory speed.
+_WRITE_BYTES = 1 << 20
+
+
+# sync_file_range(2)'s flag that starts writing a range to disk and returns at once.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[..., int] | None:
+    """Linux's sync_file_range, where libc has it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        view = view[os.write(fd, view[:_WRITE_BYTES]) :]
+    # Disk writes start now rather than at the fsync, overlapped with receiving the rest
+    # (256 MiB: the fsync went from ~0.09 s to ~0.005 s). Advisory: the fsync reports errors.
+    if (start_writeback := _sync_file_range()) is not None:
+        start_writeback(fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)

@@ -10,11 +10,12 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
@@ -58,6 +59,36 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 Setup = Callable[[grpc.aio.Server, contextlib.AsyncExitStack], Awaitable[Sequence[str]]]
 # Turns a service's domain exception into the FleetError it is reported as (None: not one of its own).
 ErrorTranslator = Callable[[Exception], FleetError | None]
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_servicer(
+    server: grpc.aio.Server,
+    service: ServiceDescriptor,
+    servicer: object,
+    response_serializers: Mapping[str, Callable[[Any], bytes]],
+) -> None:
+    """Registers `servicer` as the generated `add_*Servicer_to_server` does, but with the
+    response serializers of the named methods replaced (one that passes bulk data messages
+    through already encoded: `llamafleet.bulk_messages`)."""
+    handlers = {}
+    for method in service.methods:
+        make = _HANDLER_KINDS[method.client_streaming, method.server_streaming]
+        response = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
+            response_serializer=response_serializers.get(method.name, response.SerializeToString),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def internal_error(what: str) -> FleetError:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 
+from llamafleet import bulk_messages
 from llamafleet.channels import open_channel
 from llamafleet.chunk_reader import Chunk, ChunkReader, ChunkReadError
 from llamafleet.errors import DataLoss
@@ -27,6 +28,10 @@ CHUNK_BYTES = 4 * 1024 * 1024
 UPLOADER_METADATA = "x-llamafleet-uploader"
 
 Progress = Callable[[int], None]
+
+_SERVICE = storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name
+_PUT_DATA = storage_pb2.PutBlobRequest.DESCRIPTOR.fields_by_name["data"].number
+_GET_DATA = storage_pb2.GetBlobResponse.DESCRIPTOR.fields_by_name["data"].number
 
 
 def caller_identity() -> str:
@@ -57,22 +62,10 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
     return digest.hexdigest()
 
 
-def put_data_message(chunk: bytes | memoryview) -> bytes:
-    """`PutBlobRequest(data=chunk)` in its wire encoding (field 2, length-delimited), built with
-    one copy of `chunk`: constructing the message and serializing it would copy it twice,
-    and an upload's client is CPU-bound on those copies."""
-    n = len(chunk)
-    prefix = bytearray(b"\x12")
-    while n >= 0x80:
-        prefix.append(n & 0x7F | 0x80)
-        n >>= 7
-    prefix.append(n)
-    return b"".join((prefix, chunk))
-
-
-def _serialize_put(message: storage_pb2.PutBlobRequest | bytes) -> bytes:
-    """PutBlob's request serializer: data messages come encoded already (`put_data_message`)."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
+def _deserialize_get(buf: bytes) -> storage_pb2.GetBlobResponse | memoryview:
+    """GetBlob's response deserializer: a data message as a view of the bytes received."""
+    data = bulk_messages.decode_bytes_field(_GET_DATA, buf)
+    return storage_pb2.GetBlobResponse.FromString(buf) if data is None else data
 
 
 class StorageClient:
@@ -80,11 +73,17 @@ class StorageClient:
         self.address = address
         self._channel = open_channel(address)
         self.stub = storage_pb2_grpc.StorageStub(self._channel)
-        # PutBlob as the stub has it, but taking data messages already encoded.
+        # PutBlob and GetBlob as the stub has them, but with their data messages encoded and
+        # decoded by hand (`llamafleet.bulk_messages`).
         self._put_blob = self._channel.stream_unary(
-            f"/{storage_pb2.DESCRIPTOR.services_by_name['Storage'].full_name}/PutBlob",
-            request_serializer=_serialize_put,
+            f"/{_SERVICE}/PutBlob",
+            request_serializer=bulk_messages.serialize,
             response_deserializer=storage_pb2.PutBlobResponse.FromString,
+        )
+        self._get_blob = self._channel.unary_stream(
+            f"/{_SERVICE}/GetBlob",
+            request_serializer=storage_pb2.GetBlobRequest.SerializeToString,
+            response_deserializer=_deserialize_get,
         )
         self.metadata = ((UPLOADER_METADATA, caller_identity()),)
         # Reads straight from the volume servers (see `fetch`); no filer: what they cannot
@@ -106,13 +105,13 @@ class StorageClient:
         response = await self.stub.Resolve(storage_pb2.ResolveRequest(ref=ref), timeout=timeout)
         return response.info
 
-    async def stream(self, ref: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
+    async def stream(self, ref: str, offset: int = 0, length: int = 0) -> AsyncIterator[memoryview]:
         """The blob's bytes; a whole-object stream ends with DATA_LOSS if they do not match the digest."""
-        call = self.stub.GetBlob(storage_pb2.GetBlobRequest(ref=ref, offset=offset, length=length))
+        call = self._get_blob(storage_pb2.GetBlobRequest(ref=ref, offset=offset, length=length))
         try:
             async for message in call:
-                if message.WhichOneof("part") == "data":
-                    yield message.data
+                if isinstance(message, memoryview):
+                    yield message
         finally:
             call.cancel()
 
@@ -221,7 +220,7 @@ class StorageClient:
         async def requests() -> AsyncIterator[storage_pb2.PutBlobRequest | bytes]:
             yield storage_pb2.PutBlobRequest(header=header)
             for chunk in chunks:
-                yield put_data_message(chunk)
+                yield bulk_messages.encode_bytes_field(_PUT_DATA, chunk)
                 if progress:
                     progress(len(chunk))
 

@@ -1,5 +1,4 @@
-"""The storage client's pure parts: PutBlob data messages encoded by hand, files read in
-reused chunks, name:tag references."""
+"""The storage client's pure parts: files read in reused chunks, name:tag references."""
 
 from __future__ import annotations
 
@@ -10,17 +9,7 @@ from pathlib import Path
 import pytest
 
 from llamafleet.names import split_name_tag
-from llamafleet.storage_client import CHUNK_BYTES, put_data_message, read_chunks, sha256_file
-from llamafleet.v1 import storage_pb2
-
-
-@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, CHUNK_BYTES, CHUNK_BYTES + 7])
-def test_data_messages_are_what_protobuf_encodes(size: int) -> None:
-    data = os.urandom(size)
-    expected = storage_pb2.PutBlobRequest(data=data).SerializeToString()
-    assert put_data_message(data) == expected
-    assert put_data_message(memoryview(data)) == expected
-    assert storage_pb2.PutBlobRequest.FromString(put_data_message(data)).data == data
+from llamafleet.storage_client import CHUNK_BYTES, read_chunks, sha256_file
 
 
 @pytest.mark.parametrize("size", [0, 5, CHUNK_BYTES, 2 * CHUNK_BYTES + 3])

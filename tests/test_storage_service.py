@@ -31,6 +31,7 @@ from services.storage.errors import FilerNotFound
 from services.storage.filer import FilerClient
 from services.storage.node_cache import CacheVerificationError, NodeCache
 from services.storage.runs import PARTS, run_path
+from services.storage.servicer import GET_MESSAGE_BYTES
 
 MB = 1 << 20
 Code = grpc.StatusCode
@@ -344,7 +345,7 @@ async def test_get_blob_reads_large_blobs_from_the_volume_servers_bit_exact(
     await client.download(info.sha256, out, info=info)
     assert out.read_bytes() == data
     sizes = [len(chunk) async for chunk in client.stream(info.sha256)]
-    assert sum(sizes) == len(data) and max(sizes) == 4 * MB  # large messages
+    assert sum(sizes) == len(data) and max(sizes) == GET_MESSAGE_BYTES
 
 
 @in_module_loop

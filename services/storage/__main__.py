@@ -9,13 +9,13 @@ import grpc
 
 from llamafleet.chunk_reader import ChunkReader
 from llamafleet.server import serve
-from llamafleet.v1 import storage_pb2, storage_pb2_grpc
+from llamafleet.v1 import storage_pb2
 from services.storage.blobstore import BlobStore
 from services.storage.chunk_writer import ChunkWriter, filer_grpc_address
 from services.storage.config import StorageSettings
 from services.storage.filer import FilerClient
 from services.storage.runs import RunStore
-from services.storage.servicer import StorageServicer, translate_error
+from services.storage.servicer import StorageServicer, add_to_server, translate_error
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         )
         stack.push_async_callback(writer.aclose)
         store = BlobStore(filer, reader, writer)
-        storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store, RunStore(store)), server)
+        add_to_server(StorageServicer(store, RunStore(store)), server)
         return [storage_pb2.DESCRIPTOR.services_by_name["Storage"].full_name]
 
     asyncio.run(serve("storage", settings, setup, translate_error))

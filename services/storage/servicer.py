@@ -11,6 +11,8 @@ from typing import Any
 import grpc
 
 from llamafleet import errors
+from llamafleet.bulk_messages import encode_bytes_field, serialize
+from llamafleet.server import add_servicer
 from llamafleet.storage_client import UPLOADER_METADATA
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 from services.storage import errors as storage_errors
@@ -27,6 +29,11 @@ KINDS = {
 }
 KIND_VALUES = {name: value for value, name in KINDS.items()}
 RUN_STATES = {OPEN: storage_pb2.RUN_STATE_OPEN, FINISHED: storage_pb2.RUN_STATE_FINISHED}
+
+# GetBlob's data messages. Both ends of a stream overlap their work on messages this size;
+# 4 MiB ones moved a third less here (2 cores), 256 KiB ones cost more per byte.
+GET_MESSAGE_BYTES = 1 << 20
+_GET_DATA = storage_pb2.GetBlobResponse.DESCRIPTOR.fields_by_name["data"].number
 
 
 def translate_error(exc: Exception) -> errors.FleetError | None:
@@ -162,7 +169,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
 
     async def GetBlob(
         self, request: storage_pb2.GetBlobRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[storage_pb2.GetBlobResponse]:
+    ) -> AsyncIterator[storage_pb2.GetBlobResponse | bytes]:
         digest = await self._digest(request.ref)
         manifest = await self._manifest(digest)
         stream = await self._store.get(digest, request.offset, request.length or None)
@@ -170,7 +177,9 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         try:
             async for chunk in stream:
                 self._metrics.bytes.labels("out").inc(len(chunk))
-                yield storage_pb2.GetBlobResponse(data=chunk)
+                view = memoryview(chunk)
+                for start in range(0, len(view), GET_MESSAGE_BYTES):
+                    yield encode_bytes_field(_GET_DATA, view[start : start + GET_MESSAGE_BYTES])
         except storage_errors.DataLoss:
             self._metrics.verification_failures.labels("get").inc()
             raise
@@ -284,3 +293,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             young=[to_info(m) for m in report.young],
             temp_files=report.temp_files,
         )
+
+
+def add_to_server(servicer: StorageServicer, server: grpc.aio.Server) -> None:
+    """Registers the servicer; GetBlob's data messages go out encoded already."""
+    add_servicer(server, storage_pb2.DESCRIPTOR.services_by_name["Storage"], servicer, {"GetBlob": serialize})
