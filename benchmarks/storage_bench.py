@@ -25,7 +25,9 @@ import compileall
 import contextlib
 import hashlib
 import os
+import resource
 import shutil
+import statistics
 import struct
 import sys
 import time
@@ -61,6 +63,7 @@ from services.storage.blobstore import blob_path
 from services.storage.node_cache import NodeCache
 
 MIB = 1 << 20
+GIB = 1 << 30
 WRITE_CHUNK = 4 * MIB
 GGUF_ALIGNMENT = 32
 # Goals of issue 20, as ratios of MiB/s to the curl peer of the same run.
@@ -275,19 +278,43 @@ async def timed(op: Callable[[], Awaitable[None]]) -> float:
     return time.perf_counter() - start
 
 
+class CpuMeter:
+    """CPU seconds used so far by everything a method runs on: this process (the gRPC clients),
+    its waited-for children (curl, the CLI) and the server processes `pids` (SeaweedFS, the
+    storage service, the gRPC ceiling)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(self) -> float:
+        total = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            total += usage.ru_utime + usage.ru_stime
+        for pid in self.pids:
+            # utime and stime: fields 14 and 15 of /proc/PID/stat, 12 and 13 after the name.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / self.tick
+        return total
+
+
 async def bench_size(
-    ctx: BenchContext, methods: Methods, src: Source, repeats: int, selected: Sequence[str] = METHODS
-) -> dict[str, list[float]]:
+    ctx: BenchContext, methods: Methods, cpu: CpuMeter, src: Source, repeats: int, selected: Sequence[str] = METHODS
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Seconds per operation of the `selected` methods, interleaved per repeat so that drift
-    hits all alike."""
+    hits all alike, and the CPU seconds each took."""
     times: dict[str, list[float]] = {name: [] for name in METHODS if name in selected}
+    cpu_times: dict[str, list[float]] = {name: [] for name in times}
 
     async def measure(name: str) -> None:
         if name in times:
             # What earlier methods left to write back goes to disk first, untimed: a method
             # that writes a file and fsyncs it would otherwise pay for the writes before it.
             await asyncio.to_thread(os.sync)
+            before = cpu.seconds()
             times[name].append(await timed(lambda: getattr(methods, name)(src)))
+            cpu_times[name].append(cpu.seconds() - before)
 
     reads = [name for name in READS if name in times]
     for r in range(repeats):
@@ -310,14 +337,14 @@ async def bench_size(
         await measure("grpc_memory")
         await measure("sha256")
         ctx.progress(f"  {format_size(src.size):>8} #{r + 1}: " + _rates(src.size, times))
-    return times
+    return times, cpu_times
 
 
 def _rates(size: int, times: dict[str, list[float]]) -> str:
     return "  ".join(f"{name} {size / MIB / t[-1]:5.0f}" for name, t in times.items()) + " MiB/s"
 
 
-def size_rows(size: int, times: dict[str, list[float]]) -> list[dict]:
+def size_rows(size: int, times: dict[str, list[float]], cpu_times: dict[str, list[float]]) -> list[dict]:
     rows = []
     for name, seconds in times.items():
         d = dist(seconds, (50, 95, 99))
@@ -332,6 +359,7 @@ def size_rows(size: int, times: dict[str, list[float]]) -> list[dict]:
                 "seconds_p95": d["p95"],
                 "seconds_p99": d["p99"],
                 "seconds_mean": d["mean"],
+                "cpu_s_per_gib_median": statistics.median(cpu_times[name]) * GIB / size,
             }
         )
     return rows
@@ -347,8 +375,8 @@ async def bench_warm(methods: Methods, src: Source, repeats: int) -> list[float]
 
 
 @contextlib.asynccontextmanager
-async def ceiling_server(root: Path) -> AsyncIterator[StorageClient]:
-    """benchmarks/grpc_ceiling.py in its own process, and a client of it."""
+async def ceiling_server(root: Path) -> AsyncIterator[tuple[StorageClient, int]]:
+    """benchmarks/grpc_ceiling.py in its own process: a client of it, and its pid."""
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.grpc_ceiling", "--port", str(port)]
     repo = Path(__file__).resolve().parent.parent
@@ -359,7 +387,8 @@ async def ceiling_server(root: Path) -> AsyncIterator[StorageClient]:
         async with grpc.aio.insecure_channel(address) as channel:
             await asyncio.wait_for(channel.channel_ready(), 30.0)
         async with StorageClient(address) as client:
-            yield client
+            assert process.pid is not None
+            yield client, process.pid
     finally:
         await process.stop()
 
@@ -393,7 +422,7 @@ async def start_storage(ctx: BenchContext, root: Path, attempts: int = 3) -> Sta
 
 
 def throughput_report(rows: Sequence[dict]) -> Report:
-    headers = ["size", "method", "n", "MiB/s (median)", "p50 s", "p95 s", "p99 s"]
+    headers = ["size", "method", "n", "MiB/s (median)", "p50 s", "p95 s", "p99 s", "CPU s/GiB"]
     table = [
         [
             format_size(r["size_bytes"]),
@@ -403,6 +432,7 @@ def throughput_report(rows: Sequence[dict]) -> Report:
             fmt(r["seconds_p50"], 3),
             fmt(r["seconds_p95"], 3),
             fmt(r["seconds_p99"], 3),
+            fmt(r["cpu_s_per_gib_median"], 2),
         ]
         for r in rows
     ]
@@ -414,7 +444,9 @@ def throughput_report(rows: Sequence[dict]) -> Report:
         table,
         note="p95/p99 of 2–5 repeats are interpolated between the slowest ones (≈ max). cli_*: "
         "`llamafleet models push/pull` as a process, start included; node_cache_fill: a worker's cold fill "
-        "(LocateBlob, ranges straight from the volume server, SHA-256, write, fsync, rename).",
+        "(LocateBlob, ranges straight from the volume server, SHA-256, write, fsync, rename). CPU s/GiB: "
+        "the median CPU time of every process involved (SeaweedFS, the storage service, the client, curl) "
+        f"per GiB moved; {os.cpu_count()} cores give at most {os.cpu_count()} CPU seconds a second.",
         labels=2,
     )
 
@@ -486,12 +518,14 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     warm: list[float] = []
     try:
         address = stack.cfg.address(stack.cfg.storage_port)
-        async with StorageClient(address) as storage, ceiling_server(root) as ceiling:
+        async with StorageClient(address) as storage, ceiling_server(root) as (ceiling, ceiling_pid):
             methods = Methods(storage, address, stack.cfg.filer_url, ceiling, root, opts.cli)
+            servers = [stack.seaweed.pid, stack.processes["storage"].pid, ceiling_pid]
+            cpu = CpuMeter([pid for pid in servers if pid is not None])
             for i, size in enumerate(opts.sizes):
                 ctx.progress(f"storage: {format_size(size)} object, {opts.repeats(size)} repeat(s)")
                 src = await asyncio.to_thread(make_source, root / "data" / f"obj-{size}.gguf", size, i)
-                rows += size_rows(size, await bench_size(ctx, methods, src, opts.repeats(size), opts.methods))
+                rows += size_rows(size, *await bench_size(ctx, methods, cpu, src, opts.repeats(size), opts.methods))
                 if size == opts.sizes[-1] and "node_cache_fill" in opts.methods:
                     warm = await bench_warm(methods, src, opts.warm_repeats)
                 src.path.unlink()

@@ -105,10 +105,11 @@ async def write_hashed(chunks: AsyncIterable[bytes], path: Path) -> tuple[int, s
         os.close(fd)
 
 
-# Per write(2). On this project's test machines (Linux 6.18, ext4), 4 MiB writes to a new file
-# ran at ~140 MiB/s after other large writes (the page cache's large allocations, it seems),
-# while 1 MiB ones (and curl's 16 KiB ones) ran at memory speed.
-_WRITE_BYTES = 1 << 20
+# Per write(2). Linux sizes page-cache folios by the write, and large ones take high-order
+# free memory, which on this project's test VMs (virtio-balloon free page reporting) was slow
+# to touch again: a 256 MiB download wrote at 140-400 MiB/s in 1-4 MiB writes, at memory
+# speed in 256 KiB ones (curl writes 16 KiB).
+_WRITE_BYTES = 256 << 10
 
 
 # sync_file_range(2)'s flag that starts writing a range to disk and returns at once.
