@@ -539,7 +539,7 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     reports = [throughput_report(rows), ratio_report(ratios)]
     for report in reports:
         report.show(ctx.console)
-    summary = storage_summary(ratios, opts.sizes[-1], warm)
+    summary = storage_summary(ratios, rows, opts.sizes[-1], warm)
     for line in summary:
         ctx.console.print(line)
     if set(opts.methods) != set(METHODS):
@@ -550,10 +550,11 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
             "loopback, as `llamafleet up` starts them. PutBlob: the service stores 8 MiB chunks straight on the "
             "volume server, 4 at once, while it hashes the stream on a thread, and creates the blob's filer entry "
             "(filer gRPC CreateEntry) once the hash matched. GetBlob: the service reads 4 MiB ranges straight from the "
-            "volume server, 4 at once, hashes them on a thread and streams 4 MiB messages. Node-cache fill and "
-            "`models pull`: the client asks where the chunks live (LocateBlob) and reads them there itself, 4 at "
-            "once, hashing and writing on threads (one pass). The gRPC client in the bench process, curl and the "
-            "CLI as processes.",
+            "volume server, 4 at once, hashes them on a thread and streams them as 1 MiB messages encoded by hand (the client reads them "
+            "without copies). Node-cache fill and `models pull`: the client asks where the chunks live "
+            "(LocateBlob) and reads them there itself, 4 at once, hashing and writing on threads (one pass; "
+            "256 KiB writes, writeback started as they go). The gRPC client in the bench process, curl and the "
+            "CLI as processes. Before each timed method the bench syncs what earlier ones left to write back.",
             "- **Caveat**: 2 cores serve the client, the storage service (hashing every byte), SeaweedFS and "
             "curl, shared with other work on the machine; objects come from the page cache and land in SeaweedFS "
             "volumes on the local disk. This machine reclaims cold pages on its own (DAMON), so a read may find "
@@ -570,7 +571,7 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
     write_fragment(ctx, "storage", "Storage", body)
 
 
-def storage_summary(ratios: Sequence[dict], warm_size: int, warm: Sequence[float]) -> list[str]:
+def storage_summary(ratios: Sequence[dict], rows: Sequence[dict], last_size: int, warm: Sequence[float]) -> list[str]:
     lines = [
         f"- {format_size(r['size_bytes'])}: "
         + ", ".join(
@@ -581,8 +582,17 @@ def storage_summary(ratios: Sequence[dict], warm_size: int, warm: Sequence[float
         + "."
         for r in ratios
     ]
+    cpu = {r["method"]: r["cpu_s_per_gib_median"] for r in rows if r["size_bytes"] == last_size}
+    if "grpc_get" in cpu and "curl_get" in cpu:
+        cores = os.cpu_count() or 1
+        lines.append(
+            f"- CPU, {format_size(last_size)}: a GetBlob costs {fmt(cpu['grpc_get'], 2)} CPU s/GiB across "
+            f"SeaweedFS, the service (reading, hashing, sending) and the client, a curl GET "
+            f"{fmt(cpu['curl_get'], 2)}; with {cores} cores, GetBlob cannot pass "
+            f"{fmt(cores / cpu['grpc_get'] * GIB / MIB, 0)} MiB/s here."
+        )
     if warm:
         lines.append(
-            f"- Node cache, {format_size(warm_size)}: warm hit {np.median(warm) * 1e3:.3f} ms (a lookup, no network)."
+            f"- Node cache, {format_size(last_size)}: warm hit {np.median(warm) * 1e3:.3f} ms (a lookup, no network)."
         )
     return lines
