@@ -559,7 +559,10 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
             "curl, shared with other work on the machine; objects come from the page cache and land in SeaweedFS "
             "volumes on the local disk. This machine reclaims cold pages on its own (DAMON), so a read may find "
             "its bytes in the page cache or on disk; the curl GETs read the blob itself, as GetBlob and the node "
-            "cache do. Ratios are to the curl of the same run; absolute MiB/s vary with the load.",
+            "cache do. It is a VM that hands free memory back to its host (virtio-balloon free page reporting): "
+            "a process that writes a new file may get such memory for its page cache and pay a host fault per "
+            "page, which shows as a write 2-3× slower with more CPU s/GiB, in whichever method gets it. Ratios "
+            "are to the curl of the same run; absolute MiB/s vary with the load.",
             "",
             "**Summary**",
             "",
