@@ -13,20 +13,20 @@ import grpc
 
 from llamafleet.bulk_messages import encode_bytes_field, serialize
 from llamafleet.server import GRPC_OPTIONS, add_servicer
+from llamafleet.storage_client import MESSAGE_BYTES
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
-from services.storage.servicer import GET_MESSAGE_BYTES
 
 
 class MemoryStorage(storage_pb2_grpc.StorageServicer):
     def __init__(self) -> None:
-        self._chunk = memoryview(os.urandom(GET_MESSAGE_BYTES))
+        self._chunk = memoryview(os.urandom(MESSAGE_BYTES))
 
     async def GetBlob(
         self, request: storage_pb2.GetBlobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         left = request.length
         while left:
-            n = min(left, GET_MESSAGE_BYTES)
+            n = min(left, MESSAGE_BYTES)
             yield encode_bytes_field(2, self._chunk[:n])
             left -= n
 

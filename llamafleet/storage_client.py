@@ -22,7 +22,10 @@ from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Large messages: per-message costs (Python, protobuf, HTTP/2 frames) stay small next to the bytes.
+# PutBlob's and GetBlob's data messages. Both ends of a stream overlap their work on messages
+# this size: 4 MiB ones moved a third less here (2 cores), 256 KiB ones cost more per byte.
+MESSAGE_BYTES = 1 << 20
+# Ranges read straight from the volume servers (`fetch`): per-request costs stay small next to the bytes.
 CHUNK_BYTES = 4 * 1024 * 1024
 # Sent with uploads and run creations, so manifests say who made them (see the servicer).
 UPLOADER_METADATA = "x-llamafleet-uploader"
@@ -44,9 +47,9 @@ def caller_identity() -> str:
 
 
 def read_chunks(path: Path) -> Iterator[memoryview]:
-    """The file's bytes in CHUNK_BYTES pieces, read into one buffer that every piece reuses
+    """The file's bytes in MESSAGE_BYTES pieces, read into one buffer that every piece reuses
     (no allocation per piece): each is valid only until the next is asked for."""
-    buffer = memoryview(bytearray(CHUNK_BYTES))
+    buffer = memoryview(bytearray(MESSAGE_BYTES))
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
             yield buffer[:n]
@@ -208,7 +211,7 @@ class StorageClient:
             size_bytes=len(data),
         )
         view = memoryview(data)
-        return await self._put(header, (view[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)), None)
+        return await self._put(header, (view[i : i + MESSAGE_BYTES] for i in range(0, len(data), MESSAGE_BYTES)), None)
 
     async def read_bytes(self, ref: str) -> bytes:
         """A blob's bytes in memory (for small artifacts); DATA_LOSS if they do not match the digest."""

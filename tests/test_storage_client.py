@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from llamafleet.names import split_name_tag
-from llamafleet.storage_client import CHUNK_BYTES, read_chunks, sha256_file
+from llamafleet.storage_client import MESSAGE_BYTES, read_chunks, sha256_file
 
 
-@pytest.mark.parametrize("size", [0, 5, CHUNK_BYTES, 2 * CHUNK_BYTES + 3])
+@pytest.mark.parametrize("size", [0, 5, MESSAGE_BYTES, 2 * MESSAGE_BYTES + 3])
 def test_files_are_read_whole_in_chunks(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
     path = tmp_path / "blob"

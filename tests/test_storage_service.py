@@ -24,14 +24,13 @@ from llamafleet.errors import DataLoss
 from llamafleet.models import publish_model
 from llamafleet.processes import free_port
 from llamafleet.seaweed import SeaweedServer
-from llamafleet.storage_client import StorageClient, caller_identity
+from llamafleet.storage_client import MESSAGE_BYTES, StorageClient, caller_identity
 from llamafleet.v1 import storage_pb2
 from services.storage.blobstore import TMP_DIR, blob_path
 from services.storage.errors import FilerNotFound
 from services.storage.filer import FilerClient
 from services.storage.node_cache import CacheVerificationError, NodeCache
 from services.storage.runs import PARTS, run_path
-from services.storage.servicer import GET_MESSAGE_BYTES
 
 MB = 1 << 20
 Code = grpc.StatusCode
@@ -345,7 +344,7 @@ async def test_get_blob_reads_large_blobs_from_the_volume_servers_bit_exact(
     await client.download(info.sha256, out, info=info)
     assert out.read_bytes() == data
     sizes = [len(chunk) async for chunk in client.stream(info.sha256)]
-    assert sum(sizes) == len(data) and max(sizes) == GET_MESSAGE_BYTES
+    assert sum(sizes) == len(data) and max(sizes) == MESSAGE_BYTES
 
 
 @in_module_loop

@@ -13,7 +13,7 @@ import grpc
 from llamafleet import errors
 from llamafleet.bulk_messages import encode_bytes_field, serialize
 from llamafleet.server import add_servicer
-from llamafleet.storage_client import UPLOADER_METADATA
+from llamafleet.storage_client import MESSAGE_BYTES, UPLOADER_METADATA
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
 from services.storage import errors as storage_errors
 from services.storage.blobstore import BlobStore, Manifest
@@ -30,9 +30,6 @@ KINDS = {
 KIND_VALUES = {name: value for value, name in KINDS.items()}
 RUN_STATES = {OPEN: storage_pb2.RUN_STATE_OPEN, FINISHED: storage_pb2.RUN_STATE_FINISHED}
 
-# GetBlob's data messages. Both ends of a stream overlap their work on messages this size;
-# 4 MiB ones moved a third less here (2 cores), 256 KiB ones cost more per byte.
-GET_MESSAGE_BYTES = 1 << 20
 _GET_DATA = storage_pb2.GetBlobResponse.DESCRIPTOR.fields_by_name["data"].number
 
 
@@ -178,8 +175,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             async for chunk in stream:
                 self._metrics.bytes.labels("out").inc(len(chunk))
                 view = memoryview(chunk)
-                for start in range(0, len(view), GET_MESSAGE_BYTES):
-                    yield encode_bytes_field(_GET_DATA, view[start : start + GET_MESSAGE_BYTES])
+                for start in range(0, len(view), MESSAGE_BYTES):
+                    yield encode_bytes_field(_GET_DATA, view[start : start + MESSAGE_BYTES])
         except storage_errors.DataLoss:
             self._metrics.verification_failures.labels("get").inc()
             raise
