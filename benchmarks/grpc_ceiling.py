@@ -1,6 +1,7 @@
 """A Storage server whose GetBlob streams `length` bytes from memory, in the service's
-messages: what gRPC Python alone moves on this machine, the ceiling of any GetBlob here. The storage suite runs it as a
-process of its own (`python -m benchmarks.grpc_ceiling --port N`) beside the real service."""
+messages: what gRPC Python alone moves on this machine, the ceiling of any GetBlob here. The
+storage suite runs it as a process of its own (`python -m benchmarks.grpc_ceiling --port N`)
+beside the real service."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llamafleet.bulk_messages import encode_bytes_field, serialize
-from llamafleet.server import GRPC_OPTIONS, add_servicer
+from llamafleet.server import GRPC_OPTIONS
 from llamafleet.storage_client import MESSAGE_BYTES
 from llamafleet.v1 import storage_pb2, storage_pb2_grpc
+from services.storage.servicer import add_to_server, data_messages
 
 
 class MemoryStorage(storage_pb2_grpc.StorageServicer):
@@ -27,13 +28,14 @@ class MemoryStorage(storage_pb2_grpc.StorageServicer):
         left = request.length
         while left:
             n = min(left, MESSAGE_BYTES)
-            yield encode_bytes_field(2, self._chunk[:n])
+            for message in data_messages(self._chunk[:n]):
+                yield message
             left -= n
 
 
 async def serve(port: int) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    add_servicer(server, storage_pb2.DESCRIPTOR.services_by_name["Storage"], MemoryStorage(), {"GetBlob": serialize})
+    add_to_server(MemoryStorage(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()

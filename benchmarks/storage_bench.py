@@ -549,9 +549,10 @@ async def run(ctx: BenchContext, opts: StorageOptions) -> None:
             "- **Setup**: `weed server` (master, volume, filer in one process) and the storage service on "
             "loopback, as `llamafleet up` starts them. PutBlob: the service stores 8 MiB chunks straight on the "
             "volume server, 4 at once, while it hashes the stream on a thread, and creates the blob's filer entry "
-            "(filer gRPC CreateEntry) once the hash matched; the client sends 1 MiB messages encoded by hand. GetBlob: the service reads 4 MiB ranges straight from the "
-            "volume server, 4 at once, hashes them on a thread and streams them as 1 MiB messages encoded by hand (the client reads them "
-            "without copies). Node-cache fill and `models pull`: the client asks where the chunks live "
+            "(filer gRPC CreateEntry) once the hash matched; the client sends 1 MiB messages encoded by hand. "
+            "GetBlob: the service reads 4 MiB ranges straight from the volume server, 4 at once, hashes them on a "
+            "thread and streams them as 1 MiB messages encoded by hand (the client reads them without copies). "
+            "Node-cache fill and `models pull`: the client asks where the chunks live "
             "(LocateBlob) and reads them there itself, 4 at once, hashing and writing on threads (one pass; "
             "256 KiB writes, writeback started as they go). The gRPC client in the bench process, curl and the "
             "CLI as processes. Before each timed method the bench syncs what earlier ones left to write back.",

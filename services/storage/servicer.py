@@ -4,7 +4,7 @@ with streamed transfers."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -174,9 +174,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         try:
             async for chunk in stream:
                 self._metrics.bytes.labels("out").inc(len(chunk))
-                view = memoryview(chunk)
-                for start in range(0, len(view), MESSAGE_BYTES):
-                    yield encode_bytes_field(_GET_DATA, view[start : start + MESSAGE_BYTES])
+                for message in data_messages(chunk):
+                    yield message
         except storage_errors.DataLoss:
             self._metrics.verification_failures.labels("get").inc()
             raise
@@ -292,6 +291,13 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         )
 
 
-def add_to_server(servicer: StorageServicer, server: grpc.aio.Server) -> None:
+def data_messages(chunk: bytes | memoryview) -> Iterator[bytes]:
+    """GetBlob's data messages carrying `chunk`, MESSAGE_BYTES each, encoded by hand."""
+    view = memoryview(chunk)
+    for start in range(0, len(view), MESSAGE_BYTES):
+        yield encode_bytes_field(_GET_DATA, view[start : start + MESSAGE_BYTES])
+
+
+def add_to_server(servicer: storage_pb2_grpc.StorageServicer, server: grpc.aio.Server) -> None:
     """Registers the servicer; GetBlob's data messages go out encoded already."""
     add_servicer(server, storage_pb2.DESCRIPTOR.services_by_name["Storage"], servicer, {"GetBlob": serialize})
